@@ -1,0 +1,268 @@
+"""Federated self-supervised training: client sampling, the local SSL update, aggregation, one round.
+
+The round logic (`run_round`) only sees state dicts and a `local_update(client_id) -> ClientUpdate`
+callable, so it is tested with a dummy update; `local_ssl_update` is the real one. One model and one
+optimizer are reused across clients: each client loads the global weights into the same model, trains,
+and its weights are folded into a running weighted sum before the next client starts (no copies).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from data import DataConfig, ModalityData, augment
+from models import nt_xent
+from runtime import ConfigError, autocast, check_choice, check_range, derive_seed
+
+
+@dataclass
+class FedConfig:
+    clients: int = 100                  # N
+    clients_per_round: int = 10         # K
+    rounds: int = 100                   # R
+    local_epochs: int = 1               # E
+    partition: str = "dirichlet"        # iid | dirichlet | speaker (audio by speaker, images by Dirichlet)
+    alpha: float = 0.1                  # Dirichlet concentration (label skew inside each modality)
+    min_client_size: int = 2            # smallest number of samples a client may hold per modality
+    modality_fractions: tuple[float, float, float] = (0.4, 0.4, 0.2)  # clients holding image only, audio only, both
+    order: str = "alternate"            # alternate: one step per single-modality batch; sum: one step on L_img + L_aud
+    cross_modal_negatives: bool = False  # with order=sum: the other modality's embeddings are extra negatives
+    share_head: bool = True             # the server averages the projection head (else it stays on each client)
+
+    def __post_init__(self):
+        check_range("fed.clients", self.clients, lo=1)
+        check_range("fed.clients_per_round", self.clients_per_round, lo=1)
+        if self.clients_per_round > self.clients:
+            raise ConfigError(f"fed.clients_per_round={self.clients_per_round} is larger than fed.clients={self.clients}")
+        check_range("fed.rounds", self.rounds, lo=1)
+        check_range("fed.local_epochs", self.local_epochs, lo=1)
+        check_choice("fed.partition", self.partition, ("iid", "dirichlet", "speaker"))
+        check_range("fed.alpha", self.alpha, lo=0.0, lo_open=True)
+        check_range("fed.min_client_size", self.min_client_size, lo=1)
+        check_choice("fed.order", self.order, ("alternate", "sum"))
+        if len(self.modality_fractions) != 3 or min(self.modality_fractions) < 0 or sum(self.modality_fractions) <= 0:
+            raise ConfigError(f"fed.modality_fractions={list(self.modality_fractions)}: expected three non-negative "
+                              f"fractions (image only, audio only, both) with a positive sum")
+        if self.cross_modal_negatives and self.order != "sum":
+            raise ConfigError("fed.cross_modal_negatives=true needs fed.order=sum (both modalities in one step)")
+
+
+@dataclass
+class OptimConfig:
+    name: str = "sgd"                  # sgd | adamw
+    lr: float = 0.05                   # base LR per 256 samples: effective lr = lr * batch_size / 256
+    momentum: float = 0.9
+    weight_decay: float = 5e-4         # not applied to biases and norm parameters
+    batch_size: int = 256              # local batch size per modality
+    schedule: str = "cosine"           # cosine | constant, over rounds
+    warmup_rounds: int = 0
+    min_lr_frac: float = 0.0           # cosine floor as a fraction of the peak
+    grad_clip: float = 0.0             # max grad norm (0 = off)
+
+    def __post_init__(self):
+        check_choice("optim.name", self.name, ("sgd", "adamw"))
+        check_choice("optim.schedule", self.schedule, ("cosine", "constant"))
+        check_range("optim.lr", self.lr, lo=0.0, lo_open=True)
+        check_range("optim.batch_size", self.batch_size, lo=2)
+        for k in ("momentum", "weight_decay", "warmup_rounds", "min_lr_frac", "grad_clip"):
+            check_range(f"optim.{k}", getattr(self, k), lo=0)
+
+    @property
+    def peak_lr(self) -> float:
+        return self.lr * self.batch_size / 256
+
+
+def lr_at(round_idx: int, cfg: OptimConfig, rounds: int) -> float:
+    """LR for round `round_idx` (1-based): linear warmup, then cosine (or constant) down to min_lr_frac."""
+    peak = cfg.peak_lr
+    if round_idx <= cfg.warmup_rounds:
+        return peak * round_idx / (cfg.warmup_rounds + 1)
+    if cfg.schedule == "constant":
+        return peak
+    t = (round_idx - 1 - cfg.warmup_rounds) / max(1, rounds - cfg.warmup_rounds)
+    return peak * (cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def make_optimizer(model: torch.nn.Module, cfg: OptimConfig, foreach: Optional[bool] = None) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    for p in model.parameters():
+        (no_decay if p.ndim <= 1 else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.name == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.peak_lr, momentum=cfg.momentum, foreach=foreach)
+    return torch.optim.AdamW(groups, lr=cfg.peak_lr, foreach=foreach)
+
+
+# ----------------------------------------------------------------------------- sampling and aggregation
+
+def sample_clients(eligible: list[int], k: int, seed: int, round_idx: int) -> list[int]:
+    """K distinct clients for a round, a pure function of (seed, round): resume needs no sampler state."""
+    rng = np.random.default_rng(derive_seed(seed, "sample", round_idx))
+    return sorted(int(c) for c in rng.choice(np.asarray(eligible), size=min(k, len(eligible)), replace=False))
+
+
+def is_shared(name: str, share_head: bool = True) -> bool:
+    """What the server aggregates: everything, except the projection head(s) when share_head=False."""
+    return share_head or not name.startswith("heads.")
+
+
+class WeightedAverage:
+    """Streaming FedAvg: fold each client's state dict in as it arrives (sum of n_k * w_k in fp64 for
+    floating tensors), divide once at the end. Integer buffers (BatchNorm's num_batches_tracked) are
+    copied from the first client, not averaged."""
+
+    def __init__(self):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.total = 0.0
+
+    def add(self, state: dict[str, torch.Tensor], weight: float) -> None:
+        if weight <= 0:
+            raise ValueError(f"client weight must be positive, got {weight}")
+        for k, v in state.items():
+            if not v.is_floating_point():
+                self.sums.setdefault(k, v.detach().clone())
+            elif k in self.sums:
+                self.sums[k].add_(v.detach().double(), alpha=weight)
+            else:
+                self.sums[k] = v.detach().double() * weight
+        self.total += weight
+
+    def result(self, like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The average, cast to the dtypes/devices of `like` (the previous global state)."""
+        if self.total == 0:
+            raise ValueError("no client update was aggregated")
+        return {k: (s / self.total if s.is_floating_point() else s).to(like[k].dtype).to(like[k].device)
+                for k, s in self.sums.items()}
+
+
+def fedavg(states: list[dict[str, torch.Tensor]], weights: list[float]) -> dict[str, torch.Tensor]:
+    """Weighted average of state dicts (weights = local sample counts)."""
+    agg = WeightedAverage()
+    for s, w in zip(states, weights):
+        agg.add(s, w)
+    return agg.result(states[0])
+
+
+def all_finite(state: dict[str, torch.Tensor]) -> bool:
+    flags = [torch.isfinite(v).all() for v in state.values() if v.is_floating_point()]
+    return bool(torch.stack(flags).all()) if flags else True
+
+
+@dataclass
+class ClientUpdate:
+    client: int
+    state: dict[str, torch.Tensor]   # the client's weights after local training (may be live model tensors)
+    num_samples: int
+    metrics: dict = field(default_factory=dict)
+
+
+def run_round(global_state: dict[str, torch.Tensor], clients: list[int],
+              local_update: Callable[[int], ClientUpdate], share: Callable[[str], bool] = is_shared,
+              on_client: Optional[Callable[[ClientUpdate], None]] = None):
+    """One FedAvg round. Each client's update is consumed before the next client trains, so
+    `local_update` may return views of one reused model. Updates with a non-finite loss or weight are
+    rejected and logged; if all are rejected the global model is kept.
+    Returns (new_global_state, list of per-client metric dicts, list of rejected client ids)."""
+    agg, metrics, rejected = WeightedAverage(), [], []
+    for cid in clients:
+        upd = local_update(cid)
+        shared = {k: v for k, v in upd.state.items() if share(k)}
+        loss_ok = all(math.isfinite(v) for k, v in upd.metrics.items() if k.startswith("loss"))
+        if not (loss_ok and all_finite(shared)):
+            rejected.append(cid)
+            continue
+        if on_client is not None:
+            on_client(upd)
+        agg.add(shared, upd.num_samples)
+        metrics.append({"client": cid, "n": upd.num_samples, **upd.metrics})
+    if not metrics:
+        return dict(global_state), metrics, rejected
+    new = dict(global_state)
+    new.update(agg.result(global_state))
+    return new, metrics, rejected
+
+
+# ----------------------------------------------------------------------------- the local SSL update
+
+def batch_schedule(sizes: dict[str, int], batch_size: int, order: str) -> list[tuple[str, ...]]:
+    """The modality (or modalities, for order=sum) of each local step of one epoch. alternate: one
+    step per single-modality batch, modalities interleaved in proportion to their batch counts;
+    sum: max(batches) steps, each on one batch of every held modality (the smaller one cycles)."""
+    nb = {m: max(1, n // batch_size) for m, n in sizes.items() if n >= 2}
+    if not nb:
+        return []
+    if order == "sum":
+        return [tuple(nb)] * max(nb.values())
+    slots = sorted(((i + 0.5) / n, m) for m, n in nb.items() for i in range(n))
+    return [(m,) for _, m in slots]
+
+
+def _batches(n: int, batch_size: int, g: torch.Generator, device) -> list[torch.Tensor]:
+    """A shuffled epoch of index batches; the last partial batch is dropped unless it is the only one."""
+    perm = torch.randperm(n, generator=g, device=device)
+    if n <= batch_size:
+        return [perm]
+    return list(perm[: n // batch_size * batch_size].split(batch_size))
+
+
+def local_ssl_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler, data: dict[str, ModalityData],
+                     indices: dict[str, torch.Tensor], data_cfg: DataConfig, fed_cfg: FedConfig, optim_cfg: OptimConfig,
+                     tau: float, lr: float, g: torch.Generator, amp: str = "fp32") -> dict:
+    """E local epochs of SimCLR on one client's unlabelled data, in place on `model`. Both views of a
+    batch are made on the device by `augment` with per-sample parameters from generator `g`.
+    Returns loss means per modality (a non-finite mean marks the update for rejection) and step count."""
+    device = next(model.parameters()).device
+    model.train()
+    optimizer.state.clear()  # FedAvg: local optimizer state starts fresh on every client
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    sizes = {m: len(indices[m]) for m in indices}
+    loss_sum = {m: torch.zeros((), device=device) for m in indices}
+    loss_cnt = {m: 0 for m in indices}
+    steps = 0
+    for _ in range(fed_cfg.local_epochs):
+        schedule = batch_schedule(sizes, optim_cfg.batch_size, fed_cfg.order)
+        queues = {m: [] for m in indices}
+        for mods in schedule:
+            embeds = {}
+            with autocast(device, amp):
+                for m in mods:
+                    if not queues[m]:
+                        queues[m] = _batches(sizes[m], optim_cfg.batch_size, g, device)
+                    x = data[m].train_x[indices[m][queues[m].pop(0)]]
+                    v1 = augment(m, x, data[m], data_cfg, g)
+                    v2 = augment(m, x, data[m], data_cfg, g)
+                    z = model(torch.cat([v1, v2]), m)  # (2B, D): both views in one pass
+                    embeds[m] = z.chunk(2)
+            if fed_cfg.cross_modal_negatives and len(mods) > 1:
+                z1 = torch.cat([embeds[m][0] for m in mods])
+                z2 = torch.cat([embeds[m][1] for m in mods])
+                rows = nt_xent(z1, z2, tau, reduction="none")
+                sizes_b = [len(embeds[m][0]) for m in mods]
+                per_mod = {}
+                for half in rows.chunk(2):
+                    for m, part in zip(mods, half.split(sizes_b)):
+                        per_mod.setdefault(m, []).append(part)
+                losses = {m: torch.cat(p).mean() for m, p in per_mod.items()}
+                loss = rows.mean()
+            else:
+                losses = {m: nt_xent(*embeds[m], tau) for m in mods}
+                loss = sum(losses.values())
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if optim_cfg.grad_clip > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), optim_cfg.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            for m, l in losses.items():
+                loss_sum[m] += l.detach()
+                loss_cnt[m] += 1
+            steps += 1
+    out = {f"loss_{m}": (loss_sum[m] / loss_cnt[m]).item() for m in indices if loss_cnt[m]}
+    out["steps"] = steps
+    return out

@@ -1,0 +1,263 @@
+"""One vision backbone for images and log-mel spectrograms, its projection head(s), and NT-Xent.
+
+FSSUAVL trains a single CNN or ViT on both modalities: an image enters through the image stem (or patch
+embedding), a spectrogram (a 1-channel image) through the audio stem, or both through one shared stem
+(audio repeated to the image's channels). Everything after the stem is shared. No I/O here.
+
+    model = build_model(ModelConfig(arch="resnet18"), {"image": (3, 32, 32), "audio": (1, 128, 96)})
+    z = model(x, "audio")            # (B, proj_dim), L2-normalised by nt_xent, not here
+    h = model.features(x, "image")   # (B, feat_dim), what downstream tasks use
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from runtime import ConfigError, check_choice, check_range
+
+MODALITIES = ("image", "audio")
+
+# arch -> defaults; ResNet: (base width, blocks per stage), ViT: (dim, depth, heads)
+RESNETS = {"resnet18": (64, (2, 2, 2, 2)), "resnet34": (64, (3, 4, 6, 3)),
+           "resnet10": (64, (1, 1, 1, 1)), "resnet_tiny": (16, (1, 1, 1, 1))}
+VITS = {"vit_tiny": (192, 12, 3), "vit_small": (384, 12, 6), "vit_micro": (64, 4, 2)}
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "resnet18"             # one of RESNETS or VITS
+    width: Optional[int] = None        # ResNet base width / ViT dim; None = the arch's default
+    depth: Optional[int] = None        # ViT depth; None = the arch's default
+    stem: str = "auto"                 # ResNet stem: cifar (3x3 s1) | imagenet (7x7 s2 + pool) | auto (cifar below 64 px)
+    patch_size: int = 4                # ViT patch size (image and audio)
+    input_sharing: str = "per_modality"  # per_modality stems/patch embeddings, or shared (audio repeated to image channels)
+    head: str = "shared"               # shared projection head, or per_modality
+    proj_hidden: Optional[int] = None  # projection MLP hidden width; None = feature width
+    proj_dim: int = 128                # embedding dimension of the common space
+
+    def __post_init__(self):
+        check_choice("model.arch", self.arch, tuple(RESNETS) + tuple(VITS))
+        check_choice("model.stem", self.stem, ("auto", "cifar", "imagenet"))
+        check_choice("model.input_sharing", self.input_sharing, ("per_modality", "shared"))
+        check_choice("model.head", self.head, ("shared", "per_modality"))
+        check_range("model.proj_dim", self.proj_dim, lo=1)
+        check_range("model.patch_size", self.patch_size, lo=1)
+        for k in ("width", "depth", "proj_hidden"):
+            if getattr(self, k) is not None:
+                check_range(f"model.{k}", getattr(self, k), lo=1)
+
+
+# ----------------------------------------------------------------------------- ResNet
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+def resnet_stem(kind: str, cin: int, width: int) -> nn.Module:
+    if kind == "cifar":  # He et al. CIFAR variant: keeps full resolution for 32 px inputs
+        return nn.Sequential(nn.Conv2d(cin, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
+    return nn.Sequential(nn.Conv2d(cin, width, 7, 2, 3, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
+                         nn.MaxPool2d(3, 2, 1))
+
+
+class ResNetTrunk(nn.Module):
+    """Stages 1-4 of a ResNet and global average pooling: (B, width, H, W) -> (B, 8*width)."""
+
+    def __init__(self, width: int, blocks: tuple[int, ...]):
+        super().__init__()
+        layers, cin = [], width
+        for i, n in enumerate(blocks):
+            cout = width * 2 ** i
+            for j in range(n):
+                layers.append(BasicBlock(cin, cout, 2 if (j == 0 and i > 0) else 1))
+                cin = cout
+        self.layers = nn.Sequential(*layers)
+        self.out_dim = cin
+
+    def forward(self, x):
+        return self.layers(x).mean(dim=(2, 3))
+
+
+# ----------------------------------------------------------------------------- ViT
+
+class PatchEmbed(nn.Module):
+    """Conv patchify + learned positional embedding for one input grid (vit-pytorch / ViT paper)."""
+
+    def __init__(self, cin: int, hw: tuple[int, int], patch: int, dim: int):
+        super().__init__()
+        if hw[0] < patch or hw[1] < patch:
+            raise ConfigError(f"model.patch_size={patch} is larger than the input {hw[0]}x{hw[1]}")
+        self.proj = nn.Conv2d(cin, dim, patch, patch)
+        self.grid = (hw[0] // patch, hw[1] // patch)
+        self.pos = nn.Parameter(torch.randn(1, self.grid[0] * self.grid[1], dim) * 0.02)
+
+    def forward(self, x):
+        x = self.proj(x)  # (B, D, gh, gw)
+        grid = x.shape[-2:]
+        x = x.flatten(2).transpose(1, 2)  # (B, N, D)
+        pos = self.pos
+        if tuple(grid) != self.grid:  # another modality or size through a shared embedding
+            pos = pos.reshape(1, *self.grid, -1).permute(0, 3, 1, 2)
+            pos = F.interpolate(pos, size=tuple(grid), mode="bicubic", align_corners=False)
+            pos = pos.permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], -1)
+        return x + pos
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, int(dim * mlp_ratio)), nn.GELU(), nn.Linear(int(dim * mlp_ratio), dim))
+
+    def forward(self, x):
+        B, N, D = x.shape
+        q, k, v = self.qkv(self.norm1(x)).reshape(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(q, k, v)  # (B, H, N, D/H)
+        x = x + self.proj(a.transpose(1, 2).reshape(B, N, D))
+        return x + self.mlp(self.norm2(x))
+
+
+class ViTTrunk(nn.Module):
+    """CLS token + transformer blocks + final norm: (B, N, D) tokens -> (B, D)."""
+
+    def __init__(self, dim: int, depth: int, heads: int):
+        super().__init__()
+        if dim % heads:
+            raise ConfigError(f"model.width={dim} must be divisible by the number of heads ({heads})")
+        self.cls = nn.Parameter(torch.zeros(1, 1, dim))
+        self.blocks = nn.Sequential(*[TransformerBlock(dim, heads) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim)
+        self.out_dim = dim
+
+    def forward(self, tokens):
+        x = torch.cat([self.cls.expand(tokens.shape[0], -1, -1), tokens], dim=1)
+        return self.norm(self.blocks(x))[:, 0]
+
+
+# ----------------------------------------------------------------------------- the model
+
+def projection_head(din: int, hidden: int, dout: int) -> nn.Module:
+    """SimCLR's 2-layer MLP head."""
+    return nn.Sequential(nn.Linear(din, hidden), nn.BatchNorm1d(hidden), nn.ReLU(), nn.Linear(hidden, dout))
+
+
+class FSSUAVLModel(nn.Module):
+    """stems[modality] -> shared trunk -> h (features) -> heads[modality or 'shared'] -> z.
+
+    `stems` holds one entry per modality, or the single key 'shared' (then an audio input with fewer
+    channels than the image is repeated to match)."""
+
+    def __init__(self, stems: nn.ModuleDict, trunk: nn.Module, heads: nn.ModuleDict, in_channels: dict):
+        super().__init__()
+        self.stems, self.trunk, self.heads = stems, trunk, heads
+        self.in_channels = dict(in_channels)
+        self.feat_dim = trunk.out_dim
+
+    def features(self, x: torch.Tensor, modality: str) -> torch.Tensor:
+        if modality not in self.in_channels:
+            raise ValueError(f"modality {modality!r} not in this model ({', '.join(self.in_channels)})")
+        if "shared" in self.stems:
+            c = max(self.in_channels.values())
+            if x.shape[1] == 1 and c > 1:  # fully shared input: audio repeated to the image's channels
+                x = x.expand(-1, c, -1, -1)
+            return self.trunk(self.stems["shared"](x))
+        return self.trunk(self.stems[modality](x))
+
+    def project(self, h: torch.Tensor, modality: str) -> torch.Tensor:
+        return self.heads["shared" if "shared" in self.heads else modality](h)
+
+    def forward(self, x: torch.Tensor, modality: str) -> torch.Tensor:
+        return self.project(self.features(x, modality), modality)
+
+
+def build_model(cfg: ModelConfig, input_shapes: dict[str, tuple[int, int, int]]) -> FSSUAVLModel:
+    """`input_shapes` maps each modality the model sees to its (C, H, W) input, e.g.
+    {"image": (1, 28, 28), "audio": (1, 40, 96)}."""
+    if not input_shapes or set(input_shapes) - set(MODALITIES):
+        raise ValueError(f"input_shapes must map a subset of {MODALITIES} to (C, H, W), got {input_shapes}")
+    shared = cfg.input_sharing == "shared"
+    in_ch = {m: s[0] for m, s in input_shapes.items()}
+    shared_ch = max(in_ch.values())
+    stem_inputs = {"shared": (shared_ch, *input_shapes.get("image", next(iter(input_shapes.values())))[1:])} \
+        if shared else dict(input_shapes)
+
+    if cfg.arch in RESNETS:
+        width, blocks = RESNETS[cfg.arch]
+        width = cfg.width or width
+        trunk = ResNetTrunk(width, blocks)
+
+        def stem_kind(hw):
+            return cfg.stem if cfg.stem != "auto" else ("cifar" if min(hw) < 64 else "imagenet")
+        stems = nn.ModuleDict({k: resnet_stem(stem_kind(s[1:]), s[0], width) for k, s in stem_inputs.items()})
+    else:
+        dim, depth, heads = VITS[cfg.arch]
+        dim, depth = cfg.width or dim, cfg.depth or depth
+        trunk = ViTTrunk(dim, depth, heads)
+        stems = nn.ModuleDict({k: PatchEmbed(s[0], s[1:], cfg.patch_size, dim) for k, s in stem_inputs.items()})
+
+    hidden = cfg.proj_hidden or trunk.out_dim
+    head_keys = ["shared"] if cfg.head == "shared" else list(input_shapes)
+    heads = nn.ModuleDict({k: projection_head(trunk.out_dim, hidden, cfg.proj_dim) for k in head_keys})
+    model = FSSUAVLModel(stems, trunk, heads, in_ch)
+    model.apply(_init_weights)
+    return model
+
+
+def _init_weights(m: nn.Module) -> None:
+    if isinstance(m, nn.Conv2d):
+        nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        nn.init.zeros_(m.bias)
+    elif isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d, nn.LayerNorm)):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+
+
+def count_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+# ----------------------------------------------------------------------------- loss
+
+def nt_xent(z1: torch.Tensor, z2: torch.Tensor, tau: float = 0.2, reduction: str = "mean") -> torch.Tensor:
+    """SimCLR's NT-Xent (Chen et al. 2020, eq. 1) over 2B embeddings: row i's positive is the other view
+    of instance i, its negatives the other 2B-2 rows. Computed in fp32 whatever the autocast dtype.
+
+    Cross-modal negatives (DESIGN.md) are this same loss on the concatenation of an image batch and an
+    audio batch: positives stay within an instance, every other row of either modality is a negative.
+    z1, z2: (B, D). Returns a scalar, or (2B,) per-row losses with reduction='none'."""
+    if z1.shape != z2.shape or z1.ndim != 2:
+        raise ValueError(f"nt_xent expects two (B, D) tensors of one shape, got {tuple(z1.shape)} and {tuple(z2.shape)}")
+    B = z1.shape[0]
+    if B < 2:
+        raise ValueError("nt_xent needs at least 2 instances (negatives) per batch")
+    z = F.normalize(torch.cat([z1, z2]).float(), dim=1)  # (2B, D)
+    sim = z @ z.t() / tau  # (2B, 2B)
+    sim.fill_diagonal_(float("-inf"))
+    target = torch.cat([torch.arange(B, 2 * B), torch.arange(0, B)]).to(z.device)
+    return F.cross_entropy(sim, target, reduction=reduction)

@@ -1,0 +1,244 @@
+"""Federated self-supervised pretraining of one vision backbone on unpaired images and audio (FSSUAVL).
+
+    python pretrain.py                                   # the default experiment (configs/default.yaml)
+    python pretrain.py configs/smoke.yaml --fed.rounds=3 --run.out_dir=runs/x
+    python pretrain.py --resume --run.out_dir=runs/x     # continue a stopped run from its last round
+
+Writes to run.out_dir: config.yaml (resolved), log.jsonl (one JSON object per round), last.pt (the
+checkpoint, rewritten atomically after every round; the one before it is kept as last.pt.prev).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+from tqdm import tqdm
+
+import runtime
+from data import DataConfig, DataError, describe_partition, load_data, partition
+from federation import (ClientUpdate, FedConfig, OptimConfig, is_shared, local_ssl_update, lr_at, make_optimizer,
+                        run_round, sample_clients)
+from finetune import knn_accuracy
+from models import ModelConfig, build_model, count_params
+from runtime import ConfigError, RunConfig
+
+DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.yaml"
+# keys a resumed run may change; everything else must match the checkpoint's config
+RESUME_MUTABLE = ("fed.rounds", "run.eval_every", "run.progress", "run.threads", "run.device", "run.compile")
+
+
+@dataclass
+class LossConfig:
+    tau: float = 0.2  # NT-Xent temperature
+
+    def __post_init__(self):
+        runtime.check_range("loss.tau", self.tau, lo=0.0, lo_open=True)
+
+
+@dataclass
+class PretrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    fed: FedConfig = field(default_factory=FedConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def __post_init__(self):
+        if self.fed.order == "sum" and len(self.data.modalities) < 2 and self.fed.cross_modal_negatives:
+            raise ConfigError("fed.cross_modal_negatives=true needs both data.modalities")
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False,
+        epilog="Any config key can be overridden as --section.key=value (sections: model, data, fed, optim, "
+               "loss, run), e.g. --fed.rounds=5 --optim.lr=0.1 --data.modalities=[image]. Values are parsed "
+               "as literals (numbers, true/false, lists); an unknown key or a wrong type is an error naming it.")
+    p.add_argument("config", nargs="?", help="YAML config (default: configs/default.yaml)")
+    p.add_argument("--resume", nargs="?", const=True, default=False, metavar="RUN_DIR",
+                   help="continue from RUN_DIR/last.pt (default RUN_DIR: run.out_dir)")
+    p.add_argument("--show-partition", action="store_true", help="print per-client counts per class and modality, then exit")
+    args, rest = p.parse_known_args(argv)
+    bad = [a for a in rest if not (a.startswith("--") and "=" in a and "." in a.split("=")[0])]
+    if bad:
+        p.error(f"unrecognised argument {bad[0]!r}: overrides look like --section.key=value")
+    return args, rest
+
+
+def resolve_config(args, overrides) -> tuple[PretrainConfig, dict | None]:
+    """The run's config; with --resume, the checkpoint's config plus allowed overrides."""
+    if not args.resume:
+        return runtime.load_config(PretrainConfig, args.config or DEFAULT_CONFIG, overrides), None
+    if args.resume is True:
+        base = runtime.load_config(PretrainConfig, args.config or DEFAULT_CONFIG, overrides)
+        run_dir = Path(base.run.out_dir)
+    else:
+        run_dir = Path(args.resume)
+    ckpt = runtime.load_checkpoint(run_dir / "last.pt" if run_dir.is_dir() or not run_dir.suffix else run_dir)
+    stored = ckpt["config"]
+    new = runtime.apply_overrides(yaml.safe_load(yaml.safe_dump(stored)), overrides)
+    cfg = runtime.build_dataclass(PretrainConfig, new)
+    changed = [d for d in runtime.dict_diff(stored, runtime.to_dict(cfg))
+               if not d.startswith(RESUME_MUTABLE)]
+    if changed:
+        raise ConfigError("--resume: the config differs from the checkpoint's in keys that cannot change mid-run: "
+                          + "; ".join(changed) + f" (changeable: {', '.join(RESUME_MUTABLE)})")
+    return cfg, ckpt
+
+
+def evaluate(model, data, cfg: PretrainConfig, device) -> dict:
+    """kNN monitor (k=200, cosine, temperature-weighted) on held-out labelled data, per modality."""
+    return {f"knn_{m}": knn_accuracy(model, md, m, cfg.data.knn_bank, cfg.data.knn_queries, amp=cfg.run.amp)
+            for m, md in data.items()}
+
+
+def train_one_round(r: int, model, optimizer, scaler, global_state, client_state, data, clients, eligible,
+                    cfg: PretrainConfig, device) -> tuple[dict, dict]:
+    """Sample K clients, train each locally from the global weights, FedAvg. Returns the new global
+    state and the round's metrics."""
+    t0 = runtime.Timer()
+    lr = lr_at(r, cfg.optim, cfg.fed.rounds)
+    sampled = sample_clients(eligible, cfg.fed.clients_per_round, cfg.run.seed, r)
+    share = lambda k: is_shared(k, cfg.fed.share_head)  # noqa: E731
+
+    def local_update(cid: int) -> ClientUpdate:
+        state = dict(global_state)
+        state.update(client_state.get(cid, {}))
+        model.load_state_dict(state)
+        g = runtime.make_generator(device, cfg.run.seed, "client", r, cid)
+        idx = {m: clients[cid][m] for m in data if m in clients[cid]}
+        metrics = local_ssl_update(model, optimizer, scaler, data, idx, cfg.data, cfg.fed, cfg.optim,
+                                   cfg.loss.tau, lr, g, cfg.run.amp)
+        return ClientUpdate(cid, model.state_dict(), sum(len(v) for v in idx.values()), metrics)
+
+    def keep_local(upd: ClientUpdate):
+        local = {k: v.detach().clone() for k, v in upd.state.items() if not share(k)}
+        if local:
+            client_state[upd.client] = local
+
+    new_state, per_client, rejected = run_round(global_state, sampled, local_update, share, keep_local)
+    out = {"round": r, "clients": sampled, "lr": lr}
+    for m in data:
+        vals = [c[f"loss_{m}"] for c in per_client if f"loss_{m}" in c]
+        if vals:
+            out[f"loss_{m}"] = sum(vals) / len(vals)
+    out["steps"] = sum(c["steps"] for c in per_client)
+    if rejected:
+        out["rejected"] = rejected
+        tqdm.write(f"round {r}: rejected non-finite updates from clients {rejected}"
+                   + (" (all: global model kept)" if not per_client else ""))
+    out["seconds"] = round(t0(), 3)
+    return new_state, out
+
+
+def main(argv=None) -> dict:
+    args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        cfg, ckpt = resolve_config(args, overrides)
+    except (ConfigError, runtime.CheckpointError) as e:
+        sys.exit(f"error: {e}")
+    rc = cfg.run
+    if rc.threads:
+        torch.set_num_threads(rc.threads)
+    runtime.seed_everything(rc.seed, rc.deterministic)
+    device = runtime.resolve_device(rc.device)
+    out_dir = Path(rc.out_dir)
+    progress = rc.progress and sys.stderr.isatty()
+
+    # data
+    try:
+        data = load_data(cfg.data, device, progress=progress)
+        clients = partition(data, cfg.fed.clients, cfg.fed.partition, cfg.fed.alpha, cfg.fed.modality_fractions,
+                            runtime.derive_seed(rc.seed, "partition"), cfg.fed.min_client_size)
+    except (DataError, ConfigError) as e:
+        sys.exit(f"error: {e}")
+    if args.show_partition:
+        print(describe_partition(clients, data))
+        return {}
+    clients = [{m: torch.as_tensor(v, device=device) for m, v in c.items()} for c in clients]
+    eligible = [k for k, c in enumerate(clients) if c]
+
+    # model and optimizer (one of each, reused by every client)
+    model = build_model(cfg.model, {m: md.shape for m, md in data.items()}).to(device)
+    if device.type == "cuda" and cfg.model.arch.startswith("resnet"):
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(model, cfg.optim)
+    scaler = runtime.make_scaler(device, rc.amp)
+    global_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    client_state: dict[int, dict] = {}
+    history: list[dict] = []
+    start = 1
+
+    # resume
+    log = runtime.JsonlLog(out_dir / "log.jsonl")
+    if ckpt is not None:
+        global_state = {k: v.to(device) for k, v in ckpt["model"].items()}
+        client_state = {int(c): {k: v.to(device) for k, v in s.items()} for c, s in ckpt["client_state"].items()}
+        runtime.set_rng_state(ckpt["rng"])
+        start = ckpt["round"] + 1
+        history = list(ckpt.get("evals", []))
+        log.truncate_after(ckpt["round"])
+        print(f"resuming {out_dir} from round {ckpt['round']}")
+    else:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        log.path.unlink(missing_ok=True)
+    (out_dir / "config.yaml").write_text(yaml.safe_dump(runtime.to_dict(cfg), sort_keys=False))
+
+    env = runtime.environment_info(device)
+    n_params = count_params(model)
+    print(yaml.safe_dump(runtime.to_dict(cfg), sort_keys=False).rstrip())
+    print(f"env: {env}")
+    print(f"model: {cfg.model.arch}, {n_params / 1e6:.2f}M params; inputs {({m: md.shape for m, md in data.items()})}; "
+          f"train samples {({m: len(md.train_x) for m, md in data.items()})}; clients {len(eligible)} eligible; "
+          f"effective lr {cfg.optim.peak_lr:g}")
+
+    def checkpoint(r: int):
+        runtime.save_checkpoint({
+            "format": runtime.CKPT_FORMAT, "round": r, "model": {k: v.cpu() for k, v in global_state.items()},
+            "client_state": {c: {k: v.cpu() for k, v in s.items()} for c, s in client_state.items()},
+            "config": runtime.to_dict(cfg), "rng": runtime.rng_state(), "evals": history,
+            "input_shapes": {m: list(md.shape) for m, md in data.items()}, "env": env}, out_dir / "last.pt")
+
+    if start == 1:
+        model.load_state_dict(global_state)
+        ev = {"round": 0, **evaluate(model, data, cfg, device)}
+        history.append(ev)
+        log.write(ev)
+        print("random init: " + ", ".join(f"{k}={v:.2f}" for k, v in ev.items() if k != "round"))
+        checkpoint(0)
+
+    # the round loop
+    bar = tqdm(range(start, cfg.fed.rounds + 1), desc="rounds", disable=not progress, initial=start - 1,
+               total=cfg.fed.rounds)
+    for r in bar:
+        global_state, metrics = train_one_round(r, model, optimizer, scaler, global_state, client_state, data,
+                                                clients, eligible, cfg, device)
+        last = r == cfg.fed.rounds
+        if last or (rc.eval_every and r % rc.eval_every == 0):
+            model.load_state_dict(global_state)
+            ev = evaluate(model, data, cfg, device)
+            metrics.update(ev)
+            history.append({"round": r, **ev})
+        log.write(metrics)
+        checkpoint(r)
+        bar.set_postfix({k: f"{v:.3g}" for k, v in metrics.items() if k.startswith(("loss", "knn"))})
+        if not progress:
+            print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()
+                           if k != "clients"), flush=True)
+
+    first, final = history[0], history[-1]
+    summary = {m: (first.get(f"knn_{m}"), final.get(f"knn_{m}")) for m in data}
+    for m, (a, b) in summary.items():
+        print(f"kNN {m}: random init {a:.2f}% -> round {final['round']} {b:.2f}%")
+    print(f"results in {out_dir}/: config.yaml, log.jsonl, last.pt")
+    return {"history": history, "out_dir": str(out_dir)}
+
+
+if __name__ == "__main__":
+    main()

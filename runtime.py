@@ -1,0 +1,362 @@
+"""Shared run plumbing for the entry scripts: typed YAML configs with dotted CLI overrides, seeding and
+derived random streams, device/AMP selection, atomic checkpoint I/O, and the run log.
+
+Nothing here runs at import. Used by pretrain.py and finetune.py; see README.md for commands.
+"""
+from __future__ import annotations
+
+import ast
+import dataclasses
+import hashlib
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+import typing
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+CKPT_FORMAT = 1
+
+
+class ConfigError(ValueError):
+    """A config problem, reported as one line naming the key."""
+
+
+# ----------------------------------------------------------------------------- config
+
+@dataclass
+class RunConfig:
+    out_dir: str = "runs/default"
+    seed: int = 0
+    device: str = "auto"          # auto | cpu | cuda | cuda:N
+    amp: str = "bf16"             # bf16 | fp16 | fp32; CUDA only, CPU always runs fp32
+    deterministic: bool = False   # torch deterministic algorithms (bit-exact resume on CPU)
+    threads: int = 0              # torch CPU threads; 0 = torch's default
+    eval_every: int = 5           # kNN monitor every this many rounds (0 = only at the start and end)
+    compile: bool = False         # torch.compile the backbone (CUDA)
+    progress: bool = True         # tqdm bars (hidden anyway when stderr is not a terminal)
+
+    def __post_init__(self):
+        check_choice("run.amp", self.amp, ("bf16", "fp16", "fp32"))
+        check_range("run.eval_every", self.eval_every, lo=0)
+        check_range("run.threads", self.threads, lo=0)
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise ConfigError(f"run.device={self.device!r}: expected auto, cpu, cuda or cuda:N")
+
+
+def check_choice(key: str, value, choices) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key}={value!r}: expected one of {', '.join(map(str, choices))}")
+
+
+def check_range(key: str, value, lo=None, hi=None, lo_open=False) -> None:
+    if lo is not None and (value <= lo if lo_open else value < lo):
+        raise ConfigError(f"{key}={value!r}: must be {'>' if lo_open else '>='} {lo}")
+    if hi is not None and value > hi:
+        raise ConfigError(f"{key}={value!r}: must be <= {hi}")
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(key: str, value, tp):
+    """Check `value` against the annotation `tp`; ints are accepted where floats are expected and
+    lists where tuples are. Returns the value converted to the annotated container type."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(key, value, a)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key}={value!r}: expected {' or '.join(_type_name(a) for a in args)}")
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}={value!r}: expected a list")
+        args = typing.get_args(tp)
+        item = args[0] if args else typing.Any
+        items = [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if tp is typing.Any:
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}={value!r}: expected a number")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}={value!r}: expected an integer")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}={value!r}: expected true or false")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}={value!r}: expected a string")
+        return value
+    raise TypeError(f"unsupported config annotation {tp} for {key}")
+
+
+def build_dataclass(cls, data: dict | None, prefix: str = ""):
+    """Build dataclass `cls` from a nested dict; unknown keys and wrong types raise ConfigError naming
+    the dotted key. Nested dataclass fields take nested dicts."""
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise ConfigError(f"unknown config key '{prefix}{unknown[0]}' "
+                          f"(known keys in this section: {', '.join(names)})")
+    kwargs = {}
+    for name in names:
+        if name not in data:
+            continue
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = build_dataclass(tp, data[name], f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(prefix + name, data[name], tp)
+    return cls(**kwargs)
+
+
+def parse_value(text: str):
+    """A CLI override value: a Python/YAML literal where it parses as one, else the plain string."""
+    low = text.strip().lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low in ("none", "null", "~"):
+        return None
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply `--a.b=value` overrides to a nested dict (in place) and return it."""
+    for ov in overrides:
+        if not ov.startswith("--") or "=" not in ov:
+            raise ConfigError(f"cannot parse override {ov!r}: use --section.key=value")
+        key, text = ov[2:].split("=", 1)
+        node = data
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {ov!r}: '{p}' is not a section")
+        node[parts[-1]] = parse_value(text)
+    return data
+
+
+def load_config(cls, path: str | os.PathLike | None, overrides: list[str] = ()):
+    """YAML file (optional) + dotted overrides -> dataclass `cls`, validated."""
+    data = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        import yaml
+        with open(p) as f:
+            data = yaml.safe_load(f) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p}: top level must be a mapping of sections")
+    apply_overrides(data, list(overrides))
+    return build_dataclass(cls, data)
+
+
+def to_dict(cfg) -> dict:
+    """Dataclass -> plain dict of primitives/lists (YAML- and checkpoint-safe)."""
+    def conv(v):
+        if isinstance(v, tuple):
+            return [conv(x) for x in v]
+        if isinstance(v, list):
+            return [conv(x) for x in v]
+        if isinstance(v, dict):
+            return {k: conv(x) for k, x in v.items()}
+        return v
+    return conv(dataclasses.asdict(cfg))
+
+
+def dict_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested dicts."""
+    out = []
+    for k in sorted(set(a) | set(b)):
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += dict_diff(va, vb, f"{prefix}{k}.")
+        elif va != vb:
+            out.append(f"{prefix}{k}: {va!r} -> {vb!r}")
+    return out
+
+
+# ----------------------------------------------------------------------------- randomness
+
+def derive_seed(*keys) -> int:
+    """A 63-bit seed from a tuple of ints/strings. Every random stream of a run (partition, client
+    sampling, per-client augmentation) is derived this way from the run seed, so a resumed run draws
+    exactly what an uninterrupted one would."""
+    h = hashlib.blake2b(repr(keys).encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") & ((1 << 63) - 1)
+
+
+def make_generator(device: torch.device | str, *keys) -> torch.Generator:
+    g = torch.Generator(device=device)
+    g.manual_seed(derive_seed(*keys))
+    return g
+
+
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2 ** 32))
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+
+
+def rng_state() -> dict:
+    st = {"torch": torch.get_rng_state(), "numpy": np.random.get_state()[1].astype(np.int64),
+          "numpy_pos": int(np.random.get_state()[2]), "python": repr(random.getstate())}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def set_rng_state(st: dict) -> None:
+    torch.set_rng_state(st["torch"])
+    np.random.set_state(("MT19937", st["numpy"].astype(np.uint32), st["numpy_pos"], 0, 0.0))
+    random.setstate(ast.literal_eval(st["python"]))
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+# ----------------------------------------------------------------------------- device and AMP
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"run.device={name!r} but CUDA is not available; use run.device=cpu or auto")
+    return dev
+
+
+def autocast(device: torch.device, amp: str):
+    """The one AMP context: bf16/fp16 autocast on CUDA, nothing on CPU or with amp=fp32."""
+    if device.type != "cuda" or amp == "fp32":
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+def make_scaler(device: torch.device, amp: str) -> torch.amp.GradScaler:
+    """A GradScaler that is simply disabled unless fp16 on CUDA, so the loop has a single branch."""
+    return torch.amp.GradScaler(device.type, enabled=(device.type == "cuda" and amp == "fp16"))
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def save_checkpoint(obj: dict, path: str | os.PathLike, keep_previous: bool = True) -> None:
+    """Write atomically: temp file in the same directory, flush+fsync, then rename. The checkpoint
+    being replaced is kept as `<name>.prev` so a file corrupted later on disk has a fallback."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        if keep_previous and path.exists():
+            os.replace(path, path.with_name(path.name + ".prev"))
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise CheckpointError(f"could not write checkpoint {path}: {e.strerror or e}; "
+                              f"the previous checkpoint (if any) is intact") from e
+
+
+def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
+    """Load with weights_only=True (tensors and primitives only); a clear error on a missing,
+    truncated or non-checkpoint file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises many types for a bad file
+        raise CheckpointError(f"checkpoint {path} is unreadable or not a weights-only checkpoint "
+                              f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
+    if not isinstance(obj, dict) or obj.get("format") != CKPT_FORMAT:
+        raise CheckpointError(f"{path} is not an FSSUAVL checkpoint (format {CKPT_FORMAT})")
+    return obj
+
+
+# ----------------------------------------------------------------------------- logging
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).parent, timeout=5)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def environment_info(device: torch.device) -> dict:
+    import torchaudio
+    import torchvision
+    info = {"python": sys.version.split()[0], "torch": torch.__version__,
+            "torchvision": torchvision.__version__, "torchaudio": torchaudio.__version__,
+            "device": str(device), "git": git_commit(), "threads": torch.get_num_threads()}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+class JsonlLog:
+    """Append one JSON object per line; flushed each write so nothing is lost on a kill."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    def write(self, record: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record, default=float) + "\n")
+            f.flush()
+
+    def truncate_after(self, round_idx: int) -> None:
+        """Drop lines of rounds after `round_idx` (a resumed run re-logs them)."""
+        if not self.path.exists():
+            return
+        keep = [ln for ln in self.path.read_text().splitlines()
+                if ln.strip() and json.loads(ln).get("round", -1) <= round_idx]
+        self.path.write_text("".join(ln + "\n" for ln in keep))
+
+
+class Timer:
+    def __init__(self):
+        self.t0 = time.perf_counter()
+
+    def __call__(self) -> float:
+        return time.perf_counter() - self.t0
