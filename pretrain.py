@@ -29,7 +29,7 @@ from runtime import ConfigError, RunConfig
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.yaml"
 # keys a resumed run may change; everything else must match the checkpoint's config
-RESUME_MUTABLE = ("fed.rounds", "run.eval_every", "run.progress", "run.threads", "run.device", "run.compile")
+RESUME_MUTABLE = ("fed.rounds", "run.out_dir", "run.eval_every", "run.progress", "run.threads", "run.device", "run.compile")
 
 
 @dataclass
@@ -80,9 +80,12 @@ def resolve_config(args, overrides) -> tuple[PretrainConfig, dict | None]:
         run_dir = Path(base.run.out_dir)
     else:
         run_dir = Path(args.resume)
-    ckpt = runtime.load_checkpoint(run_dir / "last.pt" if run_dir.is_dir() or not run_dir.suffix else run_dir)
+    ckpt_path = run_dir / "last.pt" if run_dir.is_dir() or not run_dir.suffix else run_dir
+    ckpt = runtime.load_checkpoint(ckpt_path)
     stored = ckpt["config"]
-    new = runtime.apply_overrides(yaml.safe_load(yaml.safe_dump(stored)), overrides)
+    new = yaml.safe_load(yaml.safe_dump(stored))
+    new["run"]["out_dir"] = str(ckpt_path.parent)  # the run continues where its checkpoint is
+    new = runtime.apply_overrides(new, overrides)
     cfg = runtime.build_dataclass(PretrainConfig, new)
     changed = [d for d in runtime.dict_diff(stored, runtime.to_dict(cfg))
                if not d.startswith(RESUME_MUTABLE)]

@@ -145,7 +145,14 @@ def parse_value(text: str):
     try:
         return ast.literal_eval(text)
     except (ValueError, SyntaxError):
-        return text
+        pass
+    if text.strip()[:1] in "[{":  # YAML flow syntax, so --data.modalities=[image, audio] needs no quotes
+        import yaml
+        try:
+            return yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"cannot parse value {text!r}: {e}") from e
+    return text
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
@@ -232,7 +239,7 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
 
 
 def rng_state() -> dict:
-    st = {"torch": torch.get_rng_state(), "numpy": np.random.get_state()[1].astype(np.int64),
+    st = {"torch": torch.get_rng_state(), "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
           "numpy_pos": int(np.random.get_state()[2]), "python": repr(random.getstate())}
     if torch.cuda.is_available():
         st["cuda"] = torch.cuda.get_rng_state_all()
@@ -241,7 +248,7 @@ def rng_state() -> dict:
 
 def set_rng_state(st: dict) -> None:
     torch.set_rng_state(st["torch"])
-    np.random.set_state(("MT19937", st["numpy"].astype(np.uint32), st["numpy_pos"], 0, 0.0))
+    np.random.set_state(("MT19937", st["numpy"].numpy().astype(np.uint32), st["numpy_pos"], 0, 0.0))
     random.setstate(ast.literal_eval(st["python"]))
     if "cuda" in st and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(st["cuda"])
@@ -305,8 +312,10 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises many types for a bad file
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        why = next((ln for ln in lines if "Unsupported global" in ln), lines[0] if lines else "")
         raise CheckpointError(f"checkpoint {path} is unreadable or not a weights-only checkpoint "
-                              f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
+                              f"({type(e).__name__}: {why[:300]})") from e
     if not isinstance(obj, dict) or obj.get("format") != CKPT_FORMAT:
         raise CheckpointError(f"{path} is not an FSSUAVL checkpoint (format {CKPT_FORMAT})")
     return obj
@@ -326,8 +335,8 @@ def git_commit() -> str:
 def environment_info(device: torch.device) -> dict:
     import torchaudio
     import torchvision
-    info = {"python": sys.version.split()[0], "torch": torch.__version__,
-            "torchvision": torchvision.__version__, "torchaudio": torchaudio.__version__,
+    info = {"python": sys.version.split()[0], "torch": str(torch.__version__),
+            "torchvision": str(torchvision.__version__), "torchaudio": str(torchaudio.__version__),
             "device": str(device), "git": git_commit(), "threads": torch.get_num_threads()}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)

@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Sets up everything FSSUAVL needs, then runs a job:
+#   bash setup.sh                      set up, build AV-Fashion, run `pretrain.py` with the default config
+#   bash setup.sh test [PYTEST_ARGS]   set up, run the test suite (what .ci/run runs)
+#   bash setup.sh python SCRIPT ARGS   set up, run any script in the environment
+#   bash setup.sh env                  set up only; print the environment's python
+# The virtual environment lives outside the clone, under ${XDG_CACHE_HOME:-~/.cache}/fssuavl/, keyed by
+# the hash of requirements.txt and the Python version, and is reused while both are unchanged.
+# Debian packages for the default data are installed with apt-get when running as root; otherwise the
+# exact sudo command is printed.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")"
+
+APT_PACKAGES=(espeak-ng dataset-fashion-mnist)
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "setup: installing Debian packages: ${missing[*]}" >&2
+    apt-get update -qq >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  else
+    echo "setup: the default data needs Debian packages that are not installed. Run:" >&2
+    echo "  sudo apt-get install -y ${missing[*]}" >&2
+    exit 1
+  fi
+fi
+
+PY=${PYTHON:-python3}
+key=$( (cat requirements.txt; "$PY" --version) | sha256sum | cut -c1-12)
+VENV=${FSSUAVL_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/fssuavl/venv-$key}
+if [ ! -f "$VENV/.complete" ]; then
+  echo "setup: creating $VENV (first time only)" >&2
+  rm -rf "$VENV"
+  "$PY" -m venv "$VENV"
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check -r requirements.txt 2> >(grep -v "is ignored: it is neither" >&2)
+  touch "$VENV/.complete"
+fi
+PYBIN="$VENV/bin/python"
+
+job=${1:-pretrain}
+[ $# -gt 0 ] && shift
+case "$job" in
+  pretrain)
+    "$PYBIN" data.py
+    "$PYBIN" pretrain.py "$@"
+    ;;
+  test)
+    exec "$PYBIN" -m pytest -q "$@"
+    ;;
+  python)
+    exec "$PYBIN" "$@"
+    ;;
+  env)
+    echo "$PYBIN"
+    ;;
+  *)
+    echo "usage: bash setup.sh [pretrain [ARGS] | test [PYTEST_ARGS] | python SCRIPT [ARGS] | env]" >&2
+    exit 2
+    ;;
+esac

@@ -1,0 +1,101 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from models import ModelConfig, build_model, count_params, nt_xent
+from runtime import ConfigError
+
+SHAPES = {"image": (3, 16, 16), "audio": (1, 16, 24)}
+
+
+def nt_xent_loop(z1, z2, tau):
+    """Naive NT-Xent straight from SimCLR eq. 1: l(i, j) = -log exp(s_ij/t) / sum_{k != i} exp(s_ik/t)."""
+    z = torch.cat([z1, z2]).double()
+    n = len(z)
+    B = len(z1)
+    total = 0.0
+    for i in range(n):
+        j = (i + B) % n
+        denom = sum(torch.exp(F.cosine_similarity(z[i], z[k], dim=0) / tau) for k in range(n) if k != i)
+        total += -torch.log(torch.exp(F.cosine_similarity(z[i], z[j], dim=0) / tau) / denom)
+    return total / n
+
+
+@pytest.mark.parametrize("tau", [0.1, 0.5])
+def test_nt_xent_matches_naive_loop(tau):
+    g = torch.Generator().manual_seed(0)
+    z1, z2 = torch.randn(5, 7, generator=g), torch.randn(5, 7, generator=g)
+    assert torch.allclose(nt_xent(z1, z2, tau).double(), nt_xent_loop(z1, z2, tau), atol=1e-5)
+
+
+def test_nt_xent_per_row_and_perfect_views():
+    z = torch.eye(4)
+    rows = nt_xent(z, z.clone(), 0.1, reduction="none")
+    assert rows.shape == (8,)
+    # identical views of orthogonal instances: positive similarity 1, negatives 0 (and one other copy at 1)
+    expected = -torch.log(torch.exp(torch.tensor(10.0)) / (torch.exp(torch.tensor(10.0)) + 6))
+    assert torch.allclose(rows, expected.expand(8), atol=1e-5)
+
+
+def test_nt_xent_rejects_bad_input():
+    with pytest.raises(ValueError, match="at least 2"):
+        nt_xent(torch.randn(1, 4), torch.randn(1, 4))
+    with pytest.raises(ValueError, match="one shape"):
+        nt_xent(torch.randn(3, 4), torch.randn(2, 4))
+
+
+@pytest.mark.parametrize("arch", ["resnet_tiny", "vit_micro"])
+@pytest.mark.parametrize("sharing", ["per_modality", "shared"])
+@pytest.mark.parametrize("head", ["shared", "per_modality"])
+def test_model_shapes_for_both_modalities(arch, sharing, head):
+    m = build_model(ModelConfig(arch=arch, width=16 if arch.startswith("vit") else 8, input_sharing=sharing,
+                                head=head, proj_dim=32), SHAPES)
+    for mod, shp in SHAPES.items():
+        x = torch.randn(4, *shp)
+        assert m.features(x, mod).shape == (4, m.feat_dim)
+        assert m(x, mod).shape == (4, 32)
+    stems = set(m.stems.keys())
+    assert stems == ({"shared"} if sharing == "shared" else {"image", "audio"})
+    assert set(m.heads.keys()) == ({"shared"} if head == "shared" else {"image", "audio"})
+
+
+def test_shared_input_has_fewer_parameters_than_per_modality():
+    a = build_model(ModelConfig(arch="resnet_tiny", width=8), SHAPES)
+    b = build_model(ModelConfig(arch="resnet_tiny", width=8, input_sharing="shared"), SHAPES)
+    assert count_params(b) < count_params(a)
+    # the only difference is the audio stem: conv 1->8 (3x3) + BN(8)
+    assert count_params(a) - count_params(b) == 8 * 1 * 9 + 2 * 8
+
+
+def test_resnet18_stem_choice_and_size():
+    m = build_model(ModelConfig(arch="resnet18"), {"image": (3, 32, 32), "audio": (1, 128, 96)})
+    assert m.stems["image"][0].kernel_size == (3, 3)       # CIFAR stem below 64 px
+    assert m.stems["audio"][0].kernel_size == (7, 7)       # ImageNet stem at >= 64 px
+    trunk = count_params(m.trunk)
+    assert 10.5e6 < trunk < 11.5e6                          # ResNet-18 without fc: 11.17M
+
+
+def test_model_config_errors_name_the_key():
+    with pytest.raises(ConfigError, match="model.arch"):
+        ModelConfig(arch="resnet7")
+    with pytest.raises(ConfigError, match="model.patch_size"):
+        build_model(ModelConfig(arch="vit_micro", patch_size=32), SHAPES)
+
+
+def test_per_modality_bn_statistics_are_separate_and_affine_shared():
+    m = build_model(ModelConfig(arch="resnet_tiny", width=8), SHAPES)
+    shared = build_model(ModelConfig(arch="resnet_tiny", width=8, bn_stats="shared"), SHAPES)
+    assert [n for n, _ in m.named_parameters()] == [n for n, _ in shared.named_parameters()]  # same weights
+    m.train()
+    m.features(torch.randn(8, *SHAPES["audio"]) * 5 + 3, "audio")
+    bn = m.trunk.layers[0].bn1
+    assert not torch.equal(bn.running_mean_audio, torch.zeros_like(bn.running_mean_audio))
+    assert torch.equal(bn.running_mean_image, torch.zeros_like(bn.running_mean_image))  # untouched by audio
+    # eval mode normalises each modality with its own statistics
+    m.features(torch.randn(8, *SHAPES["image"]), "image")
+    ref = torch.nn.BatchNorm2d(8).eval()
+    ref.running_mean.copy_(bn.running_mean_image), ref.running_var.copy_(bn.running_var_image)
+    ref.weight.data.copy_(bn.weight), ref.bias.data.copy_(bn.bias)
+    x = torch.randn(2, 8, 4, 4)
+    bn.eval(), setattr(bn, "modality", "image")
+    assert torch.allclose(bn(x), ref(x), atol=1e-6)

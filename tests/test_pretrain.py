@@ -1,0 +1,81 @@
+"""End-to-end runs of pretrain.py on a tiny AV-Fashion cache."""
+import json
+
+import pytest
+import torch
+import yaml
+
+import pretrain
+import runtime
+from conftest import TINY_DATA
+
+
+def run(tmp_path, cache_dir, *extra, name="run"):
+    out = tmp_path / name
+    args = ["configs/smoke.yaml", f"--run.out_dir={out}", f"--data.cache_dir={cache_dir}", "--run.progress=false",
+            *TINY_DATA, *extra]
+    return out, pretrain.main(args)
+
+
+@pytest.fixture(autouse=True)
+def _cwd(monkeypatch):
+    from conftest import ROOT
+    monkeypatch.chdir(ROOT)
+
+
+def test_smoke_run_writes_config_log_and_checkpoint(tmp_path, cache_dir):
+    out, res = run(tmp_path, cache_dir)
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    assert cfg["fed"]["rounds"] == 1 and cfg["data"]["n_voices"] == 12
+    lines = [json.loads(ln) for ln in (out / "log.jsonl").read_text().splitlines()]
+    assert [ln["round"] for ln in lines] == [0, 1]
+    assert {"loss_image", "loss_audio", "lr", "seconds", "clients", "knn_image", "knn_audio"} <= set(lines[1])
+    ck = torch.load(out / "last.pt", weights_only=True)
+    assert ck["round"] == 1 and ck["config"] == cfg
+    model = pretrain.build_model(pretrain.ModelConfig(**{k: (tuple(v) if isinstance(v, list) else v)
+                                                         for k, v in cfg["model"].items()}),
+                                 {m: tuple(s) for m, s in ck["input_shapes"].items()})
+    model.load_state_dict(ck["model"])  # strict: the checkpoint holds exactly the model's keys
+    assert 0 <= lines[1]["knn_image"] <= 100
+
+
+def test_single_modality_baselines(tmp_path, cache_dir):
+    out, res = run(tmp_path, cache_dir, "--data.modalities=[audio]", name="audio_only")
+    last = json.loads((out / "log.jsonl").read_text().splitlines()[-1])
+    assert "loss_audio" in last and "loss_image" not in last
+    ck = torch.load(out / "last.pt", weights_only=True)
+    assert not any(k.startswith("stems.image") for k in ck["model"])
+
+
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, cache_dir):
+    import shutil
+    common = ["--fed.rounds=3", "--run.deterministic=true", "--fed.order=sum", "--fed.cross_modal_negatives=true"]
+    full, _ = run(tmp_path, cache_dir, *common, name="full")
+    # a run stopped after round 2 of 3: its directory holds the round-2 checkpoint (kept as last.pt.prev)
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    shutil.copy(full / "last.pt.prev", cut / "last.pt")
+    shutil.copy(full / "log.jsonl", cut / "log.jsonl")
+    assert torch.load(cut / "last.pt", weights_only=True)["round"] == 2
+    pretrain.main(["--resume", str(cut), "--run.progress=false"])
+    a = torch.load(full / "last.pt", weights_only=True)
+    b = torch.load(cut / "last.pt", weights_only=True)
+    assert b["round"] == 3 and a["model"].keys() == b["model"].keys()
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])  # bit-identical
+    log = [json.loads(ln)["round"] for ln in (cut / "log.jsonl").read_text().splitlines()]
+    assert log == [0, 1, 2, 3]  # round 3 logged once
+
+
+def test_resume_refuses_changed_config(tmp_path, cache_dir, capsys):
+    out, _ = run(tmp_path, cache_dir)
+    with pytest.raises(SystemExit, match="optim.lr"):
+        pretrain.main(["--resume", str(out), "--optim.lr=0.5", "--run.progress=false"])
+
+
+def test_bad_cli_input_is_one_clear_line(tmp_path):
+    with pytest.raises(SystemExit, match="unknown config key 'fed.roundz'"):
+        pretrain.main(["configs/smoke.yaml", "--fed.roundz=3"])
+    with pytest.raises(SystemExit, match="fed.rounds='x': expected an integer"):
+        pretrain.main(["configs/smoke.yaml", "--fed.rounds=x"])
+    with pytest.raises(SystemExit, match="fed.clients_per_round=3 is larger"):
+        pretrain.main(["configs/smoke.yaml", "--fed.clients_per_round=3"])
