@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from data import DataConfig, ModalityData, augment
-from models import nt_xent
+from models import key_modality, nt_xent, reset_bn_stats
 from runtime import ConfigError, autocast, check_choice, check_range, derive_seed
 
 
@@ -32,6 +32,8 @@ class FedConfig:
     order: str = "alternate"            # alternate: one step per single-modality batch; sum: one step on L_img + L_aud
     cross_modal_negatives: bool = False  # with order=sum: the other modality's embeddings are extra negatives
     share_head: bool = True             # the server averages the projection head (else it stays on each client)
+    weighting: str = "modality"         # modality: a modality's own keys (stem, head, BN stats) are weighted by that
+                                        # modality's local samples; total: every key by all local samples (plain FedAvg)
 
     def __post_init__(self):
         check_range("fed.clients", self.clients, lo=1)
@@ -44,6 +46,7 @@ class FedConfig:
         check_range("fed.alpha", self.alpha, lo=0.0, lo_open=True)
         check_range("fed.min_client_size", self.min_client_size, lo=1)
         check_choice("fed.order", self.order, ("alternate", "sum"))
+        check_choice("fed.weighting", self.weighting, ("modality", "total"))
         if len(self.modality_fractions) != 3 or min(self.modality_fractions) < 0 or sum(self.modality_fractions) <= 0:
             raise ConfigError(f"fed.modality_fractions={list(self.modality_fractions)}: expected three non-negative "
                               f"fractions (image only, audio only, both) with a positive sum")
@@ -111,31 +114,36 @@ def is_shared(name: str, share_head: bool = True) -> bool:
 
 
 class WeightedAverage:
-    """Streaming FedAvg: fold each client's state dict in as it arrives (sum of n_k * w_k in fp64 for
-    floating tensors), divide once at the end. Integer buffers (BatchNorm's num_batches_tracked) are
-    copied from the first client, not averaged."""
+    """Streaming FedAvg: fold each client's state dict in as it arrives (sum of w_k * theta_k in fp64
+    for floating tensors), divide once at the end. The weight may differ per key (a callable); a key
+    with weight 0 is left out for that client. Integer buffers (BatchNorm's num_batches_tracked) are
+    copied from the first client that contributes them, not averaged."""
 
     def __init__(self):
         self.sums: dict[str, torch.Tensor] = {}
-        self.total = 0.0
+        self.totals: dict[str, float] = {}
 
-    def add(self, state: dict[str, torch.Tensor], weight: float) -> None:
-        if weight <= 0:
-            raise ValueError(f"client weight must be positive, got {weight}")
+    def add(self, state: dict[str, torch.Tensor], weight: float | Callable[[str], float]) -> None:
         for k, v in state.items():
+            w = float(weight(k) if callable(weight) else weight)
+            if w < 0:
+                raise ValueError(f"client weight for {k} must be non-negative, got {w}")
+            if w == 0:
+                continue
             if not v.is_floating_point():
                 self.sums.setdefault(k, v.detach().clone())
             elif k in self.sums:
-                self.sums[k].add_(v.detach().double(), alpha=weight)
+                self.sums[k].add_(v.detach().double(), alpha=w)
             else:
-                self.sums[k] = v.detach().double() * weight
-        self.total += weight
+                self.sums[k] = v.detach().double() * w
+            self.totals[k] = self.totals.get(k, 0.0) + w
 
     def result(self, like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The average, cast to the dtypes/devices of `like` (the previous global state)."""
-        if self.total == 0:
+        """The average of every key that received a positive weight, cast to the dtypes/devices of
+        `like` (the previous global state)."""
+        if not self.sums:
             raise ValueError("no client update was aggregated")
-        return {k: (s / self.total if s.is_floating_point() else s).to(like[k].dtype).to(like[k].device)
+        return {k: (s / self.totals[k] if s.is_floating_point() else s).to(like[k].dtype).to(like[k].device)
                 for k, s in self.sums.items()}
 
 
@@ -147,6 +155,15 @@ def fedavg(states: list[dict[str, torch.Tensor]], weights: list[float]) -> dict[
     return agg.result(states[0])
 
 
+def modality_weight(samples: dict[str, int]) -> Callable[[str], float]:
+    """Per-key FedAvg weight for a client with `samples` local samples per modality: a key that belongs
+    to one modality (its stem, head or BN statistics) counts that modality's samples, so a client that
+    never touched it (returning the global copy unchanged) does not dilute the average; shared keys
+    count all samples."""
+    total = sum(samples.values())
+    return lambda k: samples.get(key_modality(k), 0) if key_modality(k) else total
+
+
 def all_finite(state: dict[str, torch.Tensor]) -> bool:
     flags = [torch.isfinite(v).all() for v in state.values() if v.is_floating_point()]
     return bool(torch.stack(flags).all()) if flags else True
@@ -156,16 +173,21 @@ def all_finite(state: dict[str, torch.Tensor]) -> bool:
 class ClientUpdate:
     client: int
     state: dict[str, torch.Tensor]   # the client's weights after local training (may be live model tensors)
-    num_samples: int
+    samples: dict[str, int]          # local samples per modality
     metrics: dict = field(default_factory=dict)
+
+    @property
+    def num_samples(self) -> int:
+        return sum(self.samples.values())
 
 
 def run_round(global_state: dict[str, torch.Tensor], clients: list[int],
               local_update: Callable[[int], ClientUpdate], share: Callable[[str], bool] = is_shared,
-              on_client: Optional[Callable[[ClientUpdate], None]] = None):
+              on_client: Optional[Callable[[ClientUpdate], None]] = None, weighting: str = "total"):
     """One FedAvg round. Each client's update is consumed before the next client trains, so
     `local_update` may return views of one reused model. Updates with a non-finite loss or weight are
-    rejected and logged; if all are rejected the global model is kept.
+    rejected and logged; if all are rejected the global model is kept. weighting: 'total' weights every
+    key by the client's sample count; 'modality' uses `modality_weight`.
     Returns (new_global_state, list of per-client metric dicts, list of rejected client ids)."""
     agg, metrics, rejected = WeightedAverage(), [], []
     for cid in clients:
@@ -177,7 +199,7 @@ def run_round(global_state: dict[str, torch.Tensor], clients: list[int],
             continue
         if on_client is not None:
             on_client(upd)
-        agg.add(shared, upd.num_samples)
+        agg.add(shared, modality_weight(upd.samples) if weighting == "modality" else upd.num_samples)
         metrics.append({"client": cid, "n": upd.num_samples, **upd.metrics})
     if not metrics:
         return dict(global_state), metrics, rejected
@@ -217,6 +239,7 @@ def local_ssl_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, s
     Returns loss means per modality (a non-finite mean marks the update for rejection) and step count."""
     device = next(model.parameters()).device
     model.train()
+    reset_bn_stats(model, tuple(indices))  # cumulative BN statistics describe this client's round
     optimizer.state.clear()  # FedAvg: local optimizer state starts fresh on every client
     for group in optimizer.param_groups:
         group["lr"] = lr

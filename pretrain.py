@@ -118,14 +118,15 @@ def train_one_round(r: int, model, optimizer, scaler, global_state, client_state
         idx = {m: clients[cid][m] for m in data if m in clients[cid]}
         metrics = local_ssl_update(model, optimizer, scaler, data, idx, cfg.data, cfg.fed, cfg.optim,
                                    cfg.loss.tau, lr, g, cfg.run.amp)
-        return ClientUpdate(cid, model.state_dict(), sum(len(v) for v in idx.values()), metrics)
+        return ClientUpdate(cid, model.state_dict(), {m: len(v) for m, v in idx.items()}, metrics)
 
     def keep_local(upd: ClientUpdate):
         local = {k: v.detach().clone() for k, v in upd.state.items() if not share(k)}
         if local:
             client_state[upd.client] = local
 
-    new_state, per_client, rejected = run_round(global_state, sampled, local_update, share, keep_local)
+    new_state, per_client, rejected = run_round(global_state, sampled, local_update, share, keep_local,
+                                                cfg.fed.weighting)
     out = {"round": r, "clients": sampled, "lr": lr}
     for m in data:
         vals = [c[f"loss_{m}"] for c in per_client if f"loss_{m}" in c]

@@ -31,7 +31,7 @@ def _dummy_update(values, losses=None):
     def f(cid):
         loss = (losses or {}).get(cid, 1.0)
         return ClientUpdate(cid, {"w": torch.tensor([values[cid]]), "heads.shared.w": torch.tensor([values[cid]])},
-                            cid + 1, {"loss_image": loss, "steps": 1})
+                            {"image": cid + 1}, {"loss_image": loss, "steps": 1})
     return f
 
 
@@ -89,3 +89,24 @@ def test_batch_schedule():
 def test_fed_config_errors_name_the_key(kwargs, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         FedConfig(**kwargs)
+
+
+def test_modality_weighting_ignores_untouched_keys():
+    """An image-only client returns the audio stem and audio BN statistics unchanged: with
+    weighting='modality' they are averaged over the audio clients only; shared keys over everyone."""
+    g = {"trunk.w": torch.tensor([0.0]), "stems.audio.w": torch.tensor([0.0]),
+         "trunk.bn.running_mean_audio": torch.tensor([0.0]), "trunk.bn.num_batches_tracked_audio": torch.tensor(0)}
+    updates = {
+        0: ClientUpdate(0, {"trunk.w": torch.tensor([1.0]), "stems.audio.w": torch.tensor([0.0]),
+                            "trunk.bn.running_mean_audio": torch.tensor([0.0]),
+                            "trunk.bn.num_batches_tracked_audio": torch.tensor(0)}, {"image": 30}),
+        1: ClientUpdate(1, {"trunk.w": torch.tensor([4.0]), "stems.audio.w": torch.tensor([2.0]),
+                            "trunk.bn.running_mean_audio": torch.tensor([5.0]),
+                            "trunk.bn.num_batches_tracked_audio": torch.tensor(3)}, {"audio": 10}),
+    }
+    new, _, _ = run_round(g, [0, 1], updates.__getitem__, weighting="modality")
+    assert new["trunk.w"].item() == pytest.approx((30 * 1 + 10 * 4) / 40)
+    assert new["stems.audio.w"].item() == 2.0 and new["trunk.bn.running_mean_audio"].item() == 5.0
+    assert new["trunk.bn.num_batches_tracked_audio"].item() == 3
+    plain, _, _ = run_round(g, [0, 1], updates.__getitem__, weighting="total")
+    assert plain["stems.audio.w"].item() == pytest.approx(10 * 2 / 40)  # plain FedAvg dilutes it

@@ -99,3 +99,23 @@ def test_per_modality_bn_statistics_are_separate_and_affine_shared():
     x = torch.randn(2, 8, 4, 4)
     bn.eval(), setattr(bn, "modality", "image")
     assert torch.allclose(bn(x), ref(x), atol=1e-6)
+
+
+def test_cumulative_bn_statistics_reset_per_client():
+    from models import key_modality, reset_bn_stats
+    m = build_model(ModelConfig(arch="resnet_tiny", width=8), SHAPES)  # bn_momentum=None: cumulative
+    m.train()
+    xs = [torch.randn(8, *SHAPES["audio"]) * s for s in (1.0, 3.0)]
+    for x in xs:
+        m.features(x, "audio")
+    stem_bn = m.stems["audio"][1]
+    # cumulative average over the two batches' per-channel means
+    conv = m.stems["audio"][0]
+    means = [conv(x).mean(dim=(0, 2, 3)) for x in xs]
+    assert torch.allclose(stem_bn.running_mean, (means[0] + means[1]) / 2, atol=1e-5)
+    reset_bn_stats(m, ("image",))  # an image client leaves the audio statistics alone ...
+    assert stem_bn.num_batches_tracked.item() == 2
+    reset_bn_stats(m, ("audio",))  # ... an audio client restarts them
+    assert stem_bn.num_batches_tracked.item() == 0 and m.trunk.layers[0].bn1.num_batches_tracked_audio.item() == 0
+    assert key_modality("stems.audio.0.weight") == "audio" and key_modality("trunk.layers.0.bn1.running_var_image") == "image"
+    assert key_modality("trunk.layers.0.bn1.weight") is None and key_modality("heads.shared.0.weight") is None
