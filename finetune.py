@@ -1,21 +1,79 @@
-"""Downstream evaluation of a pretrained FSSUAVL backbone: frozen features and the kNN protocol.
+"""Downstream evaluation of a pretrained FSSUAVL backbone: linear probe, kNN and (optionally) full
+fine-tuning on image, audio and paired audio+image tasks, at several label fractions.
 
-    python finetune.py --ckpt runs/default/last.pt
+    python finetune.py --ckpt runs/default/last.pt                  # writes results.json + results.md beside it
+    python finetune.py --ckpt runs/default/last.pt --random-init    # the same architecture untrained (the floor)
+    python finetune.py --ckpt runs/default/last.pt --eval.protocols=[linear,knn,finetune] --eval.label_fractions=[1.0]
+
+The backbone (stems + trunk) is taken from the checkpoint by explicit key prefix; the data section of the
+checkpoint's config defines the tasks (overridable with --data.key=value).
 """
 from __future__ import annotations
 
+import argparse
+import copy
+import json
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
-from data import ModalityData
-from runtime import autocast
+import runtime
+from data import DataConfig, DataError, ModalityData, augment, load_data
+from models import ModelConfig, build_model
+from runtime import CheckpointError, ConfigError, RunConfig, autocast
 
+BACKBONE_PREFIXES = ("stems.", "trunk.")   # what downstream tasks take from a checkpoint
+IGNORED_PREFIXES = ("heads.",)             # present in a checkpoint, not used downstream
+TASKS = ("image", "audio", "paired")
+PROTOCOLS = ("linear", "knn", "finetune")
+
+
+@dataclass
+class EvalConfig:
+    tasks: tuple[str, ...] = TASKS                 # those the model's modalities allow are run
+    protocols: tuple[str, ...] = ("linear", "knn")
+    label_fractions: tuple[float, ...] = (0.01, 0.1, 1.0)  # labelled fraction of the downstream training set
+    max_train_images: int = 0        # downstream image training set size (0 = all, whatever pretraining used)
+    knn_k: int = 200
+    knn_t: float = 0.1               # kNN vote temperature
+    val_frac: float = 0.1            # held out of the labelled set to choose the probe's weight decay
+    wd_grid: tuple[float, ...] = (1e-5, 1e-4, 1e-3, 1e-2)
+    probe_iters: int = 100           # L-BFGS iterations of the linear probe
+    finetune_epochs: int = 5
+    finetune_lr: float = 0.01        # SGD, backbone and head
+    batch_size: int = 256
+
+    def __post_init__(self):
+        for t in self.tasks:
+            runtime.check_choice("eval.tasks", t, TASKS)
+        for p in self.protocols:
+            runtime.check_choice("eval.protocols", p, PROTOCOLS)
+        for f in self.label_fractions:
+            runtime.check_range("eval.label_fractions", f, lo=0.0, hi=1.0, lo_open=True)
+        runtime.check_range("eval.val_frac", self.val_frac, lo=0.0, hi=0.5, lo_open=True)
+        runtime.check_range("eval.knn_k", self.knn_k, lo=1)
+
+
+@dataclass
+class FinetuneConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    run: RunConfig = field(default_factory=lambda: RunConfig(out_dir=""))  # "" = beside the checkpoint
+
+
+# ----------------------------------------------------------------------------- features and protocols
 
 @torch.no_grad()
 def extract_features(model, md: ModalityData, split: str, modality: str, limit: int = 0, batch_size: int = 512,
-                     amp: str = "fp32") -> tuple[torch.Tensor, torch.Tensor]:
-    """Backbone features h (before the projection head) of the first `limit` samples (0 = all) of a split,
-    L2-normalised, fp32. The model is put in eval mode and restored afterwards."""
+                     amp: str = "fp32", normalize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Backbone features h (before the projection head) of the first `limit` samples (0 = all) of a
+    split, fp32, L2-normalised unless normalize=False. Eval mode, restored afterwards."""
     x = md.train_x if split == "train" else md.test_x
     y = md.train_y if split == "train" else md.test_y
     if limit:
@@ -28,7 +86,8 @@ def extract_features(model, md: ModalityData, split: str, modality: str, limit: 
         with autocast(device, amp):
             feats.append(model.features(md.normalize(x[i:i + batch_size]), modality).float())
     model.train(was_training)
-    return F.normalize(torch.cat(feats), dim=1), y
+    h = torch.cat(feats)
+    return (F.normalize(h, dim=1) if normalize else h), y
 
 
 @torch.no_grad()
@@ -49,8 +108,268 @@ def knn_predict(bank: torch.Tensor, bank_y: torch.Tensor, queries: torch.Tensor,
 
 def knn_accuracy(model, md: ModalityData, modality: str, bank_size: int = 0, queries: int = 0, k: int = 200,
                  t: float = 0.1, amp: str = "fp32") -> float:
-    """kNN top-1 accuracy (%) on the test split with a bank of training features."""
+    """kNN top-1 accuracy (%) on the test split with a bank of training features (the pretraining monitor)."""
     bank, bank_y = extract_features(model, md, "train", modality, bank_size, amp=amp)
     q, q_y = extract_features(model, md, "test", modality, queries, amp=amp)
     pred = knn_predict(bank, bank_y, q, len(md.classes), k, t)
     return 100.0 * (pred == q_y).float().mean().item()
+
+
+def label_subset(y: torch.Tensor, frac: float, seed: int) -> torch.Tensor:
+    """Indices of a class-stratified `frac` of the labels (at least one per class), fixed by `seed`."""
+    if frac >= 1.0:
+        return torch.arange(len(y), device=y.device)
+    g = torch.Generator().manual_seed(runtime.derive_seed(seed, "labels", frac))
+    yc = y.cpu()
+    out = []
+    for c in yc.unique():
+        idx = torch.nonzero(yc == c).flatten()
+        n = max(1, int(round(frac * len(idx))))
+        out.append(idx[torch.randperm(len(idx), generator=g)[:n]])
+    return torch.cat(out).sort().values.to(y.device)
+
+
+def fit_linear(x: torch.Tensor, y: torch.Tensor, num_classes: int, wd: float, iters: int) -> nn.Linear:
+    """Multinomial logistic regression on fixed features, full-batch L-BFGS, L2 penalty wd * ||W||^2."""
+    torch.manual_seed(0)
+    clf = nn.Linear(x.shape[1], num_classes).to(x.device)
+    opt = torch.optim.LBFGS(clf.parameters(), lr=1.0, max_iter=iters, history_size=20, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(clf(x), y) + wd * clf.weight.pow(2).sum()
+        loss.backward()
+        return loss
+    opt.step(closure)
+    return clf
+
+
+def linear_probe(train_f, train_y, test_f, test_y, num_classes: int, cfg: EvalConfig, seed: int) -> dict:
+    """The standard frozen-feature protocol: standardise features with training statistics, choose the
+    weight decay on a held-out split of the labelled set, refit on all of it, report test accuracy (%)."""
+    mu, sd = train_f.mean(0, keepdim=True), train_f.std(0, keepdim=True).clamp_min(1e-6)
+    tr, te = (train_f - mu) / sd, (test_f - mu) / sd
+    g = torch.Generator().manual_seed(runtime.derive_seed(seed, "val"))
+    perm = torch.randperm(len(tr), generator=g).to(tr.device)
+    n_val = int(len(tr) * cfg.val_frac)
+    best_wd, best = cfg.wd_grid[0], -1.0
+    if n_val >= num_classes and len(cfg.wd_grid) > 1:
+        val, fit = perm[:n_val], perm[n_val:]
+        for wd in cfg.wd_grid:
+            clf = fit_linear(tr[fit], train_y[fit], num_classes, wd, cfg.probe_iters)
+            acc = (clf(tr[val]).argmax(1) == train_y[val]).float().mean().item()
+            if acc > best:
+                best, best_wd = acc, wd
+    clf = fit_linear(tr, train_y, num_classes, best_wd, cfg.probe_iters)
+    with torch.no_grad():
+        acc = 100.0 * (clf(te).argmax(1) == test_y).float().mean().item()
+    return {"acc": acc, "wd": best_wd}
+
+
+def finetune_model(model, md: ModalityData, modality: str, idx: torch.Tensor, data_cfg: DataConfig,
+                   cfg: EvalConfig, seed: int, amp: str = "fp32") -> float:
+    """Full fine-tuning of a copy of the backbone plus a linear head on the labelled subset (one SimCLR
+    view per sample as augmentation); returns test accuracy (%). The given model is not modified."""
+    net = copy.deepcopy(model)
+    device = next(net.parameters()).device
+    head = nn.Linear(net.feat_dim, len(md.classes)).to(device)
+    params = list(net.stems.parameters()) + list(net.trunk.parameters()) + list(head.parameters())
+    opt = torch.optim.SGD(params, lr=cfg.finetune_lr, momentum=0.9, weight_decay=5e-4)
+    g = runtime.make_generator(device, seed, "finetune", modality)
+    steps = max(1, math.ceil(len(idx) / cfg.batch_size)) * cfg.finetune_epochs
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    net.train()
+    for _ in range(cfg.finetune_epochs):
+        perm = idx[torch.randperm(len(idx), generator=g, device=device)]
+        for b in perm.split(cfg.batch_size):
+            if len(b) < 2:
+                continue
+            with autocast(device, amp):
+                x = augment(modality, md.train_x[b], md, data_cfg, g)
+                loss = F.cross_entropy(head(net.features(x, modality)).float(), md.train_y[b])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    f, y = extract_features(net, md, "test", modality, normalize=False, amp=amp)
+    with torch.no_grad():
+        return 100.0 * (head(f).argmax(1) == y).float().mean().item()
+
+
+def make_pairs(image_y: torch.Tensor, audio_y: torch.Tensor, seed: int) -> torch.Tensor:
+    """For every image, the index of a clip of the same class (spoken class name), drawn with `seed`.
+    Images whose class no clip has get -1."""
+    g = torch.Generator().manual_seed(runtime.derive_seed(seed, "pairs"))
+    iy, ay = image_y.cpu(), audio_y.cpu()
+    out = torch.full((len(iy),), -1, dtype=torch.long)
+    for c in iy.unique():
+        clips = torch.nonzero(ay == c).flatten()
+        where = torch.nonzero(iy == c).flatten()
+        if len(clips):
+            out[where] = clips[torch.randint(len(clips), (len(where),), generator=g)]
+    return out.to(image_y.device)
+
+
+def fuse(h_image: torch.Tensor, h_audio: torch.Tensor) -> torch.Tensor:
+    """Fused audio+image features ("auxiliary information"): both through the same backbone,
+    concatenated. (N, D) + (N, D) -> (N, 2D)."""
+    return torch.cat([h_image, h_audio], dim=1)
+
+
+# ----------------------------------------------------------------------------- checkpoint loading
+
+def load_backbone(ckpt_path, random_init: bool = False, seed: int = 0, device="cpu"):
+    """Rebuild the model from a pretraining checkpoint's config and load its backbone (keys under
+    BACKBONE_PREFIXES). The checkpoint must hold exactly the backbone keys the model expects, plus
+    projection-head keys (ignored): anything missing or unexpected is an error. With random_init the
+    same architecture is returned untrained (seeded). Returns (model, checkpoint)."""
+    ck = runtime.load_checkpoint(ckpt_path)
+    try:
+        mcfg = runtime.build_dataclass(ModelConfig, ck["config"]["model"], "model.")
+        shapes = {m: tuple(s) for m, s in ck["input_shapes"].items()}
+    except (KeyError, ConfigError) as e:
+        raise CheckpointError(f"{ckpt_path}: checkpoint lacks a valid model config / input shapes ({e})") from e
+    torch.manual_seed(runtime.derive_seed(seed, "random_init"))
+    model = build_model(mcfg, shapes).to(device)
+    if random_init:
+        return model, ck
+    want = {k for k in model.state_dict() if k.startswith(BACKBONE_PREFIXES)}
+    have = {k for k in ck["model"] if k.startswith(BACKBONE_PREFIXES)}
+    unexpected = sorted(k for k in ck["model"] if not k.startswith(BACKBONE_PREFIXES + IGNORED_PREFIXES)) + \
+        sorted(have - want)
+    missing = sorted(want - have)
+    if missing or unexpected:
+        raise CheckpointError(f"{ckpt_path}: backbone keys do not match the model built from its config: "
+                              f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+                              f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
+    result = model.load_state_dict({k: ck["model"][k] for k in want}, strict=False)
+    assert all(k.startswith(IGNORED_PREFIXES) for k in result.missing_keys) and not result.unexpected_keys
+    return model, ck
+
+
+# ----------------------------------------------------------------------------- the evaluation
+
+def evaluate(model, data: dict[str, ModalityData], cfg: FinetuneConfig, device, log=print) -> list[dict]:
+    """Every configured task x protocol x label fraction the model's modalities allow. Each row:
+    task, features (image | audio | fused), protocol, label_frac, acc (%), n_train, n_test."""
+    ec, seed = cfg.eval, cfg.run.seed
+    feats = {}
+    for m, md in data.items():
+        tr, ytr = extract_features(model, md, "train", m, normalize=False, amp=cfg.run.amp)
+        te, yte = extract_features(model, md, "test", m, normalize=False, amp=cfg.run.amp)
+        feats[m] = (tr, ytr, te, yte)
+
+    # paired task: class-name clips (labels 0..9 of the audio vocabulary) paired with images by class
+    sets = {m: (m, *feats[m]) for m in data if m in ec.tasks}
+    if "paired" in ec.tasks and {"image", "audio"} <= set(data):
+        itr, iytr, ite, iyte = feats["image"]
+        atr, aytr, ate, ayte = feats["audio"]
+        ptr, pte = make_pairs(iytr, aytr, seed), make_pairs(iyte, ayte, seed + 1)
+        if (ptr < 0).any() or (pte < 0).any():
+            raise DataError("paired task: some image classes have no spoken clip of their class name")
+        sets["paired/image"] = ("paired", itr, iytr, ite, iyte)
+        sets["paired/audio"] = ("paired", atr[ptr], iytr, ate[pte], iyte)
+        sets["paired/fused"] = ("paired", fuse(itr, atr[ptr]), iytr, fuse(ite, ate[pte]), iyte)
+
+    rows = []
+    for name, (task, tr, ytr, te, yte) in sets.items():
+        feat_kind = name.split("/")[-1]
+        n_cls = int(max(ytr.max(), yte.max())) + 1
+        for frac in ec.label_fractions:
+            sub = label_subset(ytr, frac, seed)
+            for proto in ec.protocols:
+                if proto == "linear":
+                    acc = linear_probe(tr[sub], ytr[sub], te, yte, n_cls, ec, seed)["acc"]
+                elif proto == "knn":
+                    pred = knn_predict(F.normalize(tr[sub], dim=1), ytr[sub], F.normalize(te, dim=1), n_cls,
+                                       ec.knn_k, ec.knn_t)
+                    acc = 100.0 * (pred == yte).float().mean().item()
+                else:
+                    if task == "paired":
+                        continue  # fine-tuning is defined for the single-modality tasks
+                    acc = finetune_model(model, data[feat_kind], feat_kind, sub, cfg.data, ec, seed, cfg.run.amp)
+                rows.append({"task": task, "features": feat_kind, "protocol": proto, "label_frac": frac,
+                             "acc": round(acc, 3), "n_train": len(sub), "n_test": len(yte)})
+                log(f"{task:7s} {feat_kind:6s} {proto:8s} {frac:>5.0%} labels: {acc:6.2f}%")
+    return rows
+
+
+def markdown_table(rows: list[dict], title: str = "") -> str:
+    """task | features | protocol | one column per label fraction."""
+    fracs = sorted({r["label_frac"] for r in rows})
+    keys = list(dict.fromkeys((r["task"], r["features"], r["protocol"]) for r in rows))
+    acc = {(r["task"], r["features"], r["protocol"], r["label_frac"]): r["acc"] for r in rows}
+    out = [f"### {title}", ""] if title else []
+    out.append("| task | features | protocol | " + " | ".join(f"{f:.0%} labels" for f in fracs) + " |")
+    out.append("|---|---|---|" + "---|" * len(fracs))
+    for k in keys:
+        out.append(f"| {k[0]} | {k[1]} | {k[2]} | " + " | ".join(
+            f"{acc[(*k, f)]:.2f}" if (*k, f) in acc else "-" for f in fracs) + " |")
+    return "\n".join(out) + "\n"
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False,
+                                epilog="Override any key as --section.key=value (sections: eval, run, data).")
+    p.add_argument("config", nargs="?", help="optional YAML with eval/run/data sections")
+    p.add_argument("--ckpt", required=True, help="pretraining checkpoint (RUN_DIR/last.pt) or its run directory")
+    p.add_argument("--random-init", action="store_true", help="evaluate the same architecture untrained")
+    argv, overrides = runtime.split_overrides(list(argv))
+    args, rest = p.parse_known_args(argv)
+    if rest:
+        p.error(f"unrecognised argument {rest[0]!r}: overrides look like --section.key=value")
+    return args, overrides
+
+
+def main(argv=None) -> dict:
+    args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    ckpt_path = Path(args.ckpt)
+    if ckpt_path.is_dir():
+        ckpt_path = ckpt_path / "last.pt"
+    try:
+        ck = runtime.load_checkpoint(ckpt_path)
+        raw = {}
+        if args.config:
+            import yaml
+            if not Path(args.config).is_file():
+                raise ConfigError(f"config file not found: {args.config}")
+            raw = yaml.safe_load(Path(args.config).read_text()) or {}
+        data_raw = dict(ck["config"]["data"])
+        data_raw.update(raw.pop("data", {}) or {})
+        data_raw["modalities"] = list(ck["input_shapes"])  # the tasks the backbone has stems for
+        raw["data"] = data_raw
+        runtime.apply_overrides(raw, overrides)
+        cfg = runtime.build_dataclass(FinetuneConfig, raw)
+    except (ConfigError, CheckpointError) as e:
+        sys.exit(f"error: {e}")
+    if cfg.run.threads:
+        torch.set_num_threads(cfg.run.threads)
+    runtime.seed_everything(cfg.run.seed, cfg.run.deterministic)
+    device = runtime.resolve_device(cfg.run.device)
+    cfg.data.max_train_images = cfg.eval.max_train_images
+    try:
+        model, _ = load_backbone(ckpt_path, args.random_init, cfg.run.seed, device)
+        data = load_data(cfg.data, device, progress=cfg.run.progress and sys.stderr.isatty())
+    except (CheckpointError, DataError, ConfigError) as e:
+        sys.exit(f"error: {e}")
+
+    t = runtime.Timer()
+    rows = evaluate(model, data, cfg, device)
+    out_dir = Path(cfg.run.out_dir) if cfg.run.out_dir else ckpt_path.parent
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = "results_random_init" if args.random_init else "results"
+    result = {"ckpt": str(ckpt_path), "random_init": args.random_init, "round": ck["round"],
+              "model": ck["config"]["model"], "pretrain_modalities": list(ck["input_shapes"]),
+              "config": runtime.to_dict(cfg), "seed": cfg.run.seed, "seconds": round(t(), 1), "rows": rows,
+              "env": runtime.environment_info(device)}
+    (out_dir / f"{stem}.json").write_text(json.dumps(result, indent=1))
+    title = f"{ckpt_path} ({'random init' if args.random_init else 'round ' + str(ck['round'])}, seed {cfg.run.seed})"
+    (out_dir / f"{stem}.md").write_text(markdown_table(rows, title))
+    print(markdown_table(rows, title))
+    print(f"results in {out_dir}/{stem}.json and {stem}.md")
+    return result
+
+
+if __name__ == "__main__":
+    main()

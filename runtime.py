@@ -155,6 +155,14 @@ def parse_value(text: str):
     return text
 
 
+def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+    """Separate `--section.key=value` overrides from the other arguments before argparse sees them
+    (argparse takes an argument containing a space, like `--x.y=[1, 2]`, for a positional)."""
+    def is_override(a):
+        return a.startswith("--") and "=" in a and "." in a.split("=", 1)[0]
+    return [a for a in argv if not is_override(a)], [a for a in argv if is_override(a)]
+
+
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """Apply `--a.b=value` overrides to a nested dict (in place) and return it."""
     for ov in overrides:
