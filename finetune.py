@@ -274,6 +274,9 @@ def evaluate(model, data: dict[str, ModalityData], cfg: FinetuneConfig, device, 
     rows = []
     for name, (task, tr, ytr, te, yte) in sets.items():
         feat_kind = name.split("/")[-1]
+        if name == "paired/image" and "image" in sets:  # the same features and labels as the image task
+            rows += [{**r, "task": "paired"} for r in rows if r["task"] == "image" and r["protocol"] != "finetune"]
+            continue
         n_cls = int(max(ytr.max(), yte.max())) + 1
         for frac in ec.label_fractions:
             sub = label_subset(ytr, frac, seed)

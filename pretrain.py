@@ -95,6 +95,12 @@ def resolve_config(args, overrides) -> tuple[PretrainConfig, dict | None]:
     return cfg, ckpt
 
 
+def make_clients(cfg: PretrainConfig, data) -> list[dict]:
+    """The run's partition: client k's {modality: training indices}, a pure function of the config."""
+    return partition(data, cfg.fed.clients, cfg.fed.partition, cfg.fed.alpha, cfg.fed.modality_fractions,
+                     runtime.derive_seed(cfg.run.seed, "partition"), cfg.fed.min_client_size)
+
+
 def evaluate(model, data, cfg: PretrainConfig, device) -> dict:
     """kNN monitor (k=200, cosine, temperature-weighted) on held-out labelled data, per modality."""
     return {f"knn_{m}": knn_accuracy(model, md, m, cfg.data.knn_bank, cfg.data.knn_queries, amp=cfg.run.amp)
@@ -158,8 +164,7 @@ def main(argv=None) -> dict:
     # data
     try:
         data = load_data(cfg.data, device, progress=progress)
-        clients = partition(data, cfg.fed.clients, cfg.fed.partition, cfg.fed.alpha, cfg.fed.modality_fractions,
-                            runtime.derive_seed(rc.seed, "partition"), cfg.fed.min_client_size)
+        clients = make_clients(cfg, data)
     except (DataError, ConfigError) as e:
         sys.exit(f"error: {e}")
     if args.show_partition:

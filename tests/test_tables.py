@@ -1,0 +1,51 @@
+"""tables.py: aggregation arithmetic, and one tiny end-to-end run of the whole grid."""
+import statistics
+
+import pytest
+
+import tables
+from conftest import ROOT, TINY_DATA
+
+
+def _res(seed, accs):
+    """A results.json stand-in: image task, linear + knn, three label fractions."""
+    rows = [{"task": "image", "features": "image", "protocol": p, "label_frac": f, "acc": accs[p][i]}
+            for p in accs for i, f in enumerate((0.01, 0.1, 1.0))]
+    return {"seed": seed, "rows": rows, "config_name": "c.yaml"}
+
+
+def test_mean_std_of_known_per_seed_numbers():
+    assert tables.mean_std([70.0, 72.0, 74.0]) == "72.00 ± 2.00"       # sample std (n-1)
+    assert tables.mean_std([1.0, 2.0]) == f"1.50 ± {statistics.stdev([1.0, 2.0]):.2f}"
+    assert tables.mean_std([80.5]) == "80.50 (n=1)"
+    results = {"fssuavl": [_res(0, {"linear": [50, 60, 70], "knn": [40, 50, 60]}),
+                           _res(1, {"linear": [52, 62, 74], "knn": [40, 52, 60]}),
+                           _res(2, {"linear": [54, 64, 72], "knn": [40, 54, 60]})]}
+    rows = tables.accuracy_table(results, "image", "image", ["fssuavl", "image_only"])
+    assert len(rows) == 2 and rows[0]["model"] == "FSSUAVL (one model)" and rows[0]["seeds"] == "0 1 2"
+    assert rows[0]["1% labels"] == "52.00 ± 2.00" and rows[0]["100% labels"] == "72.00 ± 2.00"
+    assert rows[1]["protocol"] == "knn" and rows[1]["1% labels"] == "40.00 ± 0.00"
+    md = tables.to_markdown(rows, "T")
+    assert "| FSSUAVL (one model) | linear | 0 1 2 | c.yaml | 52.00 ± 2.00 |" in md
+
+
+def test_tables_end_to_end_tiny(tmp_path, cache_dir, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    out = tmp_path / "tables"
+    args = ["--config", "configs/smoke.yaml", "--seeds", "0", "1", "--out", str(out), f"--data.cache_dir={cache_dir}",
+            "--run.progress=false", *TINY_DATA, "--eval.max_train_images=300", "--eval.wd_grid=[1e-3]"]
+    res = tables.main(args)
+    t = {name: rows for name, (title, rows) in res["tables"].items()}
+    assert [r["model"] for r in t["table1_image"][0:6:2]] == ["FSSUAVL (one model)", "image-only model", "random init"]
+    assert [r["model"] for r in t["table2_audio"][0:6:2]] == ["FSSUAVL (one model)", "audio-only model", "random init"]
+    assert {r["features"] for r in t["table3_paired"]} == {"image alone", "audio alone", "fused (image + audio)"}
+    assert all("±" in r["100% labels"] for r in t["table1_image"])
+    eff = {r["setup"]: r for r in t["table4_efficiency"]}
+    ratio = eff["ratio FSSUAVL / two models"]
+    assert 0.4 < ratio["parameters"] < 0.7 and 0.4 < ratio["MB up per round (all clients)"] < 0.7
+    assert eff["FSSUAVL: one model"]["GFLOPs/image"] == pytest.approx(eff["two models: image + audio"]["GFLOPs/image"])
+    for f in ("tables.md", "table1_image.csv", "table2_audio.csv", "table3_paired.csv", "table4_efficiency.csv"):
+        assert (out / f).stat().st_size > 0
+    mtime = (out / "runs" / "fssuavl_seed0" / "results.json").stat().st_mtime_ns
+    tables.main(args)  # a second call reuses every finished run and evaluation
+    assert (out / "runs" / "fssuavl_seed0" / "results.json").stat().st_mtime_ns == mtime
