@@ -25,15 +25,18 @@ class FedConfig:
     clients_per_round: int = 10         # K
     rounds: int = 100                   # R
     local_epochs: int = 1               # E
-    partition: str = "dirichlet"        # iid | dirichlet | speaker (audio by speaker, images by Dirichlet)
+    partition: str = "dirichlet"        # iid | dirichlet | pathological | natural (speaker/fold/kit ids as clients where the data has them)
     alpha: float = 0.1                  # Dirichlet concentration (label skew inside each modality)
     min_client_size: int = 2            # smallest number of samples a client may hold per modality
+    classes_per_client: int = 2         # pathological partition: shards (about classes) per client
     modality_fractions: tuple[float, float, float] = (0.4, 0.4, 0.2)  # clients holding image only, audio only, both
     order: str = "alternate"            # alternate: one step per single-modality batch; sum: one step on L_img + L_aud
     cross_modal_negatives: bool = False  # with order=sum: the other modality's embeddings are extra negatives
     share_head: bool = True             # the server averages the projection head (else it stays on each client)
     weighting: str = "modality"         # modality: a modality's own keys (stem, head, BN stats) are weighted by that
                                         # modality's local samples; total: every key by all local samples (plain FedAvg)
+    aggregation: str = "fedavg"         # fedavg | median | trimmed_mean (coordinate-wise, unweighted; for broken/hostile clients)
+    trim_frac: float = 0.1              # trimmed_mean: fraction cut from each end per coordinate
 
     def __post_init__(self):
         check_range("fed.clients", self.clients, lo=1)
@@ -42,11 +45,14 @@ class FedConfig:
             raise ConfigError(f"fed.clients_per_round={self.clients_per_round} is larger than fed.clients={self.clients}")
         check_range("fed.rounds", self.rounds, lo=1)
         check_range("fed.local_epochs", self.local_epochs, lo=1)
-        check_choice("fed.partition", self.partition, ("iid", "dirichlet", "speaker"))
+        check_choice("fed.partition", self.partition, ("iid", "dirichlet", "pathological", "natural"))
+        check_range("fed.classes_per_client", self.classes_per_client, lo=1)
         check_range("fed.alpha", self.alpha, lo=0.0, lo_open=True)
         check_range("fed.min_client_size", self.min_client_size, lo=1)
         check_choice("fed.order", self.order, ("alternate", "sum"))
         check_choice("fed.weighting", self.weighting, ("modality", "total"))
+        check_choice("fed.aggregation", self.aggregation, ("fedavg", "median", "trimmed_mean"))
+        check_range("fed.trim_frac", self.trim_frac, lo=0.0, hi=0.49)
         if len(self.modality_fractions) != 3 or min(self.modality_fractions) < 0 or sum(self.modality_fractions) <= 0:
             raise ConfigError(f"fed.modality_fractions={list(self.modality_fractions)}: expected three non-negative "
                               f"fractions (image only, audio only, both) with a positive sum")
@@ -60,7 +66,8 @@ class OptimConfig:
     lr: float = 0.05                   # base LR per 256 samples: effective lr = lr * batch_size / 256
     momentum: float = 0.9
     weight_decay: float = 5e-4         # not applied to biases and norm parameters
-    batch_size: int = 256              # local batch size per modality
+    batch_size: int = 256              # local batch size (images; audio too unless batch_size_audio is set)
+    batch_size_audio: int = 0          # local audio batch size; 0 = batch_size (audio sets are often far smaller)
     schedule: str = "cosine"           # cosine | constant, over rounds
     warmup_rounds: int = 0
     min_lr_frac: float = 0.0           # cosine floor as a fraction of the peak
@@ -71,12 +78,17 @@ class OptimConfig:
         check_choice("optim.schedule", self.schedule, ("cosine", "constant"))
         check_range("optim.lr", self.lr, lo=0.0, lo_open=True)
         check_range("optim.batch_size", self.batch_size, lo=2)
+        if self.batch_size_audio:
+            check_range("optim.batch_size_audio", self.batch_size_audio, lo=2)
         for k in ("momentum", "weight_decay", "warmup_rounds", "min_lr_frac", "grad_clip"):
             check_range(f"optim.{k}", getattr(self, k), lo=0)
 
     @property
     def peak_lr(self) -> float:
         return self.lr * self.batch_size / 256
+
+    def batch_for(self, modality: str) -> int:
+        return self.batch_size_audio if modality == "audio" and self.batch_size_audio else self.batch_size
 
 
 def lr_at(round_idx: int, cfg: OptimConfig, rounds: int) -> float:
@@ -147,6 +159,46 @@ class WeightedAverage:
                 for k, s in self.sums.items()}
 
 
+class CoordinateRobust:
+    """Coordinate-wise median or trimmed mean of the client states (Yin et al. 2018), unweighted: a few
+    broken or hostile clients cannot drag a coordinate arbitrarily far. Needs every client's copy, so
+    it holds K states at once (FedAvg streams). A client whose weight for a key is 0 (it never touched
+    that key) is left out of that key, as in WeightedAverage; integer buffers are copied from the first."""
+
+    def __init__(self, kind: str = "median", trim_frac: float = 0.1):
+        self.kind, self.trim_frac = kind, trim_frac
+        self.values: dict[str, list[torch.Tensor]] = {}
+
+    def add(self, state: dict[str, torch.Tensor], weight: float | Callable[[str], float]) -> None:
+        for k, v in state.items():
+            if float(weight(k) if callable(weight) else weight) > 0:
+                self.values.setdefault(k, []).append(v.detach().clone())
+
+    def result(self, like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if not self.values:
+            raise ValueError("no client update was aggregated")
+        out = {}
+        for k, vs in self.values.items():
+            if not vs[0].is_floating_point():
+                out[k] = vs[0]
+                continue
+            x = torch.stack([v.double() for v in vs])  # (K, ...)
+            if self.kind == "median":
+                # mean of the two middle values for even K (torch.median would take the lower one)
+                srt = x.sort(dim=0).values
+                n = len(vs)
+                r = (srt[(n - 1) // 2] + srt[n // 2]) / 2
+            else:
+                cut = int(self.trim_frac * len(vs))
+                r = x.sort(dim=0).values[cut:len(vs) - cut].mean(dim=0)
+            out[k] = r.to(like[k].dtype).to(like[k].device)
+        return out
+
+
+def make_aggregator(kind: str = "fedavg", trim_frac: float = 0.1):
+    return WeightedAverage() if kind == "fedavg" else CoordinateRobust(kind, trim_frac)
+
+
 def fedavg(states: list[dict[str, torch.Tensor]], weights: list[float]) -> dict[str, torch.Tensor]:
     """Weighted average of state dicts (weights = local sample counts)."""
     agg = WeightedAverage()
@@ -183,13 +235,15 @@ class ClientUpdate:
 
 def run_round(global_state: dict[str, torch.Tensor], clients: list[int],
               local_update: Callable[[int], ClientUpdate], share: Callable[[str], bool] = is_shared,
-              on_client: Optional[Callable[[ClientUpdate], None]] = None, weighting: str = "total"):
-    """One FedAvg round. Each client's update is consumed before the next client trains, so
-    `local_update` may return views of one reused model. Updates with a non-finite loss or weight are
-    rejected and logged; if all are rejected the global model is kept. weighting: 'total' weights every
-    key by the client's sample count; 'modality' uses `modality_weight`.
+              on_client: Optional[Callable[[ClientUpdate], None]] = None, weighting: str = "total",
+              aggregator=None):
+    """One round. Each client's update is consumed before the next client trains, so `local_update`
+    may return views of one reused model. Updates with a non-finite loss or weight are rejected and
+    logged; if all are rejected the global model is kept. weighting: 'total' weights every key by the
+    client's sample count; 'modality' uses `modality_weight`. aggregator: a fresh WeightedAverage
+    (FedAvg, the default) or CoordinateRobust.
     Returns (new_global_state, list of per-client metric dicts, list of rejected client ids)."""
-    agg, metrics, rejected = WeightedAverage(), [], []
+    agg, metrics, rejected = aggregator or WeightedAverage(), [], []
     for cid in clients:
         upd = local_update(cid)
         shared = {k: v for k, v in upd.state.items() if share(k)}
@@ -210,11 +264,13 @@ def run_round(global_state: dict[str, torch.Tensor], clients: list[int],
 
 # ----------------------------------------------------------------------------- the local SSL update
 
-def batch_schedule(sizes: dict[str, int], batch_size: int, order: str) -> list[tuple[str, ...]]:
+def batch_schedule(sizes: dict[str, int], batch_size: int | dict[str, int], order: str) -> list[tuple[str, ...]]:
     """The modality (or modalities, for order=sum) of each local step of one epoch. alternate: one
     step per single-modality batch, modalities interleaved in proportion to their batch counts;
-    sum: max(batches) steps, each on one batch of every held modality (the smaller one cycles)."""
-    nb = {m: max(1, n // batch_size) for m, n in sizes.items() if n >= 2}
+    sum: max(batches) steps, each on one batch of every held modality (the smaller one cycles).
+    batch_size: one for all modalities or {modality: size}."""
+    bs = batch_size if isinstance(batch_size, dict) else {m: batch_size for m in sizes}
+    nb = {m: max(1, n // bs[m]) for m, n in sizes.items() if n >= 2}
     if not nb:
         return []
     if order == "sum":
@@ -231,12 +287,19 @@ def _batches(n: int, batch_size: int, g: torch.Generator, device) -> list[torch.
     return list(perm[: n // batch_size * batch_size].split(batch_size))
 
 
+class Interrupted(Exception):
+    """Raised between local steps when a stop was requested (SIGINT/SIGTERM)."""
+
+
 def local_ssl_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler, data: dict[str, ModalityData],
                      indices: dict[str, torch.Tensor], data_cfg: DataConfig, fed_cfg: FedConfig, optim_cfg: OptimConfig,
-                     tau: float, lr: float, g: torch.Generator, amp: str = "fp32") -> dict:
+                     tau: float, lr: float, g: torch.Generator, amp: str = "fp32",
+                     should_stop: Optional[Callable[[], bool]] = None, max_steps: int = 0) -> dict:
     """E local epochs of SimCLR on one client's unlabelled data, in place on `model`. Both views of a
     batch are made on the device by `augment` with per-sample parameters from generator `g`.
-    Returns loss means per modality (a non-finite mean marks the update for rejection) and step count."""
+    Returns loss means per modality (a non-finite mean marks the update for rejection) and step count.
+    `should_stop` is polled after every step; when it returns True the step finishes and Interrupted
+    is raised. max_steps > 0 stops after that many steps (dry runs)."""
     device = next(model.parameters()).device
     model.train()
     reset_bn_stats(model, tuple(indices))  # cumulative BN statistics describe this client's round
@@ -248,14 +311,17 @@ def local_ssl_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, s
     loss_cnt = {m: 0 for m in indices}
     steps = 0
     for _ in range(fed_cfg.local_epochs):
-        schedule = batch_schedule(sizes, optim_cfg.batch_size, fed_cfg.order)
+        bs = {m: optim_cfg.batch_for(m) for m in indices}
+        schedule = batch_schedule(sizes, bs, fed_cfg.order)
+        if max_steps:
+            schedule = schedule[:max(0, max_steps - steps)]
         queues = {m: [] for m in indices}
         for mods in schedule:
             embeds = {}
             with autocast(device, amp):
                 for m in mods:
                     if not queues[m]:
-                        queues[m] = _batches(sizes[m], optim_cfg.batch_size, g, device)
+                        queues[m] = _batches(sizes[m], bs[m], g, device)
                     x = data[m].train_x[indices[m][queues[m].pop(0)]]
                     v1 = augment(m, x, data[m], data_cfg, g)
                     v2 = augment(m, x, data[m], data_cfg, g)
@@ -286,6 +352,8 @@ def local_ssl_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, s
                 loss_sum[m] += l.detach()
                 loss_cnt[m] += 1
             steps += 1
+            if should_stop is not None and should_stop():
+                raise Interrupted
     out = {f"loss_{m}": (loss_sum[m] / loss_cnt[m]).item() for m in indices if loss_cnt[m]}
     out["steps"] = steps
     return out

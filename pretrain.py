@@ -10,7 +10,7 @@ checkpoint, rewritten atomically after every round; the one before it is kept as
 from __future__ import annotations
 
 import argparse
-import math
+import signal
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,8 +21,8 @@ from tqdm import tqdm
 
 import runtime
 from data import DataConfig, DataError, describe_partition, load_data, partition
-from federation import (ClientUpdate, FedConfig, OptimConfig, is_shared, local_ssl_update, lr_at, make_optimizer,
-                        run_round, sample_clients)
+from federation import (ClientUpdate, FedConfig, Interrupted, OptimConfig, is_shared, local_ssl_update, lr_at,
+                        make_aggregator, make_optimizer, run_round, sample_clients)
 from finetune import knn_accuracy
 from models import ModelConfig, build_model, count_params
 from runtime import ConfigError, RunConfig
@@ -52,6 +52,13 @@ class PretrainConfig:
     def __post_init__(self):
         if self.fed.order == "sum" and len(self.data.modalities) < 2 and self.fed.cross_modal_negatives:
             raise ConfigError("fed.cross_modal_negatives=true needs both data.modalities")
+        if len(self.data.modalities) == 2:
+            img, aud, both = self.fed.modality_fractions
+            for m, frac in (("image", img + both), ("audio", aud + both)):
+                if frac <= 0:
+                    raise ConfigError(f"fed.modality_fractions={list(self.fed.modality_fractions)} gives no client "
+                                      f"{m} data although data.modalities includes {m}: give {m}-only or both "
+                                      f"clients a positive fraction")
 
 
 def parse_args(argv):
@@ -72,33 +79,70 @@ def parse_args(argv):
 
 
 def resolve_config(args, overrides) -> tuple[PretrainConfig, dict | None]:
-    """The run's config; with --resume, the checkpoint's config plus allowed overrides."""
+    """The run's config and, with --resume, its newest good checkpoint (last.pt, else last.pt.prev).
+    --resume RUN_DIR: the checkpoint's config plus overrides. --resume alone: the given config (default
+    configs/default.yaml) plus overrides, which must match the checkpoint's in every key that cannot
+    change mid-run; with no checkpoint in run.out_dir yet, the run starts from scratch."""
     if not args.resume:
         return runtime.load_config(PretrainConfig, args.config or DEFAULT_CONFIG, overrides), None
     if args.resume is True:
-        base = runtime.load_config(PretrainConfig, args.config or DEFAULT_CONFIG, overrides)
-        run_dir = Path(base.run.out_dir)
+        cfg = runtime.load_config(PretrainConfig, args.config or DEFAULT_CONFIG, overrides)
+        found = runtime.load_latest_checkpoint(cfg.run.out_dir, warn=print)
+        if found is None:
+            print(f"--resume: no checkpoint in {cfg.run.out_dir} yet; starting the run from round 0")
+            return cfg, None
+        ckpt, _ = found
     else:
         run_dir = Path(args.resume)
-    ckpt_path = run_dir / "last.pt" if run_dir.is_dir() or not run_dir.suffix else run_dir
-    ckpt = runtime.load_checkpoint(ckpt_path)
-    stored = ckpt["config"]
-    new = yaml.safe_load(yaml.safe_dump(stored))
-    new["run"]["out_dir"] = str(ckpt_path.parent)  # the run continues where its checkpoint is
-    new = runtime.apply_overrides(new, overrides)
-    cfg = runtime.build_dataclass(PretrainConfig, new)
-    changed = [d for d in runtime.dict_diff(stored, runtime.to_dict(cfg))
-               if not d.startswith(RESUME_MUTABLE)]
+        found = runtime.load_latest_checkpoint(run_dir.parent if run_dir.is_file() else run_dir, warn=print)
+        if found is None:
+            raise runtime.CheckpointError(f"--resume {run_dir}: no last.pt or last.pt.prev there")
+        ckpt, path = found
+        new = yaml.safe_load(yaml.safe_dump(ckpt["config"]))
+        new["run"]["out_dir"] = str(path.parent)  # the run continues where its checkpoint is
+        cfg = runtime.build_dataclass(PretrainConfig, runtime.apply_overrides(new, overrides))
+    changed = [d for d in runtime.dict_diff(ckpt["config"], runtime.to_dict(cfg)) if not d.startswith(RESUME_MUTABLE)]
     if changed:
         raise ConfigError("--resume: the config differs from the checkpoint's in keys that cannot change mid-run: "
                           + "; ".join(changed) + f" (changeable: {', '.join(RESUME_MUTABLE)})")
     return cfg, ckpt
 
 
+def dry_run(cfg: PretrainConfig, data, clients, device) -> dict:
+    """Build the model and take one local SimCLR step on the first client holding each modality; write
+    nothing. Checks a config end to end in seconds (the paper-scale configs are tested this way)."""
+    model = build_model(cfg.model, {m: md.shape for m, md in data.items()}).to(device)
+    optimizer = make_optimizer(model, cfg.optim)
+    out = {}
+    for m in data:
+        cid = next(k for k, c in enumerate(clients) if m in c)
+        idx = {m: torch.as_tensor(clients[cid][m], device=device)}
+        g = runtime.make_generator(device, cfg.run.seed, "dry_run", m)
+        out.update(local_ssl_update(model, optimizer, runtime.make_scaler(device, cfg.run.amp), data, idx, cfg.data,
+                                    cfg.fed, cfg.optim, cfg.loss.tau, cfg.optim.peak_lr, g, cfg.run.amp, max_steps=1))
+    print(f"dry run ok: {cfg.model.arch}, {count_params(model) / 1e6:.2f}M params, inputs "
+          f"{({m: md.shape for m, md in data.items()})}, train samples {({m: len(md.train_x) for m, md in data.items()})}, "
+          f"one step: " + ", ".join(f"{k}={v:.3f}" for k, v in out.items() if k.startswith("loss")))
+    return out
+
+
+def check_clients(cfg: PretrainConfig, clients: list[dict]) -> None:
+    """Impossible federations, found once the data are partitioned."""
+    for m in cfg.data.modalities:
+        sizes = [len(c[m]) for c in clients if m in c]
+        if not sizes:
+            raise ConfigError(f"fed.modality_fractions={list(cfg.fed.modality_fractions)}: no client holds {m}")
+        bs = cfg.optim.batch_for(m)
+        if max(sizes) < bs:
+            key = "optim.batch_size_audio" if bs != cfg.optim.batch_size else "optim.batch_size"
+            raise ConfigError(f"{key}={bs} is larger than every client's {m} data "
+                              f"(the largest client holds {max(sizes)}): lower {key} or fed.clients")
+
+
 def make_clients(cfg: PretrainConfig, data) -> list[dict]:
     """The run's partition: client k's {modality: training indices}, a pure function of the config."""
     return partition(data, cfg.fed.clients, cfg.fed.partition, cfg.fed.alpha, cfg.fed.modality_fractions,
-                     runtime.derive_seed(cfg.run.seed, "partition"), cfg.fed.min_client_size)
+                     runtime.derive_seed(cfg.run.seed, "partition"), cfg.fed.min_client_size, cfg.fed.classes_per_client)
 
 
 def evaluate(model, data, cfg: PretrainConfig, device) -> dict:
@@ -108,7 +152,7 @@ def evaluate(model, data, cfg: PretrainConfig, device) -> dict:
 
 
 def train_one_round(r: int, model, optimizer, scaler, global_state, client_state, data, clients, eligible,
-                    cfg: PretrainConfig, device) -> tuple[dict, dict]:
+                    cfg: PretrainConfig, device, should_stop=None) -> tuple[dict, dict]:
     """Sample K clients, train each locally from the global weights, FedAvg. Returns the new global
     state and the round's metrics."""
     t0 = runtime.Timer()
@@ -123,7 +167,7 @@ def train_one_round(r: int, model, optimizer, scaler, global_state, client_state
         g = runtime.make_generator(device, cfg.run.seed, "client", r, cid)
         idx = {m: clients[cid][m] for m in data if m in clients[cid]}
         metrics = local_ssl_update(model, optimizer, scaler, data, idx, cfg.data, cfg.fed, cfg.optim,
-                                   cfg.loss.tau, lr, g, cfg.run.amp)
+                                   cfg.loss.tau, lr, g, cfg.run.amp, should_stop)
         return ClientUpdate(cid, model.state_dict(), {m: len(v) for m, v in idx.items()}, metrics)
 
     def keep_local(upd: ClientUpdate):
@@ -132,7 +176,7 @@ def train_one_round(r: int, model, optimizer, scaler, global_state, client_state
             client_state[upd.client] = local
 
     new_state, per_client, rejected = run_round(global_state, sampled, local_update, share, keep_local,
-                                                cfg.fed.weighting)
+                                                cfg.fed.weighting, make_aggregator(cfg.fed.aggregation, cfg.fed.trim_frac))
     out = {"round": r, "clients": sampled, "lr": lr}
     for m in data:
         vals = [c[f"loss_{m}"] for c in per_client if f"loss_{m}" in c]
@@ -165,11 +209,14 @@ def main(argv=None) -> dict:
     try:
         data = load_data(cfg.data, device, progress=progress)
         clients = make_clients(cfg, data)
+        check_clients(cfg, clients)
     except (DataError, ConfigError) as e:
         sys.exit(f"error: {e}")
     if args.show_partition:
         print(describe_partition(clients, data))
         return {}
+    if rc.dry_run:
+        return dry_run(cfg, data, clients, device)
     clients = [{m: torch.as_tensor(v, device=device) for m, v in c.items()} for c in clients]
     eligible = [k for k, c in enumerate(clients) if c]
 
@@ -214,32 +261,43 @@ def main(argv=None) -> dict:
             "config": runtime.to_dict(cfg), "rng": runtime.rng_state(), "evals": history,
             "input_shapes": {m: list(md.shape) for m, md in data.items()}, "env": env}, out_dir / "last.pt")
 
-    if start == 1:
-        model.load_state_dict(global_state)
-        ev = {"round": 0, **evaluate(model, data, cfg, device)}
-        history.append(ev)
-        log.write(ev)
-        print("random init: " + ", ".join(f"{k}={v:.2f}" for k, v in ev.items() if k != "round"))
-        checkpoint(0)
-
-    # the round loop
-    bar = tqdm(range(start, cfg.fed.rounds + 1), desc="rounds", disable=not progress, initial=start - 1,
-               total=cfg.fed.rounds)
-    for r in bar:
-        global_state, metrics = train_one_round(r, model, optimizer, scaler, global_state, client_state, data,
-                                                clients, eligible, cfg, device)
-        last = r == cfg.fed.rounds
-        if last or (rc.eval_every and r % rc.eval_every == 0):
+    stop = runtime.GracefulStop()
+    r = start
+    try:
+        if start == 1:
             model.load_state_dict(global_state)
-            ev = evaluate(model, data, cfg, device)
-            metrics.update(ev)
-            history.append({"round": r, **ev})
-        log.write(metrics)
-        checkpoint(r)
-        bar.set_postfix({k: f"{v:.3g}" for k, v in metrics.items() if k.startswith(("loss", "knn"))})
-        if not progress:
-            print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()
-                           if k != "clients"), flush=True)
+            ev = {"round": 0, **evaluate(model, data, cfg, device)}
+            history.append(ev)
+            log.write(ev)
+            print("random init: " + ", ".join(f"{k}={v:.2f}" for k, v in ev.items() if k != "round"))
+            checkpoint(0)
+        bar = tqdm(range(start, cfg.fed.rounds + 1), desc="rounds", disable=not progress, initial=start - 1,
+                   total=cfg.fed.rounds)
+        for r in bar:
+            if stop.requested:
+                raise Interrupted
+            global_state, metrics = train_one_round(r, model, optimizer, scaler, global_state, client_state, data,
+                                                    clients, eligible, cfg, device, lambda: stop.requested)
+            if r == cfg.fed.rounds or (rc.eval_every and r % rc.eval_every == 0):
+                model.load_state_dict(global_state)
+                ev = evaluate(model, data, cfg, device)
+                metrics.update(ev)
+                history.append({"round": r, **ev})
+            log.write(metrics)
+            checkpoint(r)
+            bar.set_postfix({k: f"{v:.3g}" for k, v in metrics.items() if k.startswith(("loss", "knn"))})
+            if not progress:
+                print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()
+                               if k != "clients"), flush=True)
+    except Interrupted:
+        name = signal.Signals(stop.signum).name
+        print(f"\n{name}: stopped during round {r}; {out_dir}/last.pt holds round {r - 1}, the last completed one. "
+              f"Resume with: python pretrain.py --resume {out_dir}", file=sys.stderr)
+        sys.exit(128 + stop.signum)
+    except runtime.CheckpointError as e:
+        sys.exit(f"error: {e}")
+    finally:
+        stop.restore()
 
     first, final = history[0], history[-1]
     summary = {m: (first.get(f"knn_{m}"), final.get(f"knn_{m}")) for m in data}

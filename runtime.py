@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -42,6 +43,7 @@ class RunConfig:
     eval_every: int = 5           # kNN monitor every this many rounds (0 = only at the start and end)
     compile: bool = False         # torch.compile the backbone (CUDA)
     progress: bool = True         # tqdm bars (hidden anyway when stderr is not a terminal)
+    dry_run: bool = False         # build data, partition and model, take one local step on one client, write nothing
 
     def __post_init__(self):
         check_choice("run.amp", self.amp, ("bf16", "fp16", "fp32"))
@@ -291,13 +293,37 @@ class CheckpointError(RuntimeError):
     pass
 
 
+def tensor_digest(obj) -> str:
+    """sha256 over every tensor's bytes in a nested dict/list (in key order), so a checkpoint whose
+    weights were corrupted on disk is detected even when it still unpickles."""
+    h = hashlib.sha256()
+
+    def walk(o):
+        if isinstance(o, torch.Tensor):
+            t = o.detach().cpu().contiguous()
+            h.update(str((t.dtype, tuple(t.shape))).encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        elif isinstance(o, dict):
+            for k in sorted(o, key=str):
+                if k != "sha256":
+                    h.update(str(k).encode())
+                    walk(o[k])
+        elif isinstance(o, (list, tuple)):
+            for x in o:
+                walk(x)
+    walk(obj)
+    return h.hexdigest()
+
+
 def save_checkpoint(obj: dict, path: str | os.PathLike, keep_previous: bool = True) -> None:
-    """Write atomically: temp file in the same directory, flush+fsync, then rename. The checkpoint
-    being replaced is kept as `<name>.prev` so a file corrupted later on disk has a fallback."""
+    """Write atomically: temp file in the same directory, flush + fsync, then rename (and fsync the
+    directory). The checkpoint being replaced is kept as `<name>.prev`, so a file found truncated or
+    corrupted later has a fallback. The tensors' sha256 is stored inside for that check."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        obj = {**obj, "sha256": tensor_digest(obj)}
         with open(tmp, "wb") as f:
             torch.save(obj, f)
             f.flush()
@@ -305,15 +331,23 @@ def save_checkpoint(obj: dict, path: str | os.PathLike, keep_previous: bool = Tr
         if keep_previous and path.exists():
             os.replace(path, path.with_name(path.name + ".prev"))
         os.replace(tmp, path)
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
         raise CheckpointError(f"could not write checkpoint {path}: {e.strerror or e}; "
                               f"the previous checkpoint (if any) is intact") from e
 
 
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
-    """Load with weights_only=True (tensors and primitives only); a clear error on a missing,
-    truncated or non-checkpoint file."""
+    """Load with weights_only=True (tensors and primitives only); a clear error naming the file when it
+    is missing, truncated, corrupted (checksum mismatch) or not a checkpoint of ours."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
@@ -326,7 +360,28 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
                               f"({type(e).__name__}: {why[:300]})") from e
     if not isinstance(obj, dict) or obj.get("format") != CKPT_FORMAT:
         raise CheckpointError(f"{path} is not an FSSUAVL checkpoint (format {CKPT_FORMAT})")
+    if "sha256" in obj and obj["sha256"] != tensor_digest(obj):
+        raise CheckpointError(f"checkpoint {path} is corrupted: its tensors do not match the stored sha256")
     return obj
+
+
+def load_latest_checkpoint(run_dir: str | os.PathLike, name: str = "last.pt", warn=print) -> tuple[dict, Path] | None:
+    """The newest good checkpoint of a run: `name`, or `name.prev` when `name` is missing, truncated or
+    corrupted (a warning names the bad file). None when the directory holds neither."""
+    run_dir = Path(run_dir)
+    candidates = [run_dir / name, run_dir / (name + ".prev")]
+    errors = []
+    for p in candidates:
+        if not p.exists():
+            continue
+        try:
+            return load_checkpoint(p), p
+        except CheckpointError as e:
+            errors.append(str(e))
+            warn(f"warning: {e}; trying the previous checkpoint")
+    if errors:
+        raise CheckpointError("no usable checkpoint in " + str(run_dir) + ": " + " | ".join(errors))
+    return None
 
 
 # ----------------------------------------------------------------------------- logging
@@ -363,12 +418,50 @@ class JsonlLog:
             f.flush()
 
     def truncate_after(self, round_idx: int) -> None:
-        """Drop lines of rounds after `round_idx` (a resumed run re-logs them)."""
+        """Drop lines of rounds after `round_idx` (a resumed run re-logs them) and any line cut short by
+        a kill, rewriting the file atomically."""
         if not self.path.exists():
             return
-        keep = [ln for ln in self.path.read_text().splitlines()
-                if ln.strip() and json.loads(ln).get("round", -1) <= round_idx]
-        self.path.write_text("".join(ln + "\n" for ln in keep))
+        keep = []
+        for ln in self.path.read_text().splitlines():
+            try:
+                rec = json.loads(ln)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(rec, dict) and rec.get("round", -1) <= round_idx:
+                keep.append(ln)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(ln + "\n" for ln in keep))
+        os.replace(tmp, self.path)
+
+
+class GracefulStop:
+    """While active, SIGINT and SIGTERM set a flag instead of killing the process, so the training loop
+    can finish its current step and leave a consistent run directory. A second signal acts as usual."""
+
+    def __init__(self, signals=(signal.SIGINT, signal.SIGTERM)):
+        self.signum: int | None = None
+        self._old = {}
+        try:
+            for s in signals:
+                self._old[s] = signal.signal(s, self._handle)
+        except ValueError:  # not the main thread: signals stay as they are
+            self._old = {}
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+        signal.signal(signum, self._old.get(signum, signal.SIG_DFL))
+        print(f"\n{signal.Signals(signum).name}: finishing the current step, then stopping "
+              f"(send it again to stop at once)", file=sys.stderr, flush=True)
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    def restore(self) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
+        self._old = {}
 
 
 class Timer:

@@ -110,3 +110,31 @@ def test_modality_weighting_ignores_untouched_keys():
     assert new["trunk.bn.num_batches_tracked_audio"].item() == 3
     plain, _, _ = run_round(g, [0, 1], updates.__getitem__, weighting="total")
     assert plain["stems.audio.w"].item() == pytest.approx(10 * 2 / 40)  # plain FedAvg dilutes it
+
+
+def test_coordinate_median_and_trimmed_mean_by_hand():
+    from federation import CoordinateRobust
+    vals = [[1.0, 10.0], [2.0, -5.0], [100.0, 0.0], [3.0, 1.0], [4.0, 2.0]]  # client 2 is an outlier in coord 0
+    states = [{"w": torch.tensor(v), "n": torch.tensor(i)} for i, v in enumerate(vals)]
+    med = CoordinateRobust("median")
+    for s in states:
+        med.add(s, 1.0)
+    out = med.result(states[0])
+    assert out["w"].tolist() == [3.0, 1.0] and out["n"].item() == 0  # sorted coords: [1,2,3,4,100], [-5,0,1,2,10]
+    even = CoordinateRobust("median")
+    for s in states[:4]:
+        even.add(s, 1.0)
+    assert even.result(states[0])["w"].tolist() == [2.5, 0.5]       # mean of the two middle values
+    tm = CoordinateRobust("trimmed_mean", trim_frac=0.2)             # cut 1 of 5 at each end
+    for s in states:
+        tm.add(s, 1.0)
+    assert torch.allclose(tm.result(states[0])["w"], torch.tensor([(2 + 3 + 4) / 3, (0 + 1 + 2) / 3]))
+
+
+def test_robust_round_resists_a_poisoned_client():
+    from federation import make_aggregator
+    g = {"w": torch.tensor([0.0]), "heads.shared.w": torch.tensor([0.0])}
+    upd = _dummy_update({0: 1.0, 1: 1.1, 2: 1e6})                  # client 2 sends a huge but finite update
+    fedavg_w = run_round(g, [0, 1, 2], upd)[0]["w"].item()
+    median_w = run_round(g, [0, 1, 2], upd, aggregator=make_aggregator("median"))[0]["w"].item()
+    assert fedavg_w > 1e5 and median_w == pytest.approx(1.1)
