@@ -77,10 +77,16 @@ class AudioAugConfig:
 
 @dataclass
 class DataConfig:
-    dataset: str = "avfashion"
+    dataset: str = "avfashion"        # avfashion | vggsound (paired) | IMAGE+AUDIO, e.g. cifar10+esc50 (see datasets.py)
     modalities: tuple[str, ...] = ("image", "audio")  # both = FSSUAVL; one = the separate-model baselines
-    root: Optional[str] = None        # dataset files; None = the dataset's default location
+    root: Optional[str] = None        # files of a paired dataset; None = its default location
+    image_root: Optional[str] = None  # files of the image dataset of IMAGE+AUDIO; None = $FSSUAVL_DATA/NAME or ~/data/NAME
+    audio_root: Optional[str] = None  # files of the audio dataset of IMAGE+AUDIO (fluidr3: the .sf2 soundfont)
     cache_dir: Optional[str] = None   # None = $FSSUAVL_CACHE or ~/.cache/fssuavl
+    download: bool = False            # fetch datasets torchvision can download (CIFAR, STL-10) when missing
+    image_size: int = 0               # decoded image side for folder/JPEG datasets (0 = the dataset's own, 64 otherwise)
+    test_fold: int = 1                # ESC-50 (1-5) / UrbanSound8K (1-10): the official fold held out for testing
+    max_bad_frac: float = 0.01        # stop when more than this fraction of files is unreadable or corrupt
     max_train_images: int = 0         # use the first N training images (0 = all); for short CPU runs
     # AV-Fashion build (the recipe: changing any of these builds a new cache entry)
     n_voices: int = 120
@@ -100,7 +106,9 @@ class DataConfig:
     audio_aug: AudioAugConfig = field(default_factory=AudioAugConfig)
 
     def __post_init__(self):
-        check_choice("data.dataset", self.dataset, tuple(DATASETS))
+        check_dataset_name(self.dataset)
+        check_range("data.max_bad_frac", self.max_bad_frac, lo=0.0, hi=1.0)
+        check_range("data.image_size", self.image_size, lo=0)
         if not self.modalities or set(self.modalities) - set(MODALITIES) or len(set(self.modalities)) != len(self.modalities):
             raise ConfigError(f"data.modalities={list(self.modalities)}: expected a non-empty subset of {list(MODALITIES)}")
         check_range("data.n_voices", self.n_voices, lo=2)
@@ -111,6 +119,16 @@ class DataConfig:
         check_range("data.max_train_images", self.max_train_images, lo=0)
         if self.hop_ms <= 0 or self.win_ms < self.hop_ms:
             raise ConfigError(f"data.win_ms={self.win_ms}, data.hop_ms={self.hop_ms}: need 0 < hop_ms <= win_ms")
+
+
+def check_dataset_name(name: str) -> None:
+    from datasets import AUDIO_DATASETS, IMAGE_DATASETS, PAIRED_DATASETS
+    if name in ("avfashion",) + PAIRED_DATASETS:
+        return
+    parts = name.split("+")
+    if len(parts) != 2 or parts[0] not in IMAGE_DATASETS or parts[1] not in AUDIO_DATASETS:
+        raise ConfigError(f"data.dataset={name!r}: expected avfashion, {', '.join(PAIRED_DATASETS)}, or IMAGE+AUDIO "
+                          f"with IMAGE in {', '.join(IMAGE_DATASETS)} and AUDIO in {', '.join(AUDIO_DATASETS)}")
 
 
 def _check_pair(key, pair, lo, hi):
@@ -337,8 +355,11 @@ class LogMel(torch.nn.Module):
         super().__init__()
         import torchaudio
         win = int(round(sample_rate * win_ms / 1000))
+        n_fft = win
+        if n_fft // 2 + 1 < 3 * n_mels:  # too few FFT bins leave the lowest mel filters empty: zero-pad
+            n_fft = 1 << (6 * n_mels - 1).bit_length()
         self.mel = torchaudio.transforms.MelSpectrogram(
-            sample_rate=sample_rate, n_fft=win, win_length=win, hop_length=int(round(sample_rate * hop_ms / 1000)),
+            sample_rate=sample_rate, n_fft=n_fft, win_length=win, hop_length=int(round(sample_rate * hop_ms / 1000)),
             n_mels=n_mels, power=2.0)
 
     def forward(self, wav: torch.Tensor) -> torch.Tensor:
@@ -389,12 +410,12 @@ def load_avfashion(cfg: DataConfig, device, progress: bool = True) -> dict[str, 
     return out
 
 
-DATASETS = {"avfashion": load_avfashion}
-
-
 def load_data(cfg: DataConfig, device, progress: bool = True) -> dict[str, ModalityData]:
     """The configured dataset as {modality: ModalityData} on `device`, for the configured modalities."""
-    return DATASETS[cfg.dataset](cfg, device, progress=progress)
+    if cfg.dataset == "avfashion":
+        return load_avfashion(cfg, device, progress=progress)
+    from datasets import load_named
+    return load_named(cfg, device, progress=progress)
 
 
 # ----------------------------------------------------------------------------- augmentations
@@ -559,6 +580,19 @@ def dirichlet_partition(labels: np.ndarray, n_clients: int, alpha: float, rng: n
                       f"in {max_tries} draws: raise fed.alpha or lower fed.clients")
 
 
+def pathological_partition(labels: np.ndarray, n_clients: int, k: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """McMahan et al.'s pathological non-IID split: sort by label, cut into n_clients * k shards, give
+    every client k random shards (so about k classes each)."""
+    labels = np.asarray(labels)
+    if n_clients * k > len(labels):
+        raise ConfigError(f"cannot cut {len(labels)} samples into {n_clients} x {k} shards: lower fed.clients "
+                          f"or fed.classes_per_client")
+    order = np.argsort(labels + rng.random(len(labels)) * 0.5, kind="stable")  # by label, shuffled inside
+    shards = np.array_split(order, n_clients * k)
+    perm = rng.permutation(len(shards))
+    return [np.sort(np.concatenate([shards[j] for j in perm[i * k:(i + 1) * k]])) for i in range(n_clients)]
+
+
 def group_partition(groups: np.ndarray, n_clients: int, rng: np.random.Generator) -> list[np.ndarray]:
     """Natural partition: whole groups (speakers, folds, kits) go to clients, as evenly as possible."""
     groups = np.asarray(groups)
@@ -590,10 +624,12 @@ def assign_modalities(n_clients: int, modalities: tuple[str, ...], fractions: tu
 
 
 def partition(data: dict[str, ModalityData], n_clients: int, scheme: str, alpha: float,
-              fractions: tuple[float, float, float], seed: int, min_size: int = 2) -> list[dict[str, np.ndarray]]:
+              fractions: tuple[float, float, float], seed: int, min_size: int = 2,
+              classes_per_client: int = 2) -> list[dict[str, np.ndarray]]:
     """Client k's data: {modality: indices into data[modality].train_x}. Each modality is split only
     over the clients that hold it; unpaired by construction (image and audio indices are independent).
-    scheme: iid | dirichlet | speaker (audio by speaker/group, images by Dirichlet)."""
+    scheme: iid | dirichlet | pathological (k classes per client) | natural (whole speakers/folds/kits
+    per client where the data has such ids, Dirichlet otherwise)."""
     rng = np.random.default_rng(seed)
     holds = assign_modalities(n_clients, tuple(data), fractions, rng)
     clients = [dict() for _ in range(n_clients)]
@@ -602,8 +638,10 @@ def partition(data: dict[str, ModalityData], n_clients: int, scheme: str, alpha:
         labels = md.train_y.cpu().numpy()
         if scheme == "iid":
             parts = iid_partition(len(labels), len(owners), rng)
-        elif scheme == "speaker" and md.train_group is not None:
+        elif scheme == "natural" and md.train_group is not None:
             parts = group_partition(md.train_group.cpu().numpy(), len(owners), rng)
+        elif scheme == "pathological":
+            parts = pathological_partition(labels, len(owners), classes_per_client, rng)
         else:
             parts = dirichlet_partition(labels, len(owners), alpha, rng, min_size)
         for k, idx in zip(owners, parts):

@@ -14,9 +14,11 @@ import argparse
 import copy
 import json
 import math
+import shutil
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -30,13 +32,14 @@ from runtime import CheckpointError, ConfigError, RunConfig, autocast
 
 BACKBONE_PREFIXES = ("stems.", "trunk.")   # what downstream tasks take from a checkpoint
 IGNORED_PREFIXES = ("heads.",)             # present in a checkpoint, not used downstream
-TASKS = ("image", "audio", "paired")
+TASKS = ("image", "audio", "paired", "fluidr3")
 PROTOCOLS = ("linear", "knn", "finetune")
 
 
 @dataclass
 class EvalConfig:
-    tasks: tuple[str, ...] = TASKS                 # those the model's modalities allow are run
+    tasks: tuple[str, ...] = TASKS                 # those the model's modalities allow are run; fluidr3 = out-of-domain audio
+    fluidr3_sf2: Optional[str] = None              # soundfont for the fluidr3 task (None: the Debian FluidR3_GM.sf2)
     protocols: tuple[str, ...] = ("linear", "knn")
     label_fractions: tuple[float, ...] = (0.01, 0.1, 1.0)  # labelled fraction of the downstream training set
     max_train_images: int = 0        # downstream image training set size (0 = all, whatever pretraining used)
@@ -249,6 +252,19 @@ def load_backbone(ckpt_path, random_init: bool = False, seed: int = 0, device="c
 
 # ----------------------------------------------------------------------------- the evaluation
 
+def fluidr3_data(cfg: FinetuneConfig, device, log=print) -> Optional[ModalityData]:
+    """The out-of-domain audio task: GM instrument notes rendered from the FluidR3 soundfont (16
+    families, unseen instruments in the test split), through the pretraining's audio front-end."""
+    from datasets import FLUIDR3_SF2, load_named
+    sf2 = cfg.eval.fluidr3_sf2 or FLUIDR3_SF2
+    if not Path(sf2).is_file() or not shutil.which("fluidsynth"):
+        log(f"skipping the fluidr3 task: needs fluidsynth and {sf2} (sudo apt-get install fluidsynth fluid-soundfont-gm)")
+        return None
+    dc = replace(cfg.data, dataset="cifar10+fluidr3", modalities=("audio",), audio_root=sf2, clip_seconds=1.0,
+                 max_train_images=0)
+    return load_named(dc, device)["audio"]
+
+
 def evaluate(model, data: dict[str, ModalityData], cfg: FinetuneConfig, device, log=print) -> list[dict]:
     """Every configured task x protocol x label fraction the model's modalities allow. Each row:
     task, features (image | audio | fused), protocol, label_frac, acc (%), n_train, n_test."""
@@ -258,13 +274,23 @@ def evaluate(model, data: dict[str, ModalityData], cfg: FinetuneConfig, device, 
         tr, ytr = extract_features(model, md, "train", m, normalize=False, amp=cfg.run.amp)
         te, yte = extract_features(model, md, "test", m, normalize=False, amp=cfg.run.amp)
         feats[m] = (tr, ytr, te, yte)
+    sets = {m: (m, *feats[m]) for m in data if m in ec.tasks}
+    if "fluidr3" in ec.tasks and "audio" in data:
+        ood = fluidr3_data(cfg, device, log)
+        if ood is not None:
+            data = {**data, "fluidr3": ood}
+            sets["fluidr3"] = ("fluidr3", *extract_features(model, ood, "train", "audio", normalize=False, amp=cfg.run.amp),
+                               *extract_features(model, ood, "test", "audio", normalize=False, amp=cfg.run.amp))
 
     # paired task: class-name clips (labels 0..9 of the audio vocabulary) paired with images by class
-    sets = {m: (m, *feats[m]) for m in data if m in ec.tasks}
     if "paired" in ec.tasks and {"image", "audio"} <= set(data):
         itr, iytr, ite, iyte = feats["image"]
         atr, aytr, ate, ayte = feats["audio"]
-        ptr, pte = make_pairs(iytr, aytr, seed), make_pairs(iyte, ayte, seed + 1)
+        from datasets import PAIRED_DATASETS
+        if cfg.data.dataset in PAIRED_DATASETS:  # real pairs: image i and clip i come from one video
+            ptr, pte = torch.arange(len(iytr), device=iytr.device), torch.arange(len(iyte), device=iyte.device)
+        else:  # AV-Fashion: each image with a clip of its spoken class name
+            ptr, pte = make_pairs(iytr, aytr, seed), make_pairs(iyte, ayte, seed + 1)
         if (ptr < 0).any() or (pte < 0).any():
             raise DataError("paired task: some image classes have no spoken clip of their class name")
         sets["paired/image"] = ("paired", itr, iytr, ite, iyte)
@@ -290,8 +316,10 @@ def evaluate(model, data: dict[str, ModalityData], cfg: FinetuneConfig, device, 
                 else:
                     if task == "paired":
                         continue  # fine-tuning is defined for the single-modality tasks
-                    acc = finetune_model(model, data[feat_kind], feat_kind, sub, cfg.data, ec, seed, cfg.run.amp)
-                rows.append({"task": task, "features": feat_kind, "protocol": proto, "label_frac": frac,
+                    md_m = "audio" if feat_kind == "fluidr3" else feat_kind
+                    acc = finetune_model(model, data[feat_kind], md_m, sub, cfg.data, ec, seed, cfg.run.amp)
+                rows.append({"task": task, "features": "audio" if feat_kind == "fluidr3" else feat_kind,
+                             "protocol": proto, "label_frac": frac,
                              "acc": round(acc, 3), "n_train": len(sub), "n_test": len(yte)})
                 log(f"{task:7s} {feat_kind:6s} {proto:8s} {frac:>5.0%} labels: {acc:6.2f}%")
     return rows

@@ -6,12 +6,12 @@
 #   bash setup.sh env                  set up only; print the environment's python
 # The virtual environment lives outside the clone, under ${XDG_CACHE_HOME:-~/.cache}/fssuavl/, keyed by
 # the hash of requirements.txt and the Python version, and is reused while both are unchanged.
-# Debian packages for the default data are installed with apt-get when running as root; otherwise the
+# Debian packages for the default data (and the FluidR3 out-of-domain task) are installed with apt-get when running as root; otherwise the
 # exact sudo command is printed.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 
-APT_PACKAGES=(espeak-ng dataset-fashion-mnist)
+APT_PACKAGES=(espeak-ng dataset-fashion-mnist fluidsynth fluid-soundfont-gm)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

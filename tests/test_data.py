@@ -121,7 +121,7 @@ def _fake_data(n_img=200, n_aud=120):
     return {"image": img, "audio": aud}
 
 
-@pytest.mark.parametrize("scheme", ["iid", "dirichlet", "speaker"])
+@pytest.mark.parametrize("scheme", ["iid", "dirichlet", "natural", "pathological"])
 def test_partition_per_modality(scheme):
     data = _fake_data()
     clients = partition(data, 10, scheme, 0.5, (0.4, 0.4, 0.2), seed=3)

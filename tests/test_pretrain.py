@@ -79,3 +79,11 @@ def test_bad_cli_input_is_one_clear_line(tmp_path):
         pretrain.main(["configs/smoke.yaml", "--fed.rounds=x"])
     with pytest.raises(SystemExit, match="fed.clients_per_round=3 is larger"):
         pretrain.main(["configs/smoke.yaml", "--fed.clients_per_round=3"])
+
+
+def test_show_partition_prints_counts(tmp_path, cache_dir, capsys):
+    pretrain.main(["configs/smoke.yaml", f"--data.cache_dir={cache_dir}", *TINY_DATA, "--show-partition",
+                   "--fed.partition=natural"])
+    out = capsys.readouterr().out
+    assert "image: client | n | per-class counts (10 classes)" in out and "audio: client" in out
+    assert not (tmp_path / "run").exists()

@@ -1,0 +1,591 @@
+"""Paper-scale datasets read from files on disk, in their official formats and splits.
+
+    images: cifar10, cifar100 (python pickle batches), stl10 (binary), tinyimagenet (tiny-imagenet-200 folder,
+            val_annotations.txt), imagefolder (root/train/CLASS/*, root/val|test/CLASS/*)
+    audio:  esc50 (meta/esc50.csv, official 5 folds), speechcommands (v2, official validation/testing lists),
+            urbansound8k (metadata/UrbanSound8K.csv, 10 folds), audiofolder (labels.csv: file,label[,split][,group]),
+            fluidr3 (instrument notes rendered offline from the Debian FluidR3 GM soundfont)
+    paired: vggsound (vggsound.csv + frames/CLIP.jpg + audio/CLIP.wav|flac)
+
+A config names one image and one audio dataset as `data.dataset: cifar10+esc50` (roots in data.image_root /
+data.audio_root), or a paired one (`vggsound`, `avfashion`) with data.root. Files are decoded once into a
+versioned cache (uint8 images, int16 waveforms at the configured rate and length), so runs never re-decode.
+Unreadable, empty or NaN audio and corrupt images are skipped with a warning naming the file and a count
+at the end; above data.max_bad_frac the load stops with an error. `python datasets.py NAME ROOT` loads one
+dataset and prints what it holds.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+import tempfile
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from data import DataConfig, DataError, ModalityData, cache_root, waveforms_to_logmel
+
+CACHE_VERSION = 1
+IMAGE_DATASETS = ("cifar10", "cifar100", "stl10", "tinyimagenet", "imagefolder")
+AUDIO_DATASETS = ("esc50", "speechcommands", "urbansound8k", "audiofolder", "fluidr3")
+PAIRED_DATASETS = ("vggsound",)
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+AUDIO_EXTS = (".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif")
+FLUIDR3_SF2 = "/usr/share/sounds/sf2/FluidR3_GM.sf2"
+GM_FAMILIES = ["piano", "chromatic percussion", "organ", "guitar", "bass", "strings", "ensemble", "brass", "reed",
+               "pipe", "synth lead", "synth pad", "synth effects", "ethnic", "percussive", "sound effects"]
+
+LAYOUTS = {
+    "cifar10": "cifar-10-batches-py/{data_batch_1..5, test_batch, batches.meta} (or those files directly in the root)",
+    "cifar100": "cifar-100-python/{train, test, meta} (or those files directly in the root)",
+    "stl10": "stl10_binary/{train_X.bin, train_y.bin, test_X.bin, test_y.bin, class_names.txt}",
+    "tinyimagenet": "tiny-imagenet-200/{wnids.txt, words.txt, train/WNID/images/*.JPEG, val/val_annotations.txt, val/images/*.JPEG}",
+    "imagefolder": "train/CLASS/*.jpg|png... and val/CLASS/... (or test/CLASS/...)",
+    "esc50": "meta/esc50.csv and audio/*.wav (the ESC-50 repository layout)",
+    "speechcommands": "WORD/*.wav folders, validation_list.txt and testing_list.txt (speech_commands_v0.02)",
+    "urbansound8k": "metadata/UrbanSound8K.csv and audio/fold1..fold10/*.wav",
+    "audiofolder": "labels.csv with columns file,label (optional split=train|test, group) and the files it names",
+    "fluidr3": f"a General MIDI .sf2 soundfont (default {FLUIDR3_SF2}, Debian package fluid-soundfont-gm) and fluidsynth",
+    "vggsound": "vggsound.csv (youtube_id,start_seconds,label,split; no header), frames/ID_START.jpg, audio/ID_START.wav|flac",
+}
+
+
+def default_root(name: str) -> Path:
+    if name == "fluidr3":
+        return Path(FLUIDR3_SF2)
+    return Path(os.environ.get("FSSUAVL_DATA", Path.home() / "data")) / name
+
+
+def missing(name: str, root: Path, what: str) -> DataError:
+    return DataError(f"{name}: {what} not found under {root}. Expected layout: {LAYOUTS[name]}. "
+                     f"Point data.image_root / data.audio_root (or data.root) at the dataset.")
+
+
+# ----------------------------------------------------------------------------- bad files
+
+@dataclass
+class BadFiles:
+    """Files skipped while decoding: warned one by one (the first few), counted, and fatal above a fraction."""
+    name: str
+    max_frac: float
+    bad: list[tuple[str, str]] = field(default_factory=list)
+    notes: dict[str, int] = field(default_factory=dict)
+
+    def skip(self, path, reason: str) -> None:
+        self.bad.append((str(path), reason))
+        if len(self.bad) <= 10:
+            warnings.warn(f"{self.name}: skipping {path}: {reason}", stacklevel=2)
+
+    def note(self, text: str) -> None:
+        self.notes[text] = self.notes.get(text, 0) + 1
+
+    def finish(self, total: int) -> None:
+        for text, n in self.notes.items():
+            print(f"{self.name}: {n} file(s) {text}")
+        if self.bad:
+            print(f"{self.name}: skipped {len(self.bad)} of {total} files (unreadable, empty or corrupt)")
+        if total and len(self.bad) / total > self.max_frac:
+            raise DataError(f"{self.name}: {len(self.bad)} of {total} files are unreadable or corrupt "
+                            f"(more than data.max_bad_frac={self.max_frac}); first: {self.bad[0][0]} ({self.bad[0][1]})")
+
+
+# ----------------------------------------------------------------------------- file I/O
+
+def read_audio(path, sample_rate: int, length: int, bad: BadFiles) -> Optional[np.ndarray]:
+    """One audio file -> int16 mono (length,) at sample_rate, centred (padded or cropped); None when the
+    file is unreadable, empty or holds NaN/Inf samples (recorded in `bad`). Another rate is resampled."""
+    import soundfile as sf
+    try:
+        x, rate = sf.read(str(path), dtype="float32", always_2d=True)
+    except Exception as e:  # noqa: BLE001 - libsndfile raises several types for broken files
+        bad.skip(path, f"unreadable ({type(e).__name__}: {str(e)[:120]})")
+        return None
+    if x.size == 0:
+        bad.skip(path, "empty (no samples)")
+        return None
+    if not np.isfinite(x).all():
+        bad.skip(path, "NaN/Inf samples")
+        return None
+    x = x.mean(axis=1)
+    if rate != sample_rate:
+        import torchaudio.functional as AF
+        x = AF.resample(torch.from_numpy(x), rate, sample_rate).numpy()
+        bad.note(f"resampled from {rate} Hz to {sample_rate} Hz")
+    out = np.zeros(length, dtype=np.float32)
+    if len(x) >= length:
+        s = (len(x) - length) // 2
+        out[:] = x[s:s + length]
+    else:
+        s = (length - len(x)) // 2
+        out[s:s + len(x)] = x
+    return (np.clip(out, -1.0, 1.0) * 32767).round().astype(np.int16)
+
+
+def read_image(path, size: int, bad: BadFiles) -> Optional[np.ndarray]:
+    """One image file -> uint8 (3, size, size) RGB: grayscale, palette, CMYK and RGBA are converted
+    (noted), other sizes resized on the shorter side and centre-cropped; None when corrupt."""
+    from PIL import Image
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.mode != "RGB":
+                bad.note(f"converted from {im.mode} to RGB")
+                im = im.convert("RGB")
+            if im.size != (size, size):
+                w, h = im.size
+                s = size / min(w, h)
+                im = im.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BICUBIC)
+                w, h = im.size
+                left, top = (w - size) // 2, (h - size) // 2
+                im = im.crop((left, top, left + size, top + size))
+            return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1).copy()
+    except Exception as e:  # noqa: BLE001 - PIL raises many types for broken files
+        bad.skip(path, f"corrupt image ({type(e).__name__}: {str(e)[:120]})")
+        return None
+
+
+def decode_all(fn: Callable, items: list, workers: int = 0) -> list:
+    workers = workers or min(8, os.cpu_count() or 2)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(fn, items))
+
+
+# ----------------------------------------------------------------------------- image datasets
+# each returns dict(train_x (N,3,H,W) uint8, train_y, test_x, test_y, classes)
+
+def _unpickle(path: Path) -> dict:
+    with open(path, "rb") as f:
+        return pickle.load(f, encoding="bytes")  # the official CIFAR format is a Python pickle
+
+
+def read_cifar(root: Path, n_classes: int, cfg: DataConfig, bad: BadFiles) -> dict:
+    name = "cifar10" if n_classes == 10 else "cifar100"
+    sub = "cifar-10-batches-py" if n_classes == 10 else "cifar-100-python"
+    base = root / sub if (root / sub).is_dir() else root
+    if n_classes == 10:
+        train_files, test_files = [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"]
+        label_key, meta_file, names_key = b"labels", "batches.meta", b"label_names"
+    else:
+        train_files, test_files = ["train"], ["test"]
+        label_key, meta_file, names_key = b"fine_labels", "meta", b"fine_label_names"
+    for f in train_files + test_files + [meta_file]:
+        if not (base / f).is_file():
+            raise missing(name, root, f)
+
+    def load(files):
+        xs, ys = [], []
+        for f in files:
+            d = _unpickle(base / f)
+            xs.append(np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+            ys.append(np.asarray(d[label_key], dtype=np.int64))
+        return np.concatenate(xs), np.concatenate(ys)
+    tx, ty = load(train_files)
+    ex, ey = load(test_files)
+    classes = [c.decode() for c in _unpickle(base / meta_file)[names_key]]
+    return {"train_x": tx, "train_y": ty, "test_x": ex, "test_y": ey, "classes": classes}
+
+
+def read_stl10(root: Path, cfg: DataConfig, bad: BadFiles) -> dict:
+    base = root / "stl10_binary" if (root / "stl10_binary").is_dir() else root
+    out = {}
+    for split in ("train", "test"):
+        xf, yf = base / f"{split}_X.bin", base / f"{split}_y.bin"
+        if not xf.is_file() or not yf.is_file():
+            raise missing("stl10", root, f"{split}_X.bin / {split}_y.bin")
+        x = np.fromfile(xf, dtype=np.uint8)
+        if x.size % (3 * 96 * 96):
+            raise DataError(f"stl10: {xf} has {x.size} bytes, not a multiple of 3x96x96 (truncated?)")
+        out[f"{split}_x"] = x.reshape(-1, 3, 96, 96).transpose(0, 1, 3, 2).copy()  # stored column-major
+        out[f"{split}_y"] = np.fromfile(yf, dtype=np.uint8).astype(np.int64) - 1  # labels are 1..10
+        if len(out[f"{split}_y"]) != len(out[f"{split}_x"]):
+            raise DataError(f"stl10: {xf} holds {len(out[f'{split}_x'])} images but {yf} {len(out[f'{split}_y'])} labels")
+    names = base / "class_names.txt"
+    out["classes"] = names.read_text().split() if names.is_file() else [str(i) for i in range(10)]
+    return out
+
+
+def _decode_images(paths: list[Path], size: int, bad: BadFiles) -> tuple[np.ndarray, np.ndarray]:
+    imgs = decode_all(lambda p: read_image(p, size, bad), paths)
+    keep = np.array([im is not None for im in imgs], dtype=bool)
+    x = np.stack([im for im in imgs if im is not None]) if keep.any() else np.zeros((0, 3, size, size), np.uint8)
+    return x, keep
+
+
+def read_tinyimagenet(root: Path, cfg: DataConfig, bad: BadFiles) -> dict:
+    base = root / "tiny-imagenet-200" if (root / "tiny-imagenet-200").is_dir() else root
+    if not (base / "wnids.txt").is_file():
+        raise missing("tinyimagenet", root, "wnids.txt")
+    wnids = (base / "wnids.txt").read_text().split()
+    index = {w: i for i, w in enumerate(wnids)}
+    words = {}
+    if (base / "words.txt").is_file():
+        for ln in (base / "words.txt").read_text().splitlines():
+            if "\t" in ln:
+                w, names = ln.split("\t", 1)
+                words[w] = names.split(",")[0].strip()
+    train = [(p, index[w]) for w in wnids for p in sorted((base / "train" / w / "images").glob("*"))
+             if p.suffix.lower() in IMAGE_EXTS]
+    ann = base / "val" / "val_annotations.txt"
+    if not ann.is_file():
+        raise missing("tinyimagenet", root, "val/val_annotations.txt")
+    val = []
+    for ln in ann.read_text().splitlines():
+        parts = ln.split("\t")
+        if len(parts) >= 2 and parts[1] in index:
+            val.append((base / "val" / "images" / parts[0], index[parts[1]]))
+    if not train:
+        raise missing("tinyimagenet", root, "train/WNID/images/*.JPEG")
+    size = cfg.image_size or 64
+    tx, tk = _decode_images([p for p, _ in train], size, bad)
+    ex, ek = _decode_images([p for p, _ in val], size, bad)
+    return {"train_x": tx, "train_y": np.array([y for _, y in train])[tk], "test_x": ex,
+            "test_y": np.array([y for _, y in val], dtype=np.int64)[ek], "classes": [words.get(w, w) for w in wnids]}
+
+
+def read_imagefolder(root: Path, cfg: DataConfig, bad: BadFiles) -> dict:
+    test_dir = next((root / d for d in ("val", "test") if (root / d).is_dir()), None)
+    if not (root / "train").is_dir() or test_dir is None:
+        raise missing("imagefolder", root, "train/ and val/ (or test/) folders")
+    classes = sorted(d.name for d in (root / "train").iterdir() if d.is_dir())
+    index = {c: i for i, c in enumerate(classes)}
+
+    def listing(d):
+        return [(p, index[c.name]) for c in sorted(d.iterdir()) if c.is_dir() and c.name in index
+                for p in sorted(c.rglob("*")) if p.suffix.lower() in IMAGE_EXTS]
+    train, test = listing(root / "train"), listing(test_dir)
+    size = cfg.image_size or 64
+    tx, tk = _decode_images([p for p, _ in train], size, bad)
+    ex, ek = _decode_images([p for p, _ in test], size, bad)
+    return {"train_x": tx, "train_y": np.array([y for _, y in train], dtype=np.int64)[tk], "test_x": ex,
+            "test_y": np.array([y for _, y in test], dtype=np.int64)[ek], "classes": classes}
+
+
+# ----------------------------------------------------------------------------- audio datasets
+# each returns a list of (path, label, group, is_test) and the class names; decoding is shared
+
+def list_esc50(root: Path, cfg: DataConfig):
+    meta = root / "meta" / "esc50.csv"
+    if not meta.is_file():
+        raise missing("esc50", root, "meta/esc50.csv")
+    rows = list(csv.DictReader(open(meta, newline="")))
+    if cfg.test_fold not in {int(r["fold"]) for r in rows}:
+        raise DataError(f"esc50: data.test_fold={cfg.test_fold} is not one of the official folds 1-5")
+    names = {int(r["target"]): r["category"] for r in rows}
+    items = [(root / "audio" / r["filename"], int(r["target"]), r.get("src_file", r["filename"]),
+              int(r["fold"]) == cfg.test_fold) for r in rows]
+    return items, [names[i] for i in sorted(names)]
+
+
+def list_speechcommands(root: Path, cfg: DataConfig):
+    for f in ("validation_list.txt", "testing_list.txt"):
+        if not (root / f).is_file():
+            raise missing("speechcommands", root, f)
+    test = set((root / "testing_list.txt").read_text().split())
+    val = set((root / "validation_list.txt").read_text().split())
+    words = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("_"))
+    items = []
+    for i, w in enumerate(words):
+        for p in sorted((root / w).glob("*.wav")):
+            rel = f"{w}/{p.name}"
+            if rel in val:
+                continue  # the official validation split is neither pretraining nor test data
+            items.append((p, i, p.name.split("_nohash_")[0], rel in test))
+    return items, words
+
+
+def list_urbansound8k(root: Path, cfg: DataConfig):
+    meta = root / "metadata" / "UrbanSound8K.csv"
+    if not meta.is_file():
+        raise missing("urbansound8k", root, "metadata/UrbanSound8K.csv")
+    rows = list(csv.DictReader(open(meta, newline="")))
+    if not 1 <= cfg.test_fold <= 10:
+        raise DataError(f"urbansound8k: data.test_fold={cfg.test_fold} is not one of the official folds 1-10")
+    names = {int(r["classID"]): r["class"] for r in rows}
+    items = [(root / "audio" / f"fold{r['fold']}" / r["slice_file_name"], int(r["classID"]), r["fsID"],
+              int(r["fold"]) == cfg.test_fold) for r in rows]
+    return items, [names[i] for i in sorted(names)]
+
+
+def list_audiofolder(root: Path, cfg: DataConfig):
+    meta = root / "labels.csv"
+    if not meta.is_file():
+        raise missing("audiofolder", root, "labels.csv")
+    rows = list(csv.DictReader(open(meta, newline="")))
+    if not rows or not {"file", "label"} <= set(rows[0]):
+        raise DataError(f"audiofolder: {meta} needs a header with at least the columns file,label")
+    classes = sorted({r["label"] for r in rows})
+    index = {c: i for i, c in enumerate(classes)}
+    rng = np.random.default_rng(cfg.build_seed)
+    items = []
+    for r in rows:
+        is_test = r["split"].strip().lower() == "test" if "split" in r and r["split"] else rng.random() < 0.2
+        items.append((root / r["file"], index[r["label"]], r.get("group") or r["file"], is_test))
+    return items, classes
+
+
+def write_midi(path: Path, program: int, notes: list[tuple[int, int]], spacing_s: float, dur_s: float) -> None:
+    """A format-0 Standard MIDI File: one program change, then each (pitch, velocity) as a note of
+    dur_s seconds every spacing_s seconds (480 ticks per quarter at 120 bpm: 960 ticks per second)."""
+    def vlq(n):
+        out = [n & 0x7F]
+        n >>= 7
+        while n:
+            out.append((n & 0x7F) | 0x80)
+            n >>= 7
+        return bytes(reversed(out))
+    on, off = int(dur_s * 960), int((spacing_s - dur_s) * 960)
+    ev = bytearray(vlq(0) + bytes([0xC0, program]))
+    for i, (pitch, vel) in enumerate(notes):
+        ev += vlq(0 if i == 0 else off) + bytes([0x90, pitch, vel])
+        ev += vlq(on) + bytes([0x80, pitch, 0])
+    ev += vlq(int(spacing_s * 960)) + bytes([0xFF, 0x2F, 0x00])
+    path.write_bytes(b"MThd" + (6).to_bytes(4, "big") + (0).to_bytes(2, "big") + (1).to_bytes(2, "big")
+                     + (480).to_bytes(2, "big") + b"MTrk" + len(ev).to_bytes(4, "big") + bytes(ev))
+
+
+FLUIDR3_PITCHES = (40, 48, 55, 62, 69, 76)
+FLUIDR3_VELOCITIES = (40, 60, 80, 100, 120)
+
+
+def render_fluidr3(sf2: Path, cfg: DataConfig, bad: BadFiles, programs=range(128)) -> dict:
+    """Instrument notes of the General MIDI soundfont rendered by fluidsynth: every program x 6 pitches x
+    5 velocities, one second each (0.8 s note + release), labelled by GM family (program // 8, 16 classes).
+    The 8th program of every family is held out as the test set (unseen instruments)."""
+    exe = shutil.which("fluidsynth")
+    if exe is None:
+        raise DataError("fluidr3: fluidsynth not found: sudo apt-get install fluidsynth fluid-soundfont-gm")
+    if not Path(sf2).is_file():
+        raise missing("fluidr3", Path(sf2), "the soundfont file")
+    notes = [(p, v) for p in FLUIDR3_PITCHES for v in FLUIDR3_VELOCITIES]
+    sr, length, spacing = cfg.sample_rate, int(cfg.sample_rate * 1.0), 1.5
+
+    def render(program):
+        with tempfile.TemporaryDirectory() as d:
+            mid, wav = Path(d) / "n.mid", Path(d) / "n.wav"
+            write_midi(mid, program, notes, spacing, 0.8)
+            res = subprocess.run([exe, "-ni", "-q", "-R", "0", "-C", "0", "-g", "0.6", "-r", str(sr), "-F", str(wav),
+                                  str(sf2), str(mid)], capture_output=True, timeout=300)
+            if res.returncode != 0 or not wav.is_file():
+                raise DataError(f"fluidsynth failed for program {program}: {res.stderr.decode()[-300:]}")
+            import soundfile as sf
+            x, rate = sf.read(str(wav), dtype="float32", always_2d=True)
+        if rate != sr:
+            raise DataError(f"fluidsynth rendered {rate} Hz instead of {sr} Hz")
+        hop = int(spacing * sr)  # note i starts at i * hop: slice from the start, no centring
+        x = np.pad(x.mean(axis=1), (0, max(0, hop * len(notes) + length - len(x))))
+        return [(np.clip(x[i * hop: i * hop + length], -1, 1) * 32767).round().astype(np.int16)
+                for i in range(len(notes))]
+    clips = decode_all(render, list(programs), workers=os.cpu_count() or 2)
+    xs, ys, groups, test = [], [], [], []
+    for program, cs in zip(programs, clips):
+        for c in cs:
+            if np.abs(c).max() < 30:  # ~ -60 dBFS: this program is silent at this pitch
+                bad.note("silent notes dropped")
+                continue
+            xs.append(c)
+            ys.append(program // 8)
+            groups.append(program)
+            test.append(program % 8 == 7)
+    xs, ys, groups, test = np.stack(xs), np.array(ys), np.array(groups), np.array(test)
+    return {"train_x": xs[~test], "train_y": ys[~test], "train_group": groups[~test], "test_x": xs[test],
+            "test_y": ys[test], "test_group": groups[test], "classes": list(GM_FAMILIES)}
+
+
+AUDIO_LISTERS = {"esc50": list_esc50, "speechcommands": list_speechcommands, "urbansound8k": list_urbansound8k,
+                 "audiofolder": list_audiofolder}
+
+
+def read_audio_dataset(name: str, root: Path, cfg: DataConfig, bad: BadFiles) -> dict:
+    if name == "fluidr3":
+        return render_fluidr3(root, cfg, bad)
+    if not root.exists():
+        raise missing(name, root, "the dataset folder")
+    items, classes = AUDIO_LISTERS[name](root, cfg)
+    if not items:
+        raise missing(name, root, "audio files")
+    length = int(round(cfg.clip_seconds * cfg.sample_rate))
+    wavs = decode_all(lambda it: read_audio(it[0], cfg.sample_rate, length, bad), items)
+    keep = [w is not None for w in wavs]
+    kept = [(w, it) for w, it, k in zip(wavs, items, keep) if k]
+    if not kept:
+        raise DataError(f"{name}: none of the {len(items)} audio files under {root} could be read")
+    x = np.stack([w for w, _ in kept])
+    y = np.array([it[1] for _, it in kept], dtype=np.int64)
+    gnames = {g: i for i, g in enumerate(sorted({str(it[2]) for _, it in kept}))}
+    grp = np.array([gnames[str(it[2])] for _, it in kept], dtype=np.int64)
+    te = np.array([it[3] for _, it in kept], dtype=bool)
+    bad.finish(len(items))
+    return {"train_x": x[~te], "train_y": y[~te], "train_group": grp[~te], "test_x": x[te], "test_y": y[te],
+            "test_group": grp[te], "classes": classes}
+
+
+IMAGE_READERS = {"cifar10": lambda r, c, b: read_cifar(r, 10, c, b), "cifar100": lambda r, c, b: read_cifar(r, 100, c, b),
+                 "stl10": read_stl10, "tinyimagenet": read_tinyimagenet, "imagefolder": read_imagefolder}
+
+
+def read_vggsound(root: Path, cfg: DataConfig, bad: BadFiles) -> tuple[dict, dict]:
+    """VGGSound layout: vggsound.csv rows (youtube_id, start_seconds, label, split) without a header; clip
+    id YTID_START (start zero-padded to 6 digits); frames/ID.jpg and audio/ID.wav|flac. A clip missing
+    either file, or with a corrupt one, is skipped; image and audio arrays stay aligned clip by clip."""
+    meta = root / "vggsound.csv"
+    if not meta.is_file():
+        raise missing("vggsound", root, "vggsound.csv")
+    rows = [r for r in csv.reader(open(meta, newline="")) if len(r) >= 4]
+    classes = sorted({r[2].strip() for r in rows})
+    index = {c: i for i, c in enumerate(classes)}
+    size, length = cfg.image_size or 64, int(round(cfg.clip_seconds * cfg.sample_rate))
+
+    def one(r):
+        cid = f"{r[0].strip()}_{int(float(r[1])):06d}"
+        frame = root / "frames" / f"{cid}.jpg"
+        audio = next((root / "audio" / f"{cid}{e}" for e in (".wav", ".flac") if (root / "audio" / f"{cid}{e}").is_file()), None)
+        if not frame.is_file() or audio is None:
+            bad.skip(root / "frames" / cid, "frame or audio file missing")
+            return None
+        im, wav = read_image(frame, size, bad), read_audio(audio, cfg.sample_rate, length, bad)
+        return None if im is None or wav is None else (im, wav, index[r[2].strip()], r[3].strip().lower() == "test")
+    got = [g for g in decode_all(one, rows) if g is not None]
+    bad.finish(len(rows))
+    if not got:
+        raise DataError(f"vggsound: no usable clip under {root}")
+    te = np.array([g[3] for g in got])
+    y = np.array([g[2] for g in got], dtype=np.int64)
+    ims, wavs = np.stack([g[0] for g in got]), np.stack([g[1] for g in got])
+    groups = np.arange(len(got))
+    image = {"train_x": ims[~te], "train_y": y[~te], "test_x": ims[te], "test_y": y[te], "classes": classes}
+    audio = {"train_x": wavs[~te], "train_y": y[~te], "train_group": groups[~te], "test_x": wavs[te],
+             "test_y": y[te], "test_group": groups[te], "classes": classes}
+    return image, audio
+
+
+# ----------------------------------------------------------------------------- cache and conversion
+
+def _cached(kind: str, name: str, root: Path, cfg: DataConfig, params: dict, build: Callable[[BadFiles], dict]) -> dict:
+    """Decode once: arrays are kept in an npz under the cache root, keyed by dataset, root path and the
+    parameters that shape the arrays; a changed recipe builds a new entry."""
+    key = hashlib.sha1(repr((CACHE_VERSION, kind, name, str(Path(root).resolve()), sorted(params.items()))).encode()).hexdigest()[:12]
+    path = cache_root(cfg) / f"{name}-{kind}-v{CACHE_VERSION}-{key}.npz"
+    if path.is_file():
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                out = {k: z[k] for k in z.files}
+            out["classes"] = [str(c) for c in out["classes"]]
+            return out
+        except (OSError, ValueError, KeyError):
+            print(f"{path} is unreadable; rebuilding it")
+    arrays = build(BadFiles(name, cfg.max_bad_frac))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, **{k: (np.asarray(v) if k != "classes" else np.asarray(v, dtype=str)) for k, v in arrays.items()})
+    os.replace(tmp, path)
+    return arrays
+
+
+def image_modality(arrays: dict, cfg: DataConfig, device) -> ModalityData:
+    tx, ty = torch.from_numpy(np.ascontiguousarray(arrays["train_x"])), torch.from_numpy(arrays["train_y"])
+    if cfg.max_train_images:
+        tx, ty = tx[:cfg.max_train_images], ty[:cfg.max_train_images]
+    if len(tx) == 0 or len(arrays["test_x"]) == 0:
+        raise DataError("the image dataset has an empty train or test split")
+    f = tx.float() / 255
+    mean, std = f.mean(dim=(0, 2, 3)), f.std(dim=(0, 2, 3)).clamp_min(1e-3)
+    return ModalityData(tx.to(device), ty.to(device), torch.from_numpy(np.ascontiguousarray(arrays["test_x"])).to(device),
+                        torch.from_numpy(arrays["test_y"]).to(device), list(arrays["classes"]), mean.to(device), std.to(device))
+
+
+def audio_modality(arrays: dict, cfg: DataConfig, device, stats_key: str) -> ModalityData:
+    if len(arrays["train_x"]) == 0 or len(arrays["test_x"]) == 0:
+        raise DataError("the audio dataset has an empty train or test split")
+    tr = waveforms_to_logmel(torch.from_numpy(arrays["train_x"]), cfg, device, seed=cfg.build_seed)
+    te = waveforms_to_logmel(torch.from_numpy(arrays["test_x"]), cfg, device, seed=cfg.build_seed + 1)
+    stats_path = cache_root(cfg) / "logmel_stats.json"
+    stats = json.loads(stats_path.read_text()) if stats_path.is_file() else {}
+    skey = f"{stats_key}|{cfg.sample_rate}|{cfg.n_mels}|{cfg.win_ms}|{cfg.hop_ms}|{cfg.dither_db}"
+    if skey not in stats:
+        f = tr.float()
+        stats[skey] = [f.mean().item(), f.std().item()]
+        stats_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = stats_path.with_name(stats_path.name + f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(stats, indent=0))
+        os.replace(tmp, stats_path)
+    mean, std = (torch.tensor([v], device=device) for v in stats[skey])
+    g = lambda k: torch.from_numpy(arrays[k]).to(device) if k in arrays else None  # noqa: E731
+    return ModalityData(tr, g("train_y"), te, g("test_y"), list(arrays["classes"]), mean, std,
+                        g("train_group"), g("test_group"))
+
+
+def load_named(cfg: DataConfig, device, progress: bool = True) -> dict[str, ModalityData]:
+    """data.dataset = IMAGE+AUDIO (e.g. cifar10+esc50) or a paired dataset (vggsound)."""
+    out = {}
+    audio_params = {"sr": cfg.sample_rate, "clip": cfg.clip_seconds, "fold": cfg.test_fold, "seed": cfg.build_seed}
+    if cfg.dataset in PAIRED_DATASETS:
+        root = Path(cfg.root) if cfg.root else default_root(cfg.dataset)
+        both = _cached("paired", cfg.dataset, root, cfg, {**audio_params, "size": cfg.image_size},
+                       lambda bad: {f"{m}_{k}": v for m, d in zip(("image", "audio"), read_vggsound(root, cfg, bad))
+                                    for k, v in d.items()} | {"classes": read_vggsound_classes(root)})
+        split = {m: {k[len(m) + 1:]: v for k, v in both.items() if k.startswith(m + "_")} | {"classes": both["classes"]}
+                 for m in ("image", "audio")}
+        if "image" in cfg.modalities:
+            out["image"] = image_modality(split["image"], cfg, device)
+        if "audio" in cfg.modalities:
+            out["audio"] = audio_modality(split["audio"], cfg, device, f"vggsound:{root}")
+        return out
+    image_name, audio_name = cfg.dataset.split("+")
+    if "image" in cfg.modalities:
+        root = Path(cfg.image_root) if cfg.image_root else default_root(image_name)
+        arrays = _cached("image", image_name, root, cfg, {"size": cfg.image_size},
+                         lambda bad: _finish_images(image_name, root, cfg, bad))
+        out["image"] = image_modality(arrays, cfg, device)
+    if "audio" in cfg.modalities:
+        root = Path(cfg.audio_root) if cfg.audio_root else default_root(audio_name)
+        arrays = _cached("audio", audio_name, root, cfg, audio_params,
+                         lambda bad: read_audio_dataset(audio_name, root, cfg, bad))
+        out["audio"] = audio_modality(arrays, cfg, device, f"{audio_name}:{root}")
+    return out
+
+
+def read_vggsound_classes(root: Path) -> list[str]:
+    return sorted({r[2].strip() for r in csv.reader(open(root / "vggsound.csv", newline="")) if len(r) >= 4})
+
+
+def _finish_images(name: str, root: Path, cfg: DataConfig, bad: BadFiles) -> dict:
+    if cfg.download and name in ("cifar10", "cifar100", "stl10"):
+        download(name, root)
+    arrays = IMAGE_READERS[name](root, cfg, bad)
+    bad.finish(len(arrays["train_y"]) + len(arrays["test_y"]) + len(bad.bad))
+    return arrays
+
+
+def download(name: str, root: Path) -> None:
+    """Fetch a dataset torchvision knows how to download (needs internet), into `root`."""
+    import torchvision
+    cls = {"cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100}.get(name)
+    if cls is not None:
+        cls(str(root), train=True, download=True)
+    elif name == "stl10":
+        torchvision.datasets.STL10(str(root), split="train", download=True)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3:
+        sys.exit("usage: python datasets.py NAME ROOT   (NAME: " + ", ".join(IMAGE_DATASETS + AUDIO_DATASETS + PAIRED_DATASETS) + ")")
+    name, root = sys.argv[1], sys.argv[2]
+    if name in PAIRED_DATASETS:
+        cfg = DataConfig(dataset=name, root=root)
+    elif name in IMAGE_DATASETS:
+        cfg = DataConfig(dataset=f"{name}+esc50", image_root=root, modalities=("image",))
+    else:
+        cfg = DataConfig(dataset=f"cifar10+{name}", audio_root=root, modalities=("audio",))
+    for m, md in load_named(cfg, "cpu").items():
+        print(f"{m}: train {tuple(md.train_x.shape)}, test {tuple(md.test_x.shape)}, {len(md.classes)} classes")
