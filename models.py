@@ -77,19 +77,21 @@ class ModalityBatchNorm2d(nn.Module):
             self.register_buffer(f"running_mean_{m}", torch.zeros(num_features))
             self.register_buffer(f"running_var_{m}", torch.ones(num_features))
             self.register_buffer(f"num_batches_tracked_{m}", torch.tensor(0, dtype=torch.long))
+        self._count = {m: 0 for m in modalities}  # host-side mirror of num_batches_tracked: no GPU sync per step
 
     def reset_running_stats(self, modality: str) -> None:
         self._buffers[f"running_mean_{modality}"].zero_()
         self._buffers[f"running_var_{modality}"].fill_(1)
         self._buffers[f"num_batches_tracked_{modality}"].zero_()
+        self._count[modality] = 0
 
     def forward(self, x):
         m = self.modality
         factor = 0.0
         if self.training:
-            n = self._buffers[f"num_batches_tracked_{m}"]
-            n.add_(1)
-            factor = 1.0 / float(n) if self.momentum is None else self.momentum
+            self._buffers[f"num_batches_tracked_{m}"].add_(1)
+            self._count[m] += 1
+            factor = 1.0 / self._count[m] if self.momentum is None else self.momentum
         return F.batch_norm(x, self._buffers[f"running_mean_{m}"], self._buffers[f"running_var_{m}"],
                             self.weight, self.bias, self.training, factor, self.eps)
 

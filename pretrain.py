@@ -222,8 +222,10 @@ def main(argv=None) -> dict:
 
     # model and optimizer (one of each, reused by every client)
     model = build_model(cfg.model, {m: md.shape for m, md in data.items()}).to(device)
-    if device.type == "cuda" and cfg.model.arch.startswith("resnet"):
+    if cfg.model.arch.startswith("resnet"):  # NHWC convolutions: faster with cuDNN and with oneDNN on CPU
         model = model.to(memory_format=torch.channels_last)
+    if rc.compile:  # in place, so state_dict keys stay free of torch.compile's _orig_mod. prefix
+        model.trunk.compile()
     optimizer = make_optimizer(model, cfg.optim)
     scaler = runtime.make_scaler(device, rc.amp)
     global_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -252,7 +254,7 @@ def main(argv=None) -> dict:
     print(f"env: {env}")
     print(f"model: {cfg.model.arch}, {n_params / 1e6:.2f}M params; inputs {({m: md.shape for m, md in data.items()})}; "
           f"train samples {({m: len(md.train_x) for m, md in data.items()})}; clients {len(eligible)} eligible; "
-          f"effective lr {cfg.optim.peak_lr:g}")
+          f"effective lr {cfg.optim.peak_lr:g}; autocast {cfg.run.amp if runtime.amp_active(device, rc.amp) else 'off (fp32)'}")
 
     def checkpoint(r: int):
         runtime.save_checkpoint({

@@ -225,6 +225,7 @@ def plot_partition(config: str, seed: int, overrides: list[str], path: Path) -> 
         ax.set_title(f"{m}: per-client class counts (clients without {m} are empty)")
         ax.legend(ncol=10, fontsize=6, loc="upper right")
     axes[-1].set_xlabel("client")
+    axes[-1].set_xticks(range(len(clients)))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

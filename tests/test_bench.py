@@ -1,0 +1,34 @@
+"""bench.py runs end to end and reports every section; timings are not asserted (no timed unit tests)."""
+import json
+
+import pytest
+import torch
+
+import bench
+from conftest import ROOT, TINY_DATA
+
+
+def test_bench_reports_all_sections(tmp_path, cache_dir, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    out = tmp_path / "bench.json"
+    res = bench.main(["--config", "configs/smoke.yaml", "--steps", "1", "--repeats", "1", "--warmup", "0",
+                      "--workers", "0", f"--out={out}", f"--data.cache_dir={cache_dir}", *TINY_DATA])
+    saved = json.loads(out.read_text())
+    assert saved["batch_size"] == res["batch_size"] == 64
+    pipelines = {(r["pipeline"], r["modality"]) for r in saved["throughput"]}
+    assert len(pipelines) == 2 * (4 if saved["bf16_native"] else 2)
+    assert all(r["samples_per_s_median"] > 0 for r in saved["throughput"])
+    assert all("ratio_vs_standard" in r for r in saved["throughput"] if r["pipeline"].startswith("ours"))
+    assert 0 < saved["aggregation"]["fraction_of_local_epoch"] and saved["peak_memory_mb"] > 0
+    assert [r["k"] for r in saved["round_vs_k"]] == [1, 2, 4, 8]
+    assert [s["input"] for s in saved["throughput_vs_input_size"]] == [[28, 28], [56, 56]]
+
+
+def test_standard_audio_views_are_normalised_log_mels(tiny_data):
+    cfg, data = tiny_data
+    from pretrain import PretrainConfig
+    pc = PretrainConfig(data=cfg)
+    import numpy as np
+    ds = bench.StandardAudio(np.random.default_rng(0).integers(-3000, 3000, (4, 16000)).astype(np.int16), pc, 0.0, 1.0)
+    v1, v2 = ds[0]
+    assert v1.shape == v2.shape == data["audio"].shape and not torch.equal(v1, v2)
