@@ -346,11 +346,7 @@ def parse_args(argv):
     p.add_argument("config", nargs="?", help="optional YAML with eval/run/data sections")
     p.add_argument("--ckpt", required=True, help="pretraining checkpoint (RUN_DIR/last.pt) or its run directory")
     p.add_argument("--random-init", action="store_true", help="evaluate the same architecture untrained")
-    argv, overrides = runtime.split_overrides(list(argv))
-    args, rest = p.parse_known_args(argv)
-    if rest:
-        p.error(f"unrecognised argument {rest[0]!r}: overrides look like --section.key=value")
-    return args, overrides
+    return runtime.parse_with_overrides(p, argv)
 
 
 def main(argv=None) -> dict:

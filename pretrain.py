@@ -71,11 +71,7 @@ def parse_args(argv):
     p.add_argument("--resume", nargs="?", const=True, default=False, metavar="RUN_DIR",
                    help="continue from RUN_DIR/last.pt (default RUN_DIR: run.out_dir)")
     p.add_argument("--show-partition", action="store_true", help="print per-client counts per class and modality, then exit")
-    argv, overrides = runtime.split_overrides(list(argv))
-    args, rest = p.parse_known_args(argv)
-    if rest:
-        p.error(f"unrecognised argument {rest[0]!r}: overrides look like --section.key=value")
-    return args, overrides
+    return runtime.parse_with_overrides(p, argv)
 
 
 def resolve_config(args, overrides) -> tuple[PretrainConfig, dict | None]:

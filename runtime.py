@@ -165,6 +165,15 @@ def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
     return [a for a in argv if not is_override(a)], [a for a in argv if is_override(a)]
 
 
+def parse_with_overrides(parser, argv: list[str]):
+    """argparse for an entry script whose other arguments are dotted overrides: (args, overrides)."""
+    argv, overrides = split_overrides(list(argv))
+    args, rest = parser.parse_known_args(argv)
+    if rest:
+        parser.error(f"unrecognised argument {rest[0]!r}: overrides look like --section.key=value")
+    return args, overrides
+
+
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """Apply `--a.b=value` overrides to a nested dict (in place) and return it."""
     for ov in overrides:
