@@ -531,9 +531,11 @@ def load_named(cfg: DataConfig, device, progress: bool = True) -> dict[str, Moda
     audio_params = {"sr": cfg.sample_rate, "clip": cfg.clip_seconds, "fold": cfg.test_fold, "seed": cfg.build_seed}
     if cfg.dataset in PAIRED_DATASETS:
         root = Path(cfg.root) if cfg.root else default_root(cfg.dataset)
-        both = _cached("paired", cfg.dataset, root, cfg, {**audio_params, "size": cfg.image_size},
-                       lambda bad: {f"{m}_{k}": v for m, d in zip(("image", "audio"), read_vggsound(root, cfg, bad))
-                                    for k, v in d.items()} | {"classes": read_vggsound_classes(root)})
+        def build(bad):  # one flat dict of arrays for the cache: image_*, audio_*, classes
+            image, audio = read_vggsound(root, cfg, bad)
+            flat = {f"image_{k}": v for k, v in image.items() if k != "classes"}
+            return flat | {f"audio_{k}": v for k, v in audio.items() if k != "classes"} | {"classes": image["classes"]}
+        both = _cached("paired", cfg.dataset, root, cfg, {**audio_params, "size": cfg.image_size}, build)
         split = {m: {k[len(m) + 1:]: v for k, v in both.items() if k.startswith(m + "_")} | {"classes": both["classes"]}
                  for m in ("image", "audio")}
         if "image" in cfg.modalities:
@@ -553,10 +555,6 @@ def load_named(cfg: DataConfig, device, progress: bool = True) -> dict[str, Moda
                          lambda bad: read_audio_dataset(audio_name, root, cfg, bad))
         out["audio"] = audio_modality(arrays, cfg, device, f"{audio_name}:{root}")
     return out
-
-
-def read_vggsound_classes(root: Path) -> list[str]:
-    return sorted({r[2].strip() for r in csv.reader(open(root / "vggsound.csv", newline="")) if len(r) >= 4})
 
 
 def _finish_images(name: str, root: Path, cfg: DataConfig, bad: BadFiles) -> dict:
