@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 import runtime
-from data import LogMel, augment, load_data
+from data import LogMel, load_data
 from federation import WeightedAverage, local_ssl_update, make_optimizer
 from models import build_model, nt_xent
 from pretrain import PretrainConfig

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import io
 import math
 import os
 import shutil
@@ -27,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from runtime import ConfigError, check_choice, check_range
+from runtime import ConfigError, check_range
 
 MODALITIES = ("image", "audio")
 
@@ -167,8 +166,10 @@ class ModalityData:
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 image or raw log-mel -> normalised float32."""
         x = x.float()
-        if self.train_x.dtype == torch.uint8:
-            x = x / 255.0
+        return self.standardize(x / 255.0 if self.train_x.dtype == torch.uint8 else x)
+
+    def standardize(self, x: torch.Tensor) -> torch.Tensor:
+        """Float (B, C, H, W) in [0, 1] (images) or raw log-power (audio) -> per-channel zero mean, unit std."""
         return (x - self.mean.view(1, -1, 1, 1)) / self.std.view(1, -1, 1, 1)
 
 
@@ -506,7 +507,7 @@ def augment_image(x: torch.Tensor, md: ModalityData, cfg: ImageAugConfig, g: tor
     blur_p = cfg.blur_p if cfg.blur_p >= 0 else (0.5 if min(y.shape[-2:]) >= 64 else 0.0)
     if blur_p > 0:
         y = gaussian_blur(y, g, blur_p, cfg.blur_sigma)
-    return (y - md.mean.view(1, -1, 1, 1)) / md.std.view(1, -1, 1, 1)
+    return md.standardize(y)
 
 
 def augment_audio(x: torch.Tensor, md: ModalityData, cfg: AudioAugConfig, g: torch.Generator) -> torch.Tensor:
@@ -531,7 +532,7 @@ def augment_audio(x: torch.Tensor, md: ModalityData, cfg: AudioAugConfig, g: tor
         u = torch.rand(x.shape, generator=g, device=dev).clamp_min(1e-12)
         noisy = torch.logaddexp(x, level.view(B, 1, 1, 1) + torch.log(-torch.log(u)))
         x = torch.where(_bernoulli(g, B, cfg.noise_p, dev).view(B, 1, 1, 1), noisy, x)
-    x = (x - md.mean) / md.std
+    x = md.standardize(x)
     keep = torch.ones(B, 1, Fm, T, device=dev, dtype=torch.bool)
     for n, size, axis in ((cfg.freq_masks, Fm, 2), (cfg.time_masks, T, 3)):
         frac = cfg.freq_mask_frac if axis == 2 else cfg.time_mask_frac

@@ -20,7 +20,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -134,8 +133,9 @@ def label_subset(y: torch.Tensor, frac: float, seed: int) -> torch.Tensor:
 
 def fit_linear(x: torch.Tensor, y: torch.Tensor, num_classes: int, wd: float, iters: int) -> nn.Linear:
     """Multinomial logistic regression on fixed features, full-batch L-BFGS, L2 penalty wd * ||W||^2."""
-    torch.manual_seed(0)
-    clf = nn.Linear(x.shape[1], num_classes).to(x.device)
+    with torch.random.fork_rng(devices=[]):  # a fixed init without touching the caller's RNG
+        torch.manual_seed(0)
+        clf = nn.Linear(x.shape[1], num_classes).to(x.device)
     opt = torch.optim.LBFGS(clf.parameters(), lr=1.0, max_iter=iters, history_size=20, line_search_fn="strong_wolfe")
 
     def closure():
@@ -232,8 +232,9 @@ def load_backbone(ckpt_path, random_init: bool = False, seed: int = 0, device="c
         shapes = {m: tuple(s) for m, s in ck["input_shapes"].items()}
     except (KeyError, ConfigError) as e:
         raise CheckpointError(f"{ckpt_path}: checkpoint lacks a valid model config / input shapes ({e})") from e
-    torch.manual_seed(runtime.derive_seed(seed, "random_init"))
-    model = build_model(mcfg, shapes).to(device)
+    with torch.random.fork_rng(devices=[]):  # a seeded init without touching the caller's RNG
+        torch.manual_seed(runtime.derive_seed(seed, "random_init"))
+        model = build_model(mcfg, shapes).to(device)
     if random_init:
         return model, ck
     want = {k for k in model.state_dict() if k.startswith(BACKBONE_PREFIXES)}

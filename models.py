@@ -10,7 +10,6 @@ embedding), a spectrogram (a 1-channel image) through the audio stem, or both th
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Optional
 

@@ -10,7 +10,6 @@ bit-identical to the reference) and exits non-zero on any mismatch.
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import signal
 import subprocess

@@ -23,6 +23,14 @@ def jpeg(path: Path, size: int = 64, mode: str = "RGB"):
     im.save(path, format="PNG" if mode == "RGBA" or path.suffix == ".png" else "JPEG")
 
 
+def write_csv(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
 def write_cifar10(root: Path, per_batch: int = 20) -> Path:
     base = root / "cifar-10-batches-py"
     base.mkdir(parents=True)
@@ -98,11 +106,7 @@ def write_esc50(root: Path, per_fold: int = 4, rate: int = 44100) -> Path:
             noise_wav(root / "audio" / fn, seconds=0.5, rate=rate)
             rows.append({"filename": fn, "fold": fold, "target": target, "category": f"cat{target}",
                          "esc10": "False", "src_file": 1000 + i, "take": "A"})
-    (root / "meta").mkdir(parents=True)
-    with open(root / "meta" / "esc50.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(root / "meta" / "esc50.csv", rows)
     return root
 
 
@@ -128,11 +132,7 @@ def write_urbansound8k(root: Path, per_fold: int = 2) -> Path:
             noise_wav(root / "audio" / f"fold{fold}" / fn, seconds=0.4, rate=22050, channels=2)
             rows.append({"slice_file_name": fn, "fsID": 100 + fold, "start": 0, "end": 0.4, "salience": 1,
                          "fold": fold, "classID": cid, "class": f"class{cid}"})
-    (root / "metadata").mkdir(parents=True)
-    with open(root / "metadata" / "UrbanSound8K.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(root / "metadata" / "UrbanSound8K.csv", rows)
     return root
 
 
@@ -142,10 +142,7 @@ def write_audiofolder(root: Path) -> Path:
         fn = f"clips/{i}.flac"
         noise_wav(root / fn, seconds=0.3)
         rows.append({"file": fn, "label": "a" if i % 2 else "b", "split": "test" if i < 2 else "train"})
-    with open(root / "labels.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["file", "label", "split"])
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(root / "labels.csv", rows)
     return root
 
 

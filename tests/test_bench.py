@@ -1,7 +1,6 @@
 """bench.py runs end to end and reports every section; timings are not asserted (no timed unit tests)."""
 import json
 
-import pytest
 import torch
 
 import bench

@@ -6,7 +6,6 @@ import torch
 
 import finetune
 import pretrain
-import runtime
 from conftest import ROOT, TINY_DATA
 from finetune import (EvalConfig, fuse, knn_predict, label_subset, linear_probe, load_backbone, make_pairs)
 from runtime import CheckpointError

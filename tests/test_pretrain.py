@@ -6,7 +6,6 @@ import torch
 import yaml
 
 import pretrain
-import runtime
 from conftest import TINY_DATA
 
 

@@ -1,4 +1,3 @@
-import pickle
 from dataclasses import dataclass, field
 
 import pytest
