@@ -86,7 +86,7 @@ class DataConfig:
     image_size: int = 0               # decoded image side for folder/JPEG datasets (0 = the dataset's own, 64 otherwise)
     test_fold: int = 1                # ESC-50 (1-5) / UrbanSound8K (1-10): the official fold held out for testing
     max_bad_frac: float = 0.01        # stop when more than this fraction of files is unreadable or corrupt
-    max_train_images: int = 0         # use the first N training images (0 = all); for short CPU runs
+    max_train_images: int = 0         # a seeded, class-stratified subset of N training images (0 = all); for short CPU runs
     # AV-Fashion build (the recipe: changing any of these builds a new cache entry)
     n_voices: int = 120
     test_voice_frac: float = 0.2
@@ -99,8 +99,9 @@ class DataConfig:
     hop_ms: float = 10.0
     dither_db: float = -60.0          # white noise (dBFS) added before the mel so digital silence is not exact zeros
     # kNN monitor: labelled held-out data (never used in pretraining)
-    knn_bank: int = 10000             # training samples per modality in the bank (0 = all)
-    knn_queries: int = 2000           # test samples per modality (0 = all)
+    knn_bank: int = 10000             # training samples per modality in the bank: seeded, class-stratified (0 = all)
+    knn_queries: int = 2000           # test samples per modality: seeded, class-stratified (0 = all)
+    knn_k: int = 0                    # kNN neighbours; 0 = suited to the bank: half the smallest class's bank size, 5..200
     image_aug: ImageAugConfig = field(default_factory=ImageAugConfig)
     audio_aug: AudioAugConfig = field(default_factory=AudioAugConfig)
 
@@ -116,6 +117,8 @@ class DataConfig:
         check_range("data.clip_seconds", self.clip_seconds, lo=0.0, lo_open=True)
         check_range("data.n_mels", self.n_mels, lo=8)
         check_range("data.max_train_images", self.max_train_images, lo=0)
+        for k in ("knn_bank", "knn_queries", "knn_k"):
+            check_range(f"data.{k}", getattr(self, k), lo=0)
         if self.hop_ms <= 0 or self.win_ms < self.hop_ms:
             raise ConfigError(f"data.win_ms={self.win_ms}, data.hop_ms={self.hop_ms}: need 0 < hop_ms <= win_ms")
 
@@ -137,6 +140,26 @@ def _check_pair(key, pair, lo, hi):
 
 def cache_root(cfg: DataConfig) -> Path:
     return Path(cfg.cache_dir or os.environ.get("FSSUAVL_CACHE") or Path.home() / ".cache" / "fssuavl")
+
+
+# ----------------------------------------------------------------------------- subsets
+
+def stratified_subset(y, n: int, seed: int) -> np.ndarray:
+    """Sorted indices of a seeded, class-stratified subset of n of the labels `y` (numpy or tensor): each
+    class keeps its share of n (largest remainders get the leftover), drawn at random inside the class.
+    n <= 0 or n >= len(y) gives every index. Never the first n, which on a class-sorted list (Tiny-ImageNet's
+    training folders, SpeechCommands) would cover only the first classes."""
+    y = y.cpu().numpy() if isinstance(y, torch.Tensor) else np.asarray(y)
+    if n <= 0 or n >= len(y):
+        return np.arange(len(y))
+    rng = np.random.default_rng(seed)
+    classes, counts = np.unique(y, return_counts=True)
+    quota = counts * n / len(y)
+    take = np.floor(quota).astype(int)
+    for j in np.argsort(-(quota - take), kind="stable")[: n - take.sum()]:
+        take[j] += 1
+    out = [rng.choice(np.nonzero(y == c)[0], size=k, replace=False) for c, k in zip(classes, take) if k]
+    return np.sort(np.concatenate(out))
 
 
 # ----------------------------------------------------------------------------- the data in memory
@@ -381,6 +404,19 @@ def waveforms_to_logmel(wav: torch.Tensor, cfg: DataConfig, device, seed: int = 
     return torch.cat(out)
 
 
+def logmel_stats(train: torch.Tensor, chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std (shape (1,)) of the training log-mels, accumulated in fp64 chunk by chunk so a large
+    fp16 set is never copied to fp32 whole."""
+    s = s2 = torch.zeros((), dtype=torch.float64, device=train.device)
+    for i in range(0, len(train), chunk):
+        x = train[i:i + chunk].double()
+        s, s2 = s + x.sum(), s2 + (x * x).sum()
+    n = train.numel()
+    mean = s / n
+    std = ((s2 - n * mean * mean) / max(1, n - 1)).clamp_min(1e-12).sqrt()
+    return mean.float().view(1), std.float().view(1)
+
+
 # ----------------------------------------------------------------------------- loading
 
 def load_avfashion(cfg: DataConfig, device, progress: bool = True) -> dict[str, ModalityData]:
@@ -393,8 +429,8 @@ def load_avfashion(cfg: DataConfig, device, progress: bool = True) -> dict[str, 
     if "image" in cfg.modalities:
         tx = torch.from_numpy(z["image_train_x"]).unsqueeze(1)
         ty = torch.from_numpy(z["image_train_y"])
-        if cfg.max_train_images:
-            tx, ty = tx[:cfg.max_train_images], ty[:cfg.max_train_images]
+        keep = torch.from_numpy(stratified_subset(ty, cfg.max_train_images, cfg.build_seed))
+        tx, ty = tx[keep], ty[keep]
         mean = tx.float().mean() / 255
         std = tx.float().std() / 255
         out["image"] = ModalityData(tx.to(device), ty.to(device), torch.from_numpy(z["image_test_x"]).unsqueeze(1).to(device),
@@ -405,8 +441,8 @@ def load_avfashion(cfg: DataConfig, device, progress: bool = True) -> dict[str, 
         spec = waveforms_to_logmel(torch.from_numpy(z["audio"]), cfg, device, seed=cfg.build_seed)
         y, spk = torch.from_numpy(z["audio_y"]).to(device), torch.from_numpy(z["audio_speaker"]).to(device)
         tr, te = (~test).to(device), test.to(device)
-        mean, std = spec[tr].float().mean(), spec[tr].float().std()
-        out["audio"] = ModalityData(spec[tr], y[tr], spec[te], y[te], list(WORDS), mean.view(1), std.view(1),
+        mean, std = logmel_stats(spec[tr])
+        out["audio"] = ModalityData(spec[tr], y[tr], spec[te], y[te], list(WORDS), mean, std,
                                     spk[tr], spk[te])
     return out
 
@@ -626,15 +662,23 @@ def assign_modalities(n_clients: int, modalities: tuple[str, ...], fractions: tu
 
 def partition(data: dict[str, ModalityData], n_clients: int, scheme: str, alpha: float,
               fractions: tuple[float, float, float], seed: int, min_size: int = 2,
-              classes_per_client: int = 2) -> list[dict[str, np.ndarray]]:
+              classes_per_client: int = 2, federation: tuple[str, ...] | None = None) -> list[dict[str, np.ndarray]]:
     """Client k's data: {modality: indices into data[modality].train_x}. Each modality is split only
     over the clients that hold it; unpaired by construction (image and audio indices are independent).
     scheme: iid | dirichlet | pathological (k classes per client) | natural (whole speakers/folds/kits
-    per client where the data has such ids, Dirichlet otherwise)."""
-    rng = np.random.default_rng(seed)
-    holds = assign_modalities(n_clients, tuple(data), fractions, rng)
+    per client where the data has such ids, Dirichlet otherwise).
+
+    federation: the modalities the clients hold (default: those in `data`). Which client holds what is
+    drawn over the federation's modalities, and each modality is split with its own random stream, so a
+    run on a subset of them (an image-only baseline of an image+audio federation) gets exactly the same
+    clients and indices for the modalities it keeps."""
+    federation = tuple(federation or data)
+    if set(data) - set(federation):
+        raise ValueError(f"data holds {sorted(data)}, not all in the federation's modalities {federation}")
+    holds = assign_modalities(n_clients, federation, fractions, np.random.default_rng([seed, 0]))
     clients = [dict() for _ in range(n_clients)]
     for m, md in data.items():
+        rng = np.random.default_rng([seed, 1 + MODALITIES.index(m)])
         owners = [k for k in range(n_clients) if m in holds[k]]
         labels = md.train_y.cpu().numpy()
         if scheme == "iid":

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import json
 import os
 import pickle
 import shutil
@@ -34,7 +33,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from data import DataConfig, DataError, ModalityData, cache_root, waveforms_to_logmel
+from data import DataConfig, DataError, ModalityData, cache_root, logmel_stats, stratified_subset, waveforms_to_logmel
 
 CACHE_VERSION = 1
 IMAGE_DATASETS = ("cifar10", "cifar100", "stl10", "tinyimagenet", "imagefolder")
@@ -494,8 +493,8 @@ def _cached(kind: str, name: str, root: Path, cfg: DataConfig, params: dict, bui
 
 def image_modality(arrays: dict, cfg: DataConfig, device) -> ModalityData:
     tx, ty = torch.from_numpy(np.ascontiguousarray(arrays["train_x"])), torch.from_numpy(arrays["train_y"])
-    if cfg.max_train_images:
-        tx, ty = tx[:cfg.max_train_images], ty[:cfg.max_train_images]
+    keep = torch.from_numpy(stratified_subset(ty, cfg.max_train_images, cfg.build_seed))
+    tx, ty = tx[keep], ty[keep]
     if len(tx) == 0 or len(arrays["test_x"]) == 0:
         raise DataError("the image dataset has an empty train or test split")
     f = tx.float() / 255
@@ -504,22 +503,14 @@ def image_modality(arrays: dict, cfg: DataConfig, device) -> ModalityData:
                         torch.from_numpy(arrays["test_y"]).to(device), list(arrays["classes"]), mean.to(device), std.to(device))
 
 
-def audio_modality(arrays: dict, cfg: DataConfig, device, stats_key: str) -> ModalityData:
+def audio_modality(arrays: dict, cfg: DataConfig, device) -> ModalityData:
+    """Log-mels of both splits; the normalising mean/std come from this run's own training split (never a
+    cache shared across test folds, clip lengths or seeds)."""
     if len(arrays["train_x"]) == 0 or len(arrays["test_x"]) == 0:
         raise DataError("the audio dataset has an empty train or test split")
     tr = waveforms_to_logmel(torch.from_numpy(arrays["train_x"]), cfg, device, seed=cfg.build_seed)
     te = waveforms_to_logmel(torch.from_numpy(arrays["test_x"]), cfg, device, seed=cfg.build_seed + 1)
-    stats_path = cache_root(cfg) / "logmel_stats.json"
-    stats = json.loads(stats_path.read_text()) if stats_path.is_file() else {}
-    skey = f"{stats_key}|{cfg.sample_rate}|{cfg.n_mels}|{cfg.win_ms}|{cfg.hop_ms}|{cfg.dither_db}"
-    if skey not in stats:
-        f = tr.float()
-        stats[skey] = [f.mean().item(), f.std().item()]
-        stats_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = stats_path.with_name(stats_path.name + f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(stats, indent=0))
-        os.replace(tmp, stats_path)
-    mean, std = (torch.tensor([v], device=device) for v in stats[skey])
+    mean, std = logmel_stats(tr)
     g = lambda k: torch.from_numpy(arrays[k]).to(device) if k in arrays else None  # noqa: E731
     return ModalityData(tr, g("train_y"), te, g("test_y"), list(arrays["classes"]), mean, std,
                         g("train_group"), g("test_group"))
@@ -541,7 +532,7 @@ def load_named(cfg: DataConfig, device, progress: bool = True) -> dict[str, Moda
         if "image" in cfg.modalities:
             out["image"] = image_modality(split["image"], cfg, device)
         if "audio" in cfg.modalities:
-            out["audio"] = audio_modality(split["audio"], cfg, device, f"vggsound:{root}")
+            out["audio"] = audio_modality(split["audio"], cfg, device)
         return out
     image_name, audio_name = cfg.dataset.split("+")
     if "image" in cfg.modalities:
@@ -553,7 +544,7 @@ def load_named(cfg: DataConfig, device, progress: bool = True) -> dict[str, Moda
         root = Path(cfg.audio_root) if cfg.audio_root else default_root(audio_name)
         arrays = _cached("audio", audio_name, root, cfg, audio_params,
                          lambda bad: read_audio_dataset(audio_name, root, cfg, bad))
-        out["audio"] = audio_modality(arrays, cfg, device, f"{audio_name}:{root}")
+        out["audio"] = audio_modality(arrays, cfg, device)
     return out
 
 

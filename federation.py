@@ -30,6 +30,10 @@ class FedConfig:
     min_client_size: int = 2            # smallest number of samples a client may hold per modality
     classes_per_client: int = 2         # pathological partition: shards (about classes) per client
     modality_fractions: tuple[float, float, float] = (0.4, 0.4, 0.2)  # clients holding image only, audio only, both
+    federation: str = "joint"           # joint: clients hold modalities by modality_fractions even in a one-modality run, so
+                                        # the image-only / audio-only baselines train on FSSUAVL's exact clients and rounds
+                                        # (a sampled client without the modality sits the round out); single: with one
+                                        # modality, every client holds it (a plain single-modality federation)
     order: str = "alternate"            # alternate: one step per single-modality batch; sum: one step on L_img + L_aud
     cross_modal_negatives: bool = False  # with order=sum: the other modality's embeddings are extra negatives
     share_head: bool = True             # the server averages the projection head (else it stays on each client)
@@ -50,6 +54,7 @@ class FedConfig:
         check_range("fed.alpha", self.alpha, lo=0.0, lo_open=True)
         check_range("fed.min_client_size", self.min_client_size, lo=1)
         check_choice("fed.order", self.order, ("alternate", "sum"))
+        check_choice("fed.federation", self.federation, ("joint", "single"))
         check_choice("fed.weighting", self.weighting, ("modality", "total"))
         check_choice("fed.aggregation", self.aggregation, ("fedavg", "median", "trimmed_mean"))
         check_range("fed.trim_frac", self.trim_frac, lo=0.0, hi=0.49)
@@ -233,6 +238,11 @@ class ClientUpdate:
         return sum(self.samples.values())
 
 
+def nbytes(state: dict[str, torch.Tensor], keys=None) -> int:
+    """Bytes of the tensors of `state` (those named in `keys`, default all): what travels on the wire."""
+    return sum(v.numel() * v.element_size() for k, v in state.items() if keys is None or k in keys)
+
+
 def run_round(global_state: dict[str, torch.Tensor], clients: list[int],
               local_update: Callable[[int], ClientUpdate], share: Callable[[str], bool] = is_shared,
               on_client: Optional[Callable[[ClientUpdate], None]] = None, weighting: str = "total",
@@ -242,8 +252,12 @@ def run_round(global_state: dict[str, torch.Tensor], clients: list[int],
     logged; if all are rejected the global model is kept. weighting: 'total' weights every key by the
     client's sample count; 'modality' uses `modality_weight`. aggregator: a fresh WeightedAverage
     (FedAvg, the default) or CoordinateRobust.
+    Each accepted client's metrics carry `bytes_down` (the shared global tensors the server sent it) and
+    `bytes_up` (the tensors of its reply that the server aggregates: a key with weight 0 for this client,
+    such as the other modality's stem under weighting='modality', is not counted, as it need not be sent).
     Returns (new_global_state, list of per-client metric dicts, list of rejected client ids)."""
     agg, metrics, rejected = aggregator or WeightedAverage(), [], []
+    down = nbytes(global_state, {k for k in global_state if share(k)})
     for cid in clients:
         upd = local_update(cid)
         shared = {k: v for k, v in upd.state.items() if share(k)}
@@ -253,8 +267,11 @@ def run_round(global_state: dict[str, torch.Tensor], clients: list[int],
             continue
         if on_client is not None:
             on_client(upd)
-        agg.add(shared, modality_weight(upd.samples) if weighting == "modality" else upd.num_samples)
-        metrics.append({"client": cid, "n": upd.num_samples, **upd.metrics})
+        weight = modality_weight(upd.samples) if weighting == "modality" else upd.num_samples
+        agg.add(shared, weight)
+        sent = [k for k in shared if (weight(k) if callable(weight) else weight) > 0]
+        metrics.append({"client": cid, "n": upd.num_samples, **upd.metrics, "bytes_down": down,
+                        "bytes_up": nbytes(shared, set(sent))})
     if not metrics:
         return dict(global_state), metrics, rejected
     new = dict(global_state)
@@ -309,6 +326,7 @@ def local_ssl_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, s
     sizes = {m: len(indices[m]) for m in indices}
     loss_sum = {m: torch.zeros((), device=device) for m in indices}
     loss_cnt = {m: 0 for m in indices}
+    fwd = {m: 0 for m in indices}  # samples forwarded (both views), for the measured forward FLOPs
     steps = 0
     for _ in range(fed_cfg.local_epochs):
         bs = {m: optim_cfg.batch_for(m) for m in indices}
@@ -318,15 +336,16 @@ def local_ssl_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, s
         queues = {m: [] for m in indices}
         for mods in schedule:
             embeds = {}
-            with autocast(device, amp):
-                for m in mods:
-                    if not queues[m]:
-                        queues[m] = _batches(sizes[m], bs[m], g, device)
-                    x = data[m].train_x[indices[m][queues[m].pop(0)]]
-                    v1 = augment(m, x, data[m], data_cfg, g)
-                    v2 = augment(m, x, data[m], data_cfg, g)
-                    z = model(torch.cat([v1, v2]), m)  # (2B, D): both views in one pass
-                    embeds[m] = z.chunk(2)
+            for m in mods:
+                if not queues[m]:
+                    queues[m] = _batches(sizes[m], bs[m], g, device)
+                x = data[m].train_x[indices[m][queues[m].pop(0)]]
+                # views in fp32 outside autocast (blur and colour maths in bf16 would quantise them)
+                v = torch.cat([augment(m, x, data[m], data_cfg, g), augment(m, x, data[m], data_cfg, g)])
+                with autocast(device, amp):
+                    z = model(v, m)  # (2B, D): both views in one pass
+                fwd[m] += len(z)
+                embeds[m] = z.chunk(2)
             if fed_cfg.cross_modal_negatives and len(mods) > 1:
                 z1 = torch.cat([embeds[m][0] for m in mods])
                 z2 = torch.cat([embeds[m][1] for m in mods])
@@ -336,11 +355,12 @@ def local_ssl_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, s
                 for half in rows.chunk(2):
                     for m, part in zip(mods, half.split(sizes_b)):
                         per_mod.setdefault(m, []).append(part)
+                # each modality's rows averaged, then summed: the same scale as the default loss, so the
+                # cross-modal-negatives ablation changes the negatives only, not the gradient's size
                 losses = {m: torch.cat(p).mean() for m, p in per_mod.items()}
-                loss = rows.mean()
             else:
                 losses = {m: nt_xent(*embeds[m], tau) for m in mods}
-                loss = sum(losses.values())
+            loss = sum(losses.values())
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             if optim_cfg.grad_clip > 0:
@@ -356,4 +376,5 @@ def local_ssl_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, s
                 raise Interrupted
     out = {f"loss_{m}": (loss_sum[m] / loss_cnt[m]).item() for m in indices if loss_cnt[m]}
     out["steps"] = steps
+    out.update({f"fwd_{m}": n for m, n in fwd.items()})
     return out

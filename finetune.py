@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import runtime
-from data import DataConfig, DataError, ModalityData, augment, load_data
+from data import DataConfig, DataError, ModalityData, augment, load_data, stratified_subset
 from models import ModelConfig, build_model
 from runtime import CheckpointError, ConfigError, RunConfig, autocast
 
@@ -42,7 +42,7 @@ class EvalConfig:
     protocols: tuple[str, ...] = ("linear", "knn")
     label_fractions: tuple[float, ...] = (0.01, 0.1, 1.0)  # labelled fraction of the downstream training set
     max_train_images: int = 0        # downstream image training set size (0 = all, whatever pretraining used)
-    knn_k: int = 200
+    knn_k: int = 0                   # 0 = suited to the bank (half the smallest class's labelled count, 5..200)
     knn_t: float = 0.1               # kNN vote temperature
     val_frac: float = 0.1            # held out of the labelled set to choose the probe's weight decay
     wd_grid: tuple[float, ...] = (1e-5, 1e-4, 1e-3, 1e-2)
@@ -59,7 +59,7 @@ class EvalConfig:
         for f in self.label_fractions:
             runtime.check_range("eval.label_fractions", f, lo=0.0, hi=1.0, lo_open=True)
         runtime.check_range("eval.val_frac", self.val_frac, lo=0.0, hi=0.5, lo_open=True)
-        runtime.check_range("eval.knn_k", self.knn_k, lo=1)
+        runtime.check_range("eval.knn_k", self.knn_k, lo=0)
 
 
 @dataclass
@@ -73,13 +73,15 @@ class FinetuneConfig:
 
 @torch.no_grad()
 def extract_features(model, md: ModalityData, split: str, modality: str, limit: int = 0, batch_size: int = 512,
-                     amp: str = "fp32", normalize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Backbone features h (before the projection head) of the first `limit` samples (0 = all) of a
-    split, fp32, L2-normalised unless normalize=False. Eval mode, restored afterwards."""
+                     amp: str = "fp32", normalize: bool = True, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Backbone features h (before the projection head) of a split, fp32, L2-normalised unless
+    normalize=False. limit > 0 takes a seeded, class-stratified subset of that many samples (the same one
+    for every model and round of a seed). Eval mode, restored afterwards."""
     x = md.train_x if split == "train" else md.test_x
     y = md.train_y if split == "train" else md.test_y
-    if limit:
-        x, y = x[:limit], y[:limit]
+    if limit and limit < len(y):
+        keep = torch.from_numpy(stratified_subset(y, limit, runtime.derive_seed(seed, "subset", split))).to(y.device)
+        x, y = x[keep], y[keep]
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -90,6 +92,16 @@ def extract_features(model, md: ModalityData, split: str, modality: str, limit: 
     model.train(was_training)
     h = torch.cat(feats)
     return (F.normalize(h, dim=1) if normalize else h), y
+
+
+def suited_k(bank_y: torch.Tensor, k: int = 0) -> int:
+    """k for a kNN over this labelled bank: `k` when given, else half the smallest class's count, kept in
+    5..200 (k=200 is the ImageNet/CIFAR habit for thousands per class; on 96 clips per class it would vote
+    across classes)."""
+    if k > 0:
+        return k
+    smallest = int(torch.bincount(bank_y.cpu()).clamp_min(1).min()) if len(bank_y) else 1
+    return max(5, min(200, smallest // 2))
 
 
 @torch.no_grad()
@@ -108,13 +120,24 @@ def knn_predict(bank: torch.Tensor, bank_y: torch.Tensor, queries: torch.Tensor,
     return torch.cat(preds)
 
 
-def knn_accuracy(model, md: ModalityData, modality: str, bank_size: int = 0, queries: int = 0, k: int = 200,
+def knn_accuracy(model, md: ModalityData, modality: str, bank_size: int = 0, queries: int = 0, k: int = 0,
                  t: float = 0.1, amp: str = "fp32") -> float:
-    """kNN top-1 accuracy (%) on the test split with a bank of training features (the pretraining monitor)."""
+    """kNN top-1 accuracy (%) on the test split with a bank of training features (the pretraining monitor).
+    Bank and queries are stratified subsets (0 = all); k=0 suits k to the bank (`suited_k`)."""
     bank, bank_y = extract_features(model, md, "train", modality, bank_size, amp=amp)
     q, q_y = extract_features(model, md, "test", modality, queries, amp=amp)
-    pred = knn_predict(bank, bank_y, q, len(md.classes), k, t)
+    pred = knn_predict(bank, bank_y, q, len(md.classes), suited_k(bank_y, k), t)
     return 100.0 * (pred == q_y).float().mean().item()
+
+
+def probe_accuracy(model, md: ModalityData, modality: str, amp: str = "fp32", max_train: int = 0, seed: int = 0) -> float:
+    """The fast linear probe that ends a pretraining run: frozen features of (a stratified `max_train` of) the
+    training split, every label, L-BFGS logistic regression with weight decay chosen on a validation split;
+    top-1 (%) on the test split."""
+    tr, ytr = extract_features(model, md, "train", modality, max_train, amp=amp, normalize=False, seed=seed)
+    te, yte = extract_features(model, md, "test", modality, amp=amp, normalize=False)
+    n_cls = int(max(ytr.max(), yte.max())) + 1
+    return linear_probe(tr, ytr, te, yte, n_cls, EvalConfig(wd_grid=(1e-4, 1e-3, 1e-2)), seed)["acc"]
 
 
 def label_subset(y: torch.Tensor, frac: float, seed: int) -> torch.Tensor:
@@ -199,13 +222,18 @@ def finetune_model(model, md: ModalityData, modality: str, idx: torch.Tensor, da
         return 100.0 * (head(f).argmax(1) == y).float().mean().item()
 
 
-def make_pairs(image_y: torch.Tensor, audio_y: torch.Tensor, seed: int) -> torch.Tensor:
-    """For every image, the index of a clip of the same class (spoken class name), drawn with `seed`.
-    Images whose class no clip has get -1."""
-    g = torch.Generator().manual_seed(runtime.derive_seed(seed, "pairs"))
+def make_pairs(image_y: torch.Tensor, audio_y: torch.Tensor, seed: int, informative: bool = True) -> torch.Tensor:
+    """For every image, the index of a clip to pair it with, drawn with `seed`. informative: a clip of the
+    image's own class (AV-Fashion: its class name spoken; the audio carries the label by construction, as in
+    AV-MNIST). Not informative (the control): a clip of a class drawn uniformly at random, independent of the
+    image, so the audio says nothing about the label. Images whose class no clip has get -1."""
+    g = torch.Generator().manual_seed(runtime.derive_seed(seed, "pairs", informative))
     iy, ay = image_y.cpu(), audio_y.cpu()
     out = torch.full((len(iy),), -1, dtype=torch.long)
-    for c in iy.unique():
+    classes = iy.unique()
+    if not informative:  # the clip's class: uniform over the image classes, whatever the image shows
+        iy = classes[torch.randint(len(classes), (len(iy),), generator=g)]
+    for c in classes:
         clips = torch.nonzero(ay == c).flatten()
         where = torch.nonzero(iy == c).flatten()
         if len(clips):
@@ -214,9 +242,9 @@ def make_pairs(image_y: torch.Tensor, audio_y: torch.Tensor, seed: int) -> torch
 
 
 def fuse(h_image: torch.Tensor, h_audio: torch.Tensor) -> torch.Tensor:
-    """Fused audio+image features ("auxiliary information"): both through the same backbone,
-    concatenated. (N, D) + (N, D) -> (N, 2D)."""
-    return torch.cat([h_image, h_audio], dim=1)
+    """Fused audio+image features ("auxiliary information"): both through the same backbone, each half
+    L2-normalised (so neither modality dominates by its feature scale), then concatenated. (N, D) + (N, D) -> (N, 2D)."""
+    return torch.cat([F.normalize(h_image, dim=1), F.normalize(h_audio, dim=1)], dim=1)
 
 
 # ----------------------------------------------------------------------------- checkpoint loading
@@ -297,6 +325,10 @@ def evaluate(model, data: dict[str, ModalityData], cfg: FinetuneConfig, device, 
         sets["paired/image"] = ("paired", itr, iytr, ite, iyte)
         sets["paired/audio"] = ("paired", atr[ptr], iytr, ate[pte], iyte)
         sets["paired/fused"] = ("paired", fuse(itr, atr[ptr]), iytr, fuse(ite, ate[pte]), iyte)
+        if cfg.data.dataset not in PAIRED_DATASETS:
+            # control: each image with a clip of a random class; fused should fall back to about the image alone
+            rtr, rte = make_pairs(iytr, aytr, seed, informative=False), make_pairs(iyte, ayte, seed + 1, informative=False)
+            sets["paired/fused_random_audio"] = ("paired", fuse(itr, atr[rtr]), iytr, fuse(ite, ate[rte]), iyte)
 
     rows = []
     for name, (task, tr, ytr, te, yte) in sets.items():
@@ -312,7 +344,7 @@ def evaluate(model, data: dict[str, ModalityData], cfg: FinetuneConfig, device, 
                     acc = linear_probe(tr[sub], ytr[sub], te, yte, n_cls, ec, seed)["acc"]
                 elif proto == "knn":
                     pred = knn_predict(F.normalize(tr[sub], dim=1), ytr[sub], F.normalize(te, dim=1), n_cls,
-                                       ec.knn_k, ec.knn_t)
+                                       suited_k(ytr[sub], ec.knn_k), ec.knn_t)
                     acc = 100.0 * (pred == yte).float().mean().item()
                 else:
                     if task == "paired":

@@ -20,16 +20,17 @@ import yaml
 from tqdm import tqdm
 
 import runtime
-from data import DataConfig, DataError, describe_partition, load_data, partition
+from data import MODALITIES, DataConfig, DataError, describe_partition, load_data, partition
 from federation import (ClientUpdate, FedConfig, Interrupted, OptimConfig, is_shared, local_ssl_update, lr_at,
                         make_aggregator, make_optimizer, run_round, sample_clients)
-from finetune import knn_accuracy
+from finetune import knn_accuracy, probe_accuracy
 from models import ModelConfig, build_model, count_params
 from runtime import ConfigError, RunConfig
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.yaml"
 # keys a resumed run may change; everything else must match the checkpoint's config
-RESUME_MUTABLE = ("fed.rounds", "run.out_dir", "run.eval_every", "run.progress", "run.threads", "run.device", "run.compile")
+RESUME_MUTABLE = ("fed.rounds", "run.out_dir", "run.eval_every", "run.progress", "run.threads", "run.device", "run.compile",
+                  "run.final_probe")
 
 
 @dataclass
@@ -52,13 +53,19 @@ class PretrainConfig:
     def __post_init__(self):
         if self.fed.order == "sum" and len(self.data.modalities) < 2 and self.fed.cross_modal_negatives:
             raise ConfigError("fed.cross_modal_negatives=true needs both data.modalities")
-        if len(self.data.modalities) == 2:
+        if len(self.data.modalities) == 2 or self.fed.federation == "joint":
             img, aud, both = self.fed.modality_fractions
             for m, frac in (("image", img + both), ("audio", aud + both)):
-                if frac <= 0:
+                if m in self.data.modalities and frac <= 0:
                     raise ConfigError(f"fed.modality_fractions={list(self.fed.modality_fractions)} gives no client "
                                       f"{m} data although data.modalities includes {m}: give {m}-only or both "
                                       f"clients a positive fraction")
+
+    @property
+    def federation_modalities(self) -> tuple[str, ...]:
+        """The modalities the clients hold: both in a joint federation (a one-modality run is then a baseline
+        on FSSUAVL's clients), else the trained ones."""
+        return MODALITIES if self.fed.federation == "joint" else tuple(self.data.modalities)
 
 
 def parse_args(argv):
@@ -138,22 +145,46 @@ def check_clients(cfg: PretrainConfig, clients: list[dict]) -> None:
 def make_clients(cfg: PretrainConfig, data) -> list[dict]:
     """The run's partition: client k's {modality: training indices}, a pure function of the config."""
     return partition(data, cfg.fed.clients, cfg.fed.partition, cfg.fed.alpha, cfg.fed.modality_fractions,
-                     runtime.derive_seed(cfg.run.seed, "partition"), cfg.fed.min_client_size, cfg.fed.classes_per_client)
+                     runtime.derive_seed(cfg.run.seed, "partition"), cfg.fed.min_client_size, cfg.fed.classes_per_client,
+                     cfg.federation_modalities)
 
 
-def evaluate(model, data, cfg: PretrainConfig, device) -> dict:
-    """kNN monitor (k=200, cosine, temperature-weighted) on held-out labelled data, per modality."""
-    return {f"knn_{m}": knn_accuracy(model, md, m, cfg.data.knn_bank, cfg.data.knn_queries, amp=cfg.run.amp)
-            for m, md in data.items()}
+def evaluate(model, data, cfg: PretrainConfig, device, probe: bool = False) -> dict:
+    """kNN monitor (cosine, temperature-weighted, k suited to the bank) on held-out labelled data, per
+    modality; with probe=True also the fast linear probe (`finetune.probe_accuracy`)."""
+    out = {f"knn_{m}": knn_accuracy(model, md, m, cfg.data.knn_bank, cfg.data.knn_queries, k=cfg.data.knn_k,
+                                    amp=cfg.run.amp) for m, md in data.items()}
+    if probe:
+        out.update({f"probe_{m}": probe_accuracy(model, md, m, amp=cfg.run.amp, seed=cfg.run.seed)
+                    for m, md in data.items()})
+    return out
 
 
-def train_one_round(r: int, model, optimizer, scaler, global_state, client_state, data, clients, eligible,
-                    cfg: PretrainConfig, device, should_stop=None) -> tuple[dict, dict]:
-    """Sample K clients, train each locally from the global weights, FedAvg. Returns the new global
-    state and the round's metrics."""
+def forward_flops(model, data, device) -> dict[str, int]:
+    """Forward FLOPs of one sample through backbone + head, per modality, counted by torch's flop counter
+    on the real model (eval mode, so no statistics move)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    was_training = model.training
+    model.eval()
+    out = {}
+    for m, md in data.items():
+        x = torch.zeros(2, *md.shape, device=device)
+        with FlopCounterMode(display=False) as fc, torch.no_grad():
+            model(x, m)
+        out[m] = fc.get_total_flops() // 2
+    model.train(was_training)
+    return out
+
+
+def train_one_round(r: int, model, optimizer, scaler, global_state, client_state, data, clients,
+                    cfg: PretrainConfig, device, should_stop=None, flops: dict | None = None) -> tuple[dict, dict]:
+    """Sample K of the N clients, train each sampled client that holds a trained modality locally from the
+    global weights (the others sit the round out), aggregate. Returns the new global state and the round's
+    metrics: what moved (bytes up/down per client) and what ran (steps, samples, forward FLOPs)."""
     t0 = runtime.Timer()
     lr = lr_at(r, cfg.optim, cfg.fed.rounds)
-    sampled = sample_clients(eligible, cfg.fed.clients_per_round, cfg.run.seed, r)
+    sampled = sample_clients(list(range(cfg.fed.clients)), cfg.fed.clients_per_round, cfg.run.seed, r)
+    active = [c for c in sampled if clients[c]]
     share = lambda k: is_shared(k, cfg.fed.share_head)  # noqa: E731
 
     def local_update(cid: int) -> ClientUpdate:
@@ -171,14 +202,24 @@ def train_one_round(r: int, model, optimizer, scaler, global_state, client_state
         if local:
             client_state[upd.client] = local
 
-    new_state, per_client, rejected = run_round(global_state, sampled, local_update, share, keep_local,
+    new_state, per_client, rejected = run_round(global_state, active, local_update, share, keep_local,
                                                 cfg.fed.weighting, make_aggregator(cfg.fed.aggregation, cfg.fed.trim_frac))
     out = {"round": r, "clients": sampled, "lr": lr}
+    if len(active) < len(sampled):
+        out["sat_out"] = [c for c in sampled if c not in active]
     for m in data:
         vals = [c[f"loss_{m}"] for c in per_client if f"loss_{m}" in c]
         if vals:
             out[f"loss_{m}"] = sum(vals) / len(vals)
     out["steps"] = sum(c["steps"] for c in per_client)
+    for m in data:
+        out[f"samples_{m}"] = sum(c.get(f"fwd_{m}", 0) for c in per_client) // 2  # instances (two views each)
+    out["fwd_flops"] = sum(c.get(f"fwd_{m}", 0) * (flops or {}).get(m, 0) for c in per_client for m in data)
+    out["bytes_up"] = sum(c["bytes_up"] for c in per_client)
+    out["bytes_down"] = sum(c["bytes_down"] for c in per_client)
+    out["per_client"] = [{"client": c["client"], "steps": c["steps"], "bytes_up": c["bytes_up"],
+                          "bytes_down": c["bytes_down"], **{f"samples_{m}": c.get(f"fwd_{m}", 0) // 2 for m in data}}
+                         for c in per_client]
     if rejected:
         out["rejected"] = rejected
         tqdm.write(f"round {r}: rejected non-finite updates from clients {rejected}"
@@ -214,7 +255,7 @@ def main(argv=None) -> dict:
     if rc.dry_run:
         return dry_run(cfg, data, clients, device)
     clients = [{m: torch.as_tensor(v, device=device) for m, v in c.items()} for c in clients]
-    eligible = [k for k, c in enumerate(clients) if c]
+    holders = sum(1 for c in clients if c)
 
     # model and optimizer (one of each, reused by every client)
     model = build_model(cfg.model, {m: md.shape for m, md in data.items()}).to(device)
@@ -225,6 +266,7 @@ def main(argv=None) -> dict:
     optimizer = make_optimizer(model, cfg.optim)
     scaler = runtime.make_scaler(device, rc.amp)
     global_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    flops = forward_flops(model, data, device)
     client_state: dict[int, dict] = {}
     history: list[dict] = []
     start = 1
@@ -249,7 +291,7 @@ def main(argv=None) -> dict:
     print(yaml.safe_dump(runtime.to_dict(cfg), sort_keys=False).rstrip())
     print(f"env: {env}")
     print(f"model: {cfg.model.arch}, {n_params / 1e6:.2f}M params; inputs {({m: md.shape for m, md in data.items()})}; "
-          f"train samples {({m: len(md.train_x) for m, md in data.items()})}; clients {len(eligible)} eligible; "
+          f"train samples {({m: len(md.train_x) for m, md in data.items()})}; {holders} of {len(clients)} clients hold trained data; "
           f"effective lr {cfg.optim.peak_lr:g}; autocast {cfg.run.amp if runtime.amp_active(device, rc.amp) else 'off (fp32)'}")
 
     def checkpoint(r: int):
@@ -257,14 +299,16 @@ def main(argv=None) -> dict:
             "format": runtime.CKPT_FORMAT, "round": r, "model": {k: v.cpu() for k, v in global_state.items()},
             "client_state": {c: {k: v.cpu() for k, v in s.items()} for c, s in client_state.items()},
             "config": runtime.to_dict(cfg), "rng": runtime.rng_state(), "evals": history,
-            "input_shapes": {m: list(md.shape) for m, md in data.items()}, "env": env}, out_dir / "last.pt")
+            "input_shapes": {m: list(md.shape) for m, md in data.items()},
+            "input_stats": {m: {"mean": md.mean.tolist(), "std": md.std.tolist()} for m, md in data.items()},
+            "forward_flops": flops, "env": env}, out_dir / "last.pt")
 
     stop = runtime.GracefulStop()
     r = start
     try:
         if start == 1:
             model.load_state_dict(global_state)
-            ev = {"round": 0, **evaluate(model, data, cfg, device)}
+            ev = {"round": 0, **evaluate(model, data, cfg, device, probe=rc.final_probe)}
             history.append(ev)
             log.write(ev)
             print("random init: " + ", ".join(f"{k}={v:.2f}" for k, v in ev.items() if k != "round"))
@@ -275,10 +319,10 @@ def main(argv=None) -> dict:
             if stop.requested:
                 raise Interrupted
             global_state, metrics = train_one_round(r, model, optimizer, scaler, global_state, client_state, data,
-                                                    clients, eligible, cfg, device, lambda: stop.requested)
+                                                    clients, cfg, device, lambda: stop.requested, flops)
             if r == cfg.fed.rounds or (rc.eval_every and r % rc.eval_every == 0):
                 model.load_state_dict(global_state)
-                ev = evaluate(model, data, cfg, device)
+                ev = evaluate(model, data, cfg, device, probe=rc.final_probe and r == cfg.fed.rounds)
                 metrics.update(ev)
                 history.append({"round": r, **ev})
             log.write(metrics)
@@ -286,7 +330,7 @@ def main(argv=None) -> dict:
             bar.set_postfix({k: f"{v:.3g}" for k, v in metrics.items() if k.startswith(("loss", "knn"))})
             if not progress:
                 print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()
-                               if k != "clients"), flush=True)
+                               if k not in ("clients", "per_client")), flush=True)
     except Interrupted:
         name = signal.Signals(stop.signum).name
         print(f"\n{name}: stopped during round {r}; {out_dir}/last.pt holds round {r - 1}, the last completed one. "
@@ -298,9 +342,11 @@ def main(argv=None) -> dict:
         stop.restore()
 
     first, final = history[0], history[-1]
-    summary = {m: (first.get(f"knn_{m}"), final.get(f"knn_{m}")) for m in data}
-    for m, (a, b) in summary.items():
-        print(f"kNN {m}: random init {a:.2f}% -> round {final['round']} {b:.2f}%")
+    for kind, what in (("probe", "linear probe"), ("knn", "kNN")):
+        for m in data:
+            a, b = first.get(f"{kind}_{m}"), final.get(f"{kind}_{m}")
+            if a is not None and b is not None:
+                print(f"{what} {m}: random init {a:.2f}% -> round {final['round']} {b:.2f}% ({b - a:+.2f})")
     print(f"results in {out_dir}/: config.yaml, log.jsonl, last.pt")
     return {"history": history, "out_dir": str(out_dir)}
 

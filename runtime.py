@@ -41,6 +41,7 @@ class RunConfig:
     deterministic: bool = False   # torch deterministic algorithms (bit-exact resume on CPU)
     threads: int = 0              # torch CPU threads; 0 = torch's default
     eval_every: int = 5           # kNN monitor every this many rounds (0 = only at the start and end)
+    final_probe: bool = True      # a fast linear probe on frozen features at round 0 (random init) and at the end
     compile: bool = False         # torch.compile the shared trunk in place (optional; first steps compile)
     progress: bool = True         # tqdm bars (hidden anyway when stderr is not a terminal)
     dry_run: bool = False         # build data, partition and model, take one local step on one client, write nothing

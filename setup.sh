@@ -31,12 +31,23 @@ fi
 PY=${PYTHON:-python3}
 key=$( (cat requirements.txt; "$PY" --version) | sha256sum | cut -c1-12)
 VENV=${FSSUAVL_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/fssuavl/venv-$key}
-if [ ! -f "$VENV/.complete" ]; then
-  echo "setup: creating $VENV (first time only)" >&2
-  rm -rf "$VENV"
-  "$PY" -m venv "$VENV"
-  "$VENV/bin/python" -m pip install -q --disable-pip-version-check -r requirements.txt 2> >(grep -v "is ignored: it is neither" >&2)
-  touch "$VENV/.complete"
+# Two set-ups at once (a test run and a training run started together) must not build into one folder:
+# the first takes the lock and builds; the second waits for it, then reuses the result. A venv is trusted
+# only when its install finished (.complete) and its python imports torch.
+venv_ok() { [ -f "$VENV/.complete" ] && "$VENV/bin/python" -c "import torch, torchaudio, torchvision, yaml" 2>/dev/null; }
+if ! venv_ok; then
+  mkdir -p "$(dirname "$VENV")"
+  exec 9>"$VENV.lock"
+  flock 9
+  if ! venv_ok; then
+    echo "setup: creating $VENV (first time only)" >&2
+    rm -rf "$VENV"
+    "$PY" -m venv "$VENV"
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check -r requirements.txt 2> >(grep -v "is ignored: it is neither" >&2)
+    touch "$VENV/.complete"
+    venv_ok || { echo "setup: the environment in $VENV does not import torch; see the pip output above" >&2; exit 1; }
+  fi
+  exec 9>&-
 fi
 PYBIN="$VENV/bin/python"
 
