@@ -204,3 +204,45 @@ def test_avfashion_clips_are_distinct_and_build_is_cached(tiny_data):
     assert len(hashes) == len(z["audio"]) == 12 * 20
     mtime = path.stat().st_mtime_ns
     assert build_avfashion(cfg, progress=False) == path and path.stat().st_mtime_ns == mtime
+
+
+def test_one_modality_of_a_joint_federation_keeps_its_clients_and_indices():
+    """The separate-model baselines: restricting the data to one modality leaves that modality's clients and
+    indices exactly as in the two-modality partition; the other clients hold nothing."""
+    data = _fake_data()
+    both = partition(data, 10, "dirichlet", 0.5, (0.4, 0.4, 0.2), seed=3)
+    for m in ("image", "audio"):
+        one = partition({m: data[m]}, 10, "dirichlet", 0.5, (0.4, 0.4, 0.2), seed=3, federation=("image", "audio"))
+        for c_both, c_one in zip(both, one):
+            assert set(c_one) == ({m} & set(c_both))
+            if m in c_both:
+                assert np.array_equal(c_both[m], c_one[m])
+    single = partition({"image": data["image"]}, 10, "dirichlet", 0.5, (0.4, 0.4, 0.2), seed=3)
+    assert all("image" in c for c in single)  # federation=single: every client holds the one modality
+
+
+def test_stratified_subset_covers_every_class_in_proportion_on_a_class_sorted_list():
+    from data import stratified_subset
+    y = np.repeat(np.arange(10), [50, 50, 50, 50, 50, 100, 100, 100, 200, 250])  # sorted, unbalanced, 1000
+    idx = stratified_subset(y, 100, seed=0)
+    counts = np.bincount(y[idx], minlength=10)
+    assert len(idx) == 100 and len(set(idx)) == 100 and np.all(np.diff(idx) > 0)
+    assert counts.tolist() == [5, 5, 5, 5, 5, 10, 10, 10, 20, 25]  # the first 100 would be classes 0-1 only
+    assert np.array_equal(idx, stratified_subset(torch.from_numpy(y), 100, seed=0))  # same for a tensor
+    assert not np.array_equal(idx, stratified_subset(y, 100, seed=1))
+    odd = np.bincount(y[stratified_subset(y, 33, seed=0)], minlength=10)
+    assert odd.sum() == 33 and np.all(np.abs(odd - np.bincount(y) * 33 / 1000) < 1)  # largest remainders
+    assert len(stratified_subset(y, 0, 0)) == 1000 and len(stratified_subset(y, 5000, 0)) == 1000
+
+
+def test_knn_bank_and_queries_are_stratified(tiny_data):
+    from finetune import extract_features
+    cfg, data = tiny_data
+    md = data["audio"]
+    order = torch.argsort(md.train_y, stable=True)  # a class-sorted copy of the training split
+    sorted_md = ModalityData(md.train_x[order], md.train_y[order], md.test_x, md.test_y, md.classes, md.mean, md.std)
+    model = __import__("models").build_model(__import__("models").ModelConfig(arch="resnet_tiny", width=8),
+                                             {"audio": md.shape})
+    _, y = extract_features(model, sorted_md, "train", "audio", limit=100)
+    assert len(y) == 100 and len(torch.unique(y)) == len(md.classes)  # all 20 words, 5 each
+    assert torch.bincount(y).tolist() == [5] * 20

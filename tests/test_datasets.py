@@ -173,3 +173,18 @@ def test_paper_config_dry_run(tmp_path, monkeypatch, config, writers):
                          *TINY_FED])
     assert all(np.isfinite(v) for k, v in out.items() if k.startswith("loss")) and "loss_image" in out
     assert "loss_audio" in out and not (tmp_path / "run").exists()  # a dry run writes nothing
+
+
+def test_logmel_statistics_come_from_the_runs_own_training_split(tmp_path):
+    """Changing the held-out fold changes the training split and so the normalising statistics, which equal
+    the mean/std of exactly that split's log-mels (no statistics cache shared across folds)."""
+    root = fixtures.write_esc50(tmp_path / "esc")
+    stats = []
+    for fold in (1, 2):
+        md = load(tmp_path, "cifar10+esc50", "audio", audio_root=str(root), test_fold=fold, clip_seconds=1.0, n_mels=32)
+        f = md.train_x.double()
+        assert md.mean.item() == pytest.approx(f.mean().item(), rel=1e-5)
+        assert md.std.item() == pytest.approx(f.std().item(), rel=1e-4)
+        stats.append((md.mean.item(), md.std.item()))
+    assert stats[0] != stats[1]
+    assert not list((tmp_path / "cache").glob("logmel_stats*"))

@@ -138,3 +138,20 @@ def test_robust_round_resists_a_poisoned_client():
     fedavg_w = run_round(g, [0, 1, 2], upd)[0]["w"].item()
     median_w = run_round(g, [0, 1, 2], upd, aggregator=make_aggregator("median"))[0]["w"].item()
     assert fedavg_w > 1e5 and median_w == pytest.approx(1.1)
+
+
+def test_measured_bytes_are_the_aggregated_tensors():
+    """bytes_up counts exactly the tensors the server folds in for that client: under weighting='modality' an
+    image-only client's audio stem (weight 0) is not counted; bytes_down is every shared global tensor."""
+    g = {"trunk.w": torch.zeros(10), "stems.audio.w": torch.zeros(3, dtype=torch.float64),
+         "stems.image.w": torch.zeros(4, dtype=torch.float16), "heads.shared.w": torch.zeros(5)}
+    state = {k: v + 1 for k, v in g.items()}
+    updates = {0: ClientUpdate(0, state, {"image": 7}, {"loss_image": 1.0, "steps": 1}),
+               1: ClientUpdate(1, state, {"image": 2, "audio": 3}, {"loss_image": 1.0, "steps": 1})}
+    _, metrics, _ = run_round(g, [0, 1], updates.__getitem__, weighting="modality")
+    by = {m["client"]: m for m in metrics}
+    assert by[0]["bytes_up"] == 10 * 4 + 4 * 2 + 5 * 4                 # trunk + image stem (fp16) + head
+    assert by[1]["bytes_up"] == 10 * 4 + 3 * 8 + 4 * 2 + 5 * 4         # + the audio stem (fp64)
+    assert by[0]["bytes_down"] == by[1]["bytes_down"] == 10 * 4 + 3 * 8 + 4 * 2 + 5 * 4
+    _, metrics, _ = run_round(g, [0], updates.__getitem__, share=lambda k: is_shared(k, False), weighting="total")
+    assert metrics[0]["bytes_up"] == metrics[0]["bytes_down"] == 10 * 4 + 3 * 8 + 4 * 2  # the head stays local

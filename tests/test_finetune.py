@@ -109,3 +109,14 @@ def test_finetune_bad_input(tmp_path):
     (tmp_path / "x.pt").write_bytes(b"garbage")
     with pytest.raises(SystemExit, match="unreadable"):
         finetune.main(["--ckpt", str(tmp_path / "x.pt")])
+
+
+def test_control_pairs_are_uninformative_and_fusion_normalises_halves():
+    iy = torch.arange(10).repeat_interleave(200)
+    ay = torch.arange(20).repeat(30)  # 20 words, the first 10 are the image classes
+    ctrl = make_pairs(iy, ay, seed=0, informative=False)
+    assert (ctrl >= 0).all() and (ay[ctrl] < 10).all()
+    agree = (ay[ctrl] == iy).float().mean().item()
+    assert 0.05 < agree < 0.15  # about 1 in 10: the clip's class is independent of the image
+    h = fuse(torch.randn(5, 16) * 100, torch.randn(5, 8))
+    assert torch.allclose(h[:, :16].norm(dim=1), torch.ones(5)) and torch.allclose(h[:, 16:].norm(dim=1), torch.ones(5))

@@ -86,3 +86,40 @@ def test_show_partition_prints_counts(tmp_path, cache_dir, capsys):
     out = capsys.readouterr().out
     assert "image: client | n | per-class counts (10 classes)" in out and "audio: client" in out
     assert not (tmp_path / "run").exists()
+
+
+def _log(out):
+    return [json.loads(ln) for ln in (out / "log.jsonl").read_text().splitlines()]
+
+
+def test_separate_models_train_on_fssuavls_exact_clients_rounds_and_data(tmp_path, cache_dir):
+    """The fair baselines: each round the same sampled client ids as FSSUAVL; the image-only model trains
+    exactly the sampled clients holding images, on the same number of image samples (same indices), and
+    the others sit out."""
+    fed = ["--fed.clients=6", "--fed.clients_per_round=3", "--fed.rounds=3", "--fed.modality_fractions=[0.4, 0.4, 0.2]",
+           "--optim.batch_size=32", "--run.final_probe=false", "--run.eval_every=0"]
+    both, _ = run(tmp_path, cache_dir, *fed, name="both")
+    logs = {"both": _log(both)[1:]}
+    for m in ("image", "audio"):
+        out, _ = run(tmp_path, cache_dir, *fed, f"--data.modalities=[{m}]", name=m)
+        logs[m] = _log(out)[1:]
+    for r_both, r_img, r_aud in zip(logs["both"], logs["image"], logs["audio"]):
+        assert r_both["clients"] == r_img["clients"] == r_aud["clients"]
+        for m, rec in (("image", r_img), ("audio", r_aud)):
+            holders = {c["client"]: c[f"samples_{m}"] for c in r_both["per_client"] if c[f"samples_{m}"] > 0}
+            assert {c["client"]: c[f"samples_{m}"] for c in rec["per_client"]} == holders
+            assert set(rec.get("sat_out", [])) == set(rec["clients"]) - set(holders)
+            assert rec[f"samples_{m}"] == r_both[f"samples_{m}"]
+
+
+def test_a_round_logs_what_moved_and_what_ran(tmp_path, cache_dir):
+    out, res = run(tmp_path, cache_dir)
+    rec = _log(out)[1]
+    ck = torch.load(out / "last.pt", weights_only=True)
+    per_model = sum(v.numel() * v.element_size() for v in ck["model"].values())
+    assert rec["bytes_down"] == 2 * per_model and rec["bytes_up"] == 2 * per_model  # smoke: 2 clients hold both
+    assert rec["steps"] == sum(c["steps"] for c in rec["per_client"])
+    flops = ck["forward_flops"]
+    assert rec["fwd_flops"] == 2 * (rec["samples_image"] * flops["image"] + rec["samples_audio"] * flops["audio"])
+    hist = res["history"]
+    assert {"probe_image", "probe_audio"} <= set(hist[0]) and {"probe_image", "probe_audio"} <= set(hist[-1])
