@@ -12,7 +12,8 @@ Measured side by side, each section warmed up, then timed `--repeats` times (min
       transforms per sample (images) / per-sample log-mel + SpecAugment with torchaudio (audio), in fp32, and
       again with bf16 + channels_last, so the data-pipeline gain at equal numerics is visible;
   (c) one FedAvg aggregation over K client states vs one client's local epoch;
-  (d) peak memory; (e) round time vs K clients per round and vs input size; on CUDA, achieved TFLOP/s
+  (d) peak memory; (e) round time vs K clients per round (real rounds of federation.run_round, measured) and
+      throughput vs input size; (f) run.compile on vs off (same numerics, same run); on CUDA, achieved TFLOP/s
       (torch's flop counter) as a fraction of the GPU's bf16 peak.
 """
 from __future__ import annotations
@@ -34,7 +35,7 @@ import torch.nn.functional as F
 
 import runtime
 from data import LogMel, load_data
-from federation import WeightedAverage, local_ssl_update, make_optimizer
+from federation import ClientUpdate, WeightedAverage, local_ssl_update, make_optimizer, run_round
 from models import build_model, nt_xent
 from pretrain import PretrainConfig
 
@@ -83,6 +84,25 @@ def ours_runner(model, opt, md, modality, cfg, steps, batch, device, amp):
         local_ssl_update(model, opt, scaler, {modality: md}, {modality: idx}, cfg.data, fed, optim, cfg.loss.tau,
                          cfg.optim.peak_lr, g, amp, max_steps=steps)
     return run
+
+
+def round_runner(model, opt, md, cfg, k, steps, batch, device):
+    """One real round (federation.run_round: load the global state, local update, streaming FedAvg) over k
+    clients, each holding steps * batch image samples."""
+    fed = dataclasses.replace(cfg.fed, local_epochs=1, order="alternate", cross_modal_negatives=False)
+    optim = dataclasses.replace(cfg.optim, batch_size=batch)
+    scaler = runtime.make_scaler(device, cfg.run.amp)
+    state = {n: v.detach().clone() for n, v in model.state_dict().items()}
+    n = len(md.train_x)
+
+    def local_update(cid):
+        model.load_state_dict(state)
+        g = torch.Generator(device=device).manual_seed(cid)
+        idx = torch.randint(n, (steps * batch,), generator=g, device=device)
+        out = local_ssl_update(model, opt, scaler, {"image": md}, {"image": idx}, cfg.data, fed, optim, cfg.loss.tau,
+                               cfg.optim.peak_lr, g, cfg.run.amp)
+        return ClientUpdate(cid, model.state_dict(), {"image": len(idx)}, out)
+    return lambda: run_round(state, list(range(k)), local_update)
 
 
 # ----------------------------------------------------------------------------- (b) the standard pipeline
@@ -178,6 +198,7 @@ def main(argv=None) -> dict:
     p.add_argument("--workers", type=int, default=-1, help="DataLoader workers of the standard pipeline (-1: cores)")
     p.add_argument("--out", default="results/bench.json")
     p.add_argument("--skip-scaling", action="store_true")
+    p.add_argument("--skip-compile", action="store_true", help="no run.compile rows (compiling takes a minute or more)")
     argv, overrides = runtime.split_overrides(list(sys.argv[1:] if argv is None else argv))
     args = p.parse_args(argv)
     cfg = runtime.load_config(PretrainConfig, args.config, overrides)
@@ -241,6 +262,15 @@ def main(argv=None) -> dict:
             r["ratio_vs_standard_same_numerics"] = r["samples_per_s_median"] / std_fast["samples_per_s_median"]
             print(f"{'':44s} ratio vs standard fp32: {r['ratio_vs_standard']:.2f}x; vs standard with the same "
                   f"numerics: {r['ratio_vs_standard_same_numerics']:.2f}x")
+        if not args.skip_compile:  # run.compile: the trunk compiled in place; compilation happens in the warm-up
+            amp = cfg.run.amp if runtime.amp_active(device, cfg.run.amp) else "fp32"
+            eager = next(x for x in reversed(rows) if x["modality"] == m and x["pipeline"].startswith("ours"))
+            model, opt = fresh_model(channels_last=resnet and amp != "fp32")
+            model.trunk.compile()
+            c = row(f"ours + run.compile ({amp})", m, timed(
+                ours_runner(model, opt, md, m, cfg, args.steps, B_m, device, amp), W + 1, R), B_m)
+            c["ratio_vs_eager"] = c["samples_per_s_median"] / eager["samples_per_s_median"]
+            print(f"{'':44s} ratio vs the same without compile: {c['ratio_vs_eager']:.2f}x")
     res["throughput"] = rows
 
     # (c) aggregation vs one client's local epoch
@@ -271,9 +301,8 @@ def main(argv=None) -> dict:
     if not args.skip_scaling and "image" in data:
         md = data["image"]
         model, opt = fresh_model()
-        runner = ours_runner(model, opt, md, "image", cfg, args.steps, B, device, cfg.run.amp)
-        per_client = min(timed(runner, 1, R))
-        res["round_vs_k"] = [{"k": k, "seconds_est": k * per_client + k * agg_s / K} for k in (1, 2, 4, 8)]
+        res["round_vs_k"] = [{"k": k, "seconds": statistics.median(timed(
+            round_runner(model, opt, md, cfg, k, args.steps, B, device), 1, R))} for k in (1, 2, 4, 8)]
         sizes = []
         for scale in (1, 2):
             hw = tuple(s * scale for s in md.shape[1:])
@@ -284,8 +313,8 @@ def main(argv=None) -> dict:
             secs = timed(ours_runner(m2, o2, big, "image", cfg, args.steps, B, device, cfg.run.amp), 1, R)
             sizes.append({"input": list(hw), "samples_per_s": B * args.steps / min(secs)})
         res["throughput_vs_input_size"] = sizes
-        print("round time vs K (one client = {:.2f} s of local steps): ".format(per_client) +
-              ", ".join(f"K={r['k']}: {r['seconds_est']:.2f} s" for r in res["round_vs_k"]))
+        print("round time vs K, measured (each client: {} local steps of {}): ".format(args.steps, B) +
+              ", ".join(f"K={r['k']}: {r['seconds']:.2f} s" for r in res["round_vs_k"]))
         print("throughput vs input size: " + ", ".join(f"{s['input']}: {s['samples_per_s']:.0f}/s" for s in sizes))
 
     if is_cuda:

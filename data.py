@@ -26,12 +26,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from runtime import ConfigError, check_range
+from runtime import ConfigError, UserError, check_range, expand_path
 
 MODALITIES = ("image", "audio")
 
 
-class DataError(RuntimeError):
+class DataError(UserError, RuntimeError):
     """A dataset problem the user can fix (missing files or packages, unreadable data)."""
 
 
@@ -108,19 +108,23 @@ class DataConfig:
     def __post_init__(self):
         check_dataset_name(self.dataset)
         check_range("data.max_bad_frac", self.max_bad_frac, lo=0.0, hi=1.0)
-        check_range("data.image_size", self.image_size, lo=0)
+        check_range("data.image_size", self.image_size, lo=0, hi=4096)
         if not self.modalities or set(self.modalities) - set(MODALITIES) or len(set(self.modalities)) != len(self.modalities):
             raise ConfigError(f"data.modalities={list(self.modalities)}: expected a non-empty subset of {list(MODALITIES)}")
-        check_range("data.n_voices", self.n_voices, lo=2)
+        check_range("data.n_voices", self.n_voices, lo=2, hi=2000)
         check_range("data.test_voice_frac", self.test_voice_frac, lo=0.0, hi=1.0, lo_open=True)
-        check_range("data.sample_rate", self.sample_rate, lo=1000)
-        check_range("data.clip_seconds", self.clip_seconds, lo=0.0, lo_open=True)
-        check_range("data.n_mels", self.n_mels, lo=8)
+        check_range("data.sample_rate", self.sample_rate, lo=1000, hi=384_000)
+        check_range("data.clip_seconds", self.clip_seconds, lo=0.0, lo_open=True, hi=600.0)
+        check_range("data.n_mels", self.n_mels, lo=8, hi=1024)
+        check_range("data.test_fold", self.test_fold, lo=1, hi=10)
+        check_range("data.dither_db", self.dither_db, hi=0.0)
+        for k in ("root", "image_root", "audio_root", "cache_dir"):
+            setattr(self, k, expand_path(getattr(self, k)))
         check_range("data.max_train_images", self.max_train_images, lo=0)
         for k in ("knn_bank", "knn_queries", "knn_k"):
             check_range(f"data.{k}", getattr(self, k), lo=0)
-        if self.hop_ms <= 0 or self.win_ms < self.hop_ms:
-            raise ConfigError(f"data.win_ms={self.win_ms}, data.hop_ms={self.hop_ms}: need 0 < hop_ms <= win_ms")
+        if self.hop_ms <= 0 or self.win_ms < self.hop_ms or self.win_ms > 1000:
+            raise ConfigError(f"data.win_ms={self.win_ms}, data.hop_ms={self.hop_ms}: need 0 < hop_ms <= win_ms <= 1000")
 
 
 def check_dataset_name(name: str) -> None:
@@ -160,6 +164,48 @@ def stratified_subset(y, n: int, seed: int) -> np.ndarray:
         take[j] += 1
     out = [rng.choice(np.nonzero(y == c)[0], size=k, replace=False) for c, k in zip(classes, take) if k]
     return np.sort(np.concatenate(out))
+
+
+# ----------------------------------------------------------------------------- caches
+
+def source_fingerprint(*paths) -> str:
+    """A digest of what a cache entry was built from: every file under `paths` (files or folders) with its
+    relative name, size and modification time. Editing, adding or removing a file (a labels.csv, a clip)
+    changes it, so a stale cache is never reused."""
+    h = hashlib.sha1()
+    for root in paths:
+        root = Path(root)
+        files = [root] if root.is_file() else sorted(q for q in root.rglob("*") if q.is_file()) if root.is_dir() else []
+        h.update(str(root.resolve()).encode())
+        for f in files:
+            st = f.stat()
+            h.update(f"{f.relative_to(root) if f != root else f.name}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:12]
+
+
+def read_npz(path: Path, warn=print) -> dict | None:
+    """Every array of a cache file, or None (with a message naming the file) when it is missing, truncated or
+    corrupt, so the caller rebuilds it."""
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except Exception as e:  # noqa: BLE001 - zipfile, zlib and numpy raise several types for a damaged file
+        warn(f"cache {path} is unreadable ({type(e).__name__}: {str(e)[:120]}); rebuilding it")
+        return None
+
+
+def write_npz(path: Path, arrays: dict) -> None:
+    """Write a cache file atomically through a temp name unique to this process and call, so two builds at
+    once never share (and break) one temp file; the last rename wins, with the same content."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}-{os.urandom(4).hex()}.tmp.npz")
+    try:
+        np.savez(tmp, **arrays)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------- the data in memory
@@ -314,9 +360,11 @@ def build_avfashion(cfg: DataConfig, progress: bool = True) -> Path:
     from tqdm import tqdm
 
     recipe = avfashion_recipe(cfg)
-    key = hashlib.sha1(repr(sorted(recipe.items())).encode()).hexdigest()[:10]
+    # keyed by the recipe and by what it reads: the Fashion-MNIST files and the installed espeak-ng
+    source = (source_fingerprint(cfg.root or FASHION_MNIST_DIR), _run_espeak(["--version"]).decode().strip())
+    key = hashlib.sha1(repr((sorted(recipe.items()), source)).encode()).hexdigest()[:10]
     path = cache_root(cfg) / f"avfashion-v{AVFASHION_VERSION}-{key}.npz"
-    if path.is_file():
+    if read_npz(path) is not None:
         return path
     fm = load_fashion_mnist(cfg.root or FASHION_MNIST_DIR)
     variants = espeak_variants()
@@ -359,14 +407,11 @@ def build_avfashion(cfg: DataConfig, progress: bool = True) -> Path:
     test_voices = np.zeros(len(voices), dtype=bool)
     test_voices[order[:n_test]] = True
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, image_train_x=fm["train_x"], image_train_y=fm["train_y"].astype(np.int64),
-             image_test_x=fm["test_x"], image_test_y=fm["test_y"].astype(np.int64),
-             audio=np.stack(audio), audio_y=np.asarray(words, dtype=np.int64),
-             audio_speaker=np.asarray(speaker, dtype=np.int64), test_voice=test_voices,
-             voices=np.asarray(["{}+{} s{} p{}".format(*v) for v in voices]), recipe=np.asarray(repr(recipe)))
-    os.replace(tmp, path)
+    write_npz(path, dict(image_train_x=fm["train_x"], image_train_y=fm["train_y"].astype(np.int64),
+                         image_test_x=fm["test_x"], image_test_y=fm["test_y"].astype(np.int64),
+                         audio=np.stack(audio), audio_y=np.asarray(words, dtype=np.int64),
+                         audio_speaker=np.asarray(speaker, dtype=np.int64), test_voice=test_voices,
+                         voices=np.asarray(["{}+{} s{} p{}".format(*v) for v in voices]), recipe=np.asarray(repr(recipe))))
     return path
 
 
@@ -421,10 +466,9 @@ def logmel_stats(train: torch.Tensor, chunk: int = 4096) -> tuple[torch.Tensor, 
 
 def load_avfashion(cfg: DataConfig, device, progress: bool = True) -> dict[str, ModalityData]:
     path = build_avfashion(cfg, progress=progress)
-    try:
-        z = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as e:
-        raise DataError(f"AV-Fashion cache {path} is unreadable ({e}); delete it to rebuild") from e
+    z = read_npz(path)
+    if z is None:
+        raise DataError(f"AV-Fashion cache {path} could not be read back right after it was built: check the disk")
     out = {}
     if "image" in cfg.modalities:
         tx = torch.from_numpy(z["image_train_x"]).unsqueeze(1)
@@ -450,9 +494,16 @@ def load_avfashion(cfg: DataConfig, device, progress: bool = True) -> dict[str, 
 def load_data(cfg: DataConfig, device, progress: bool = True) -> dict[str, ModalityData]:
     """The configured dataset as {modality: ModalityData} on `device`, for the configured modalities."""
     if cfg.dataset == "avfashion":
-        return load_avfashion(cfg, device, progress=progress)
-    from datasets import load_named
-    return load_named(cfg, device, progress=progress)
+        data = load_avfashion(cfg, device, progress=progress)
+    else:
+        from datasets import load_named
+        data = load_named(cfg, device, progress=progress)
+    for m, md in data.items():
+        found = torch.unique(md.train_y).numel()
+        if found < 2:
+            raise DataError(f"{cfg.dataset}: the {m} training split has {found} class; contrastive pretraining and "
+                            f"its evaluation need at least two labelled classes")
+    return data
 
 
 # ----------------------------------------------------------------------------- augmentations
@@ -489,6 +540,20 @@ def random_resized_crop(x: torch.Tensor, g: torch.Generator, scale, ratio, flip_
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
+YIQ = ((0.299, 0.587, 0.114), (0.596, -0.274, -0.322), (0.211, -0.523, 0.312))
+YIQ_INV = ((1.0, 0.956170685404, 0.621432566347), (1.0, -0.27268860233, -0.64681323702), (1.0, -1.103744082176, 1.700623094677))
+_YIQ_CACHE: dict = {}
+
+
+def _yiq(device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """RGB->YIQ and its inverse on `device`, made once: a new host tensor every step would be a blocking copy
+    (and torch.linalg.inv checks its result on the host), both of which stall a CUDA stream."""
+    key = (str(device), dtype)
+    if key not in _YIQ_CACHE:
+        _YIQ_CACHE[key] = (torch.tensor(YIQ, device=device, dtype=dtype), torch.tensor(YIQ_INV, device=device, dtype=dtype))
+    return _YIQ_CACHE[key]
+
+
 def color_jitter(x: torch.Tensor, g: torch.Generator, strengths, p: float) -> torch.Tensor:
     """Per-sample brightness, contrast, saturation and hue jitter on float (B, C, H, W) in [0, 1],
     applied to a random p-fraction of the batch (SimCLR; fixed order b, c, s, h)."""
@@ -506,13 +571,13 @@ def color_jitter(x: torch.Tensor, g: torch.Generator, strengths, p: float) -> to
         y = ((y - gr) * factor(s) + gr).clamp(0, 1)
         # hue: rotate the chroma plane of YIQ by a per-sample angle
         ang = _uniform(g, B, -h, h, dev) * 2 * math.pi
-        yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], device=dev)
+        yiq, yiq_inv = _yiq(dev, y.dtype)
         t = torch.einsum("ij,bjhw->bihw", yiq, y)
         cos, sin = torch.cos(ang).view(B, 1, 1), torch.sin(ang).view(B, 1, 1)
         i2 = t[:, 1] * cos - t[:, 2] * sin
         q2 = t[:, 1] * sin + t[:, 2] * cos
         t = torch.stack([t[:, 0], i2, q2], dim=1)
-        y = torch.einsum("ij,bjhw->bihw", torch.linalg.inv(yiq), t).clamp(0, 1)
+        y = torch.einsum("ij,bjhw->bihw", yiq_inv, t).clamp(0, 1)
     return torch.where(on, y, x)
 
 
@@ -681,6 +746,9 @@ def partition(data: dict[str, ModalityData], n_clients: int, scheme: str, alpha:
         rng = np.random.default_rng([seed, 1 + MODALITIES.index(m)])
         owners = [k for k in range(n_clients) if m in holds[k]]
         labels = md.train_y.cpu().numpy()
+        if len(owners) * min_size > len(labels):
+            raise ConfigError(f"cannot give {len(owners)} clients at least {min_size} {m} samples each from "
+                              f"{len(labels)} samples: use fewer clients (fed.clients)")
         if scheme == "iid":
             parts = iid_partition(len(labels), len(owners), rng)
         elif scheme == "natural" and md.train_group is not None:

@@ -33,7 +33,8 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from data import DataConfig, DataError, ModalityData, cache_root, logmel_stats, stratified_subset, waveforms_to_logmel
+from data import (DataConfig, DataError, ModalityData, cache_root, logmel_stats, read_npz, source_fingerprint,
+                  stratified_subset, waveforms_to_logmel, write_npz)
 
 CACHE_VERSION = 1
 IMAGE_DATASETS = ("cifar10", "cifar100", "stl10", "tinyimagenet", "imagefolder")
@@ -323,6 +324,10 @@ def list_audiofolder(root: Path, cfg: DataConfig):
     rows = list(csv.DictReader(open(meta, newline="")))
     if not rows or not {"file", "label"} <= set(rows[0]):
         raise DataError(f"audiofolder: {meta} needs a header with at least the columns file,label")
+    for line, r in enumerate(rows, start=2):
+        if not (r.get("label") or "").strip() or not (r.get("file") or "").strip():
+            raise DataError(f"audiofolder: {meta} line {line}: empty {'label' if (r.get('file') or '').strip() else 'file'} "
+                            f"({r}); every row needs a file and a label")
     classes = sorted({r["label"] for r in rows})
     index = {c: i for i, c in enumerate(classes)}
     rng = np.random.default_rng(cfg.build_seed)
@@ -471,23 +476,17 @@ def read_vggsound(root: Path, cfg: DataConfig, bad: BadFiles) -> tuple[dict, dic
 # ----------------------------------------------------------------------------- cache and conversion
 
 def _cached(kind: str, name: str, root: Path, cfg: DataConfig, params: dict, build: Callable[[BadFiles], dict]) -> dict:
-    """Decode once: arrays are kept in an npz under the cache root, keyed by dataset, root path and the
-    parameters that shape the arrays; a changed recipe builds a new entry."""
-    key = hashlib.sha1(repr((CACHE_VERSION, kind, name, str(Path(root).resolve()), sorted(params.items()))).encode()).hexdigest()[:12]
+    """Decode once: arrays are kept in an npz under the cache root, keyed by dataset, the parameters that shape
+    the arrays and the content they were built from (every file under root with its size and mtime), so an
+    edited labels.csv or an added clip builds a new entry. A corrupt entry is named and rebuilt."""
+    key = hashlib.sha1(repr((CACHE_VERSION, kind, name, source_fingerprint(root), sorted(params.items()))).encode()).hexdigest()[:12]
     path = cache_root(cfg) / f"{name}-{kind}-v{CACHE_VERSION}-{key}.npz"
-    if path.is_file():
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                out = {k: z[k] for k in z.files}
-            out["classes"] = [str(c) for c in out["classes"]]
-            return out
-        except (OSError, ValueError, KeyError):
-            print(f"{path} is unreadable; rebuilding it")
+    out = read_npz(path)
+    if out is not None and "classes" in out:
+        out["classes"] = [str(c) for c in out["classes"]]
+        return out
     arrays = build(BadFiles(name, cfg.max_bad_frac))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, **{k: (np.asarray(v) if k != "classes" else np.asarray(v, dtype=str)) for k, v in arrays.items()})
-    os.replace(tmp, path)
+    write_npz(path, {k: (np.asarray(v) if k != "classes" else np.asarray(v, dtype=str)) for k, v in arrays.items()})
     return arrays
 
 

@@ -43,16 +43,16 @@ class FedConfig:
     trim_frac: float = 0.1              # trimmed_mean: fraction cut from each end per coordinate
 
     def __post_init__(self):
-        check_range("fed.clients", self.clients, lo=1)
+        check_range("fed.clients", self.clients, lo=1, hi=1_000_000)
         check_range("fed.clients_per_round", self.clients_per_round, lo=1)
         if self.clients_per_round > self.clients:
             raise ConfigError(f"fed.clients_per_round={self.clients_per_round} is larger than fed.clients={self.clients}")
-        check_range("fed.rounds", self.rounds, lo=1)
-        check_range("fed.local_epochs", self.local_epochs, lo=1)
+        check_range("fed.rounds", self.rounds, lo=1, hi=1_000_000)
+        check_range("fed.local_epochs", self.local_epochs, lo=1, hi=10_000)
         check_choice("fed.partition", self.partition, ("iid", "dirichlet", "pathological", "natural"))
         check_range("fed.classes_per_client", self.classes_per_client, lo=1)
-        check_range("fed.alpha", self.alpha, lo=0.0, lo_open=True)
-        check_range("fed.min_client_size", self.min_client_size, lo=1)
+        check_range("fed.alpha", self.alpha, lo=0.0, lo_open=True, hi=1e6)
+        check_range("fed.min_client_size", self.min_client_size, lo=1, hi=1_000_000)
         check_choice("fed.order", self.order, ("alternate", "sum"))
         check_choice("fed.federation", self.federation, ("joint", "single"))
         check_choice("fed.weighting", self.weighting, ("modality", "total"))
@@ -81,12 +81,15 @@ class OptimConfig:
     def __post_init__(self):
         check_choice("optim.name", self.name, ("sgd", "adamw"))
         check_choice("optim.schedule", self.schedule, ("cosine", "constant"))
-        check_range("optim.lr", self.lr, lo=0.0, lo_open=True)
-        check_range("optim.batch_size", self.batch_size, lo=2)
+        check_range("optim.lr", self.lr, lo=0.0, lo_open=True, hi=1000.0)
+        check_range("optim.batch_size", self.batch_size, lo=2, hi=1 << 20)
         if self.batch_size_audio:
-            check_range("optim.batch_size_audio", self.batch_size_audio, lo=2)
-        for k in ("momentum", "weight_decay", "warmup_rounds", "min_lr_frac", "grad_clip"):
-            check_range(f"optim.{k}", getattr(self, k), lo=0)
+            check_range("optim.batch_size_audio", self.batch_size_audio, lo=2, hi=1 << 20)
+        check_range("optim.momentum", self.momentum, lo=0, hi=0.9999)
+        check_range("optim.weight_decay", self.weight_decay, lo=0, hi=1.0)
+        check_range("optim.warmup_rounds", self.warmup_rounds, lo=0)
+        check_range("optim.min_lr_frac", self.min_lr_frac, lo=0, hi=1.0)
+        check_range("optim.grad_clip", self.grad_clip, lo=0)
 
     @property
     def peak_lr(self) -> float:

@@ -52,6 +52,18 @@ class EvalConfig:
     batch_size: int = 256
 
     def __post_init__(self):
+        for key in ("tasks", "protocols", "label_fractions", "wd_grid"):
+            if not getattr(self, key):
+                raise ConfigError(f"eval.{key}=[]: give at least one (an empty list would write a results file with no rows)")
+        self.fluidr3_sf2 = runtime.expand_path(self.fluidr3_sf2)
+        runtime.check_range("eval.probe_iters", self.probe_iters, lo=1, hi=100_000)
+        runtime.check_range("eval.finetune_epochs", self.finetune_epochs, lo=1, hi=10_000)
+        runtime.check_range("eval.finetune_lr", self.finetune_lr, lo=0.0, lo_open=True, hi=100.0)
+        runtime.check_range("eval.batch_size", self.batch_size, lo=2, hi=1 << 20)
+        runtime.check_range("eval.knn_t", self.knn_t, lo=0.0, lo_open=True, hi=100.0)
+        runtime.check_range("eval.max_train_images", self.max_train_images, lo=0)
+        for wd in self.wd_grid:
+            runtime.check_range("eval.wd_grid", wd, lo=0.0, hi=10.0)
         for t in self.tasks:
             runtime.check_choice("eval.tasks", t, TASKS)
         for p in self.protocols:
@@ -204,18 +216,21 @@ def finetune_model(model, md: ModalityData, modality: str, idx: torch.Tensor, da
     g = runtime.make_generator(device, seed, "finetune", modality)
     steps = max(1, math.ceil(len(idx) / cfg.batch_size)) * cfg.finetune_epochs
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    scaler = runtime.make_scaler(device, amp)  # the same AMP path as pretraining: fp16 needs loss scaling
     net.train()
     for _ in range(cfg.finetune_epochs):
         perm = idx[torch.randperm(len(idx), generator=g, device=device)]
         for b in perm.split(cfg.batch_size):
             if len(b) < 2:
                 continue
+            x = augment(modality, md.train_x[b], md, data_cfg, g)  # the view in fp32, outside autocast
             with autocast(device, amp):
-                x = augment(modality, md.train_x[b], md, data_cfg, g)
-                loss = F.cross_entropy(head(net.features(x, modality)).float(), md.train_y[b])
+                logits = head(net.features(x, modality))
+            loss = F.cross_entropy(logits.float(), md.train_y[b])
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
             sched.step()
     f, y = extract_features(net, md, "test", modality, normalize=False, amp=amp)
     with torch.no_grad():
@@ -274,6 +289,11 @@ def load_backbone(ckpt_path, random_init: bool = False, seed: int = 0, device="c
         raise CheckpointError(f"{ckpt_path}: backbone keys do not match the model built from its config: "
                               f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
                               f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
+    wrong = [f"{k}: checkpoint {tuple(ck['model'][k].shape)} vs model {tuple(v.shape)}" for k, v in model.state_dict().items()
+             if k in want and tuple(ck["model"][k].shape) != tuple(v.shape)]
+    if wrong:
+        raise CheckpointError(f"{ckpt_path}: tensor shapes do not match the model built from its config "
+                              f"(edited config or another model's weights): {'; '.join(wrong[:3])}")
     result = model.load_state_dict({k: ck["model"][k] for k in want}, strict=False)
     assert all(k.startswith(IGNORED_PREFIXES) for k in result.missing_keys) and not result.unexpected_keys
     return model, ck
@@ -382,42 +402,74 @@ def parse_args(argv):
     return runtime.parse_with_overrides(p, argv)
 
 
+def _read_yaml(path) -> dict:
+    import yaml
+    p = Path(runtime.expand_path(str(path)))
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{p}: not a readable YAML config ({type(e).__name__}: {str(e).splitlines()[0][:150]})") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{p}: top level must be a mapping of sections (eval, run, data)")
+    return raw
+
+
+def check_inputs(data: dict[str, ModalityData], ck: dict, cfg: FinetuneConfig) -> None:
+    """The backbone only fits the inputs it was trained on: compare the data's input shapes with the
+    checkpoint's and name the data options that differ."""
+    trained = {m: tuple(s) for m, s in ck["input_shapes"].items()}
+    bad = {m: (md.shape, trained[m]) for m, md in data.items() if m in trained and tuple(md.shape) != trained[m]}
+    if bad:
+        was = ck["config"].get("data", {})
+        now = runtime.to_dict(cfg.data)
+        keys = [f"data.{k}={now[k]!r} (checkpoint: {was[k]!r})" for k in sorted(now) if k in was and now[k] != was[k]
+                and not isinstance(now[k], dict)]
+        shapes = "; ".join(f"{m} inputs are {tuple(a)} but the checkpoint was trained on {tuple(b)}" for m, (a, b) in bad.items())
+        raise ConfigError(f"{shapes}. " + (f"Options that differ: {', '.join(keys)}" if keys else
+                                          "Use the data options the checkpoint was trained with"))
+
+
 def main(argv=None) -> dict:
-    args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
-    ckpt_path = Path(args.ckpt)
+    return runtime.run_main(_main, sys.argv[1:] if argv is None else argv)
+
+
+def _main(argv) -> dict:
+    args, overrides = parse_args(argv)
+    ckpt_path = Path(runtime.expand_path(args.ckpt))
     if ckpt_path.is_dir():
         ckpt_path = ckpt_path / "last.pt"
-    try:
-        ck = runtime.load_checkpoint(ckpt_path)
-        raw = {}
-        if args.config:
-            import yaml
-            if not Path(args.config).is_file():
-                raise ConfigError(f"config file not found: {args.config}")
-            raw = yaml.safe_load(Path(args.config).read_text()) or {}
-        data_raw = dict(ck["config"]["data"])
-        data_raw.update(raw.pop("data", {}) or {})
-        data_raw["modalities"] = list(ck["input_shapes"])  # the tasks the backbone has stems for
-        raw["data"] = data_raw
-        runtime.apply_overrides(raw, overrides)
-        cfg = runtime.build_dataclass(FinetuneConfig, raw)
-    except (ConfigError, CheckpointError) as e:
-        sys.exit(f"error: {e}")
+    ck = runtime.load_checkpoint(ckpt_path)
+    raw = {}
+    if args.config:
+        raw = _read_yaml(args.config)
+    data_raw = dict(ck["config"]["data"])
+    data_raw.update(raw.pop("data", {}) or {})
+    data_raw["modalities"] = list(ck["input_shapes"])  # the tasks the backbone has stems for
+    raw["data"] = data_raw
+    runtime.apply_overrides(raw, overrides)
+    cfg = runtime.build_dataclass(FinetuneConfig, raw)
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     runtime.seed_everything(cfg.run.seed, cfg.run.deterministic)
     device = runtime.resolve_device(cfg.run.device)
     cfg.data.max_train_images = cfg.eval.max_train_images
-    try:
-        model, _ = load_backbone(ckpt_path, args.random_init, cfg.run.seed, device)
-        data = load_data(cfg.data, device, progress=cfg.run.progress and sys.stderr.isatty())
-    except (CheckpointError, DataError, ConfigError) as e:
-        sys.exit(f"error: {e}")
+    model, _ = load_backbone(ckpt_path, args.random_init, cfg.run.seed, device)
+    data = load_data(cfg.data, device, progress=cfg.run.progress and sys.stderr.isatty())
+    check_inputs(data, ck, cfg)
+    for m, st in ck.get("input_stats", {}).items():  # normalise exactly as in pretraining
+        if m in data:
+            data[m].mean = torch.tensor(st["mean"], device=device)
+            data[m].std = torch.tensor(st["std"], device=device)
 
     t = runtime.Timer()
     rows = evaluate(model, data, cfg, device)
     out_dir = Path(cfg.run.out_dir) if cfg.run.out_dir else ckpt_path.parent
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise runtime.RunDirError(f"cannot write results to {out_dir}: {e.strerror or e}") from e
     stem = "results_random_init" if args.random_init else "results"
     result = {"ckpt": str(ckpt_path), "random_init": args.random_init, "round": ck["round"],
               "model": ck["config"]["model"], "pretrain_modalities": list(ck["input_shapes"]),

@@ -47,59 +47,85 @@ class ModelConfig:
         check_choice("model.input_sharing", self.input_sharing, ("per_modality", "shared"))
         check_choice("model.head", self.head, ("shared", "per_modality"))
         check_choice("model.bn_stats", self.bn_stats, ("per_modality", "shared"))
-        check_range("model.proj_dim", self.proj_dim, lo=1)
-        check_range("model.patch_size", self.patch_size, lo=1)
+        check_range("model.proj_dim", self.proj_dim, lo=1, hi=65536)
+        check_range("model.patch_size", self.patch_size, lo=1, hi=1024)
         if self.bn_momentum is not None:
             check_range("model.bn_momentum", self.bn_momentum, lo=0.0, hi=1.0, lo_open=True)
-        for k in ("width", "depth", "proj_hidden"):
+        for k, hi in (("width", 8192), ("depth", 256), ("proj_hidden", 65536)):
             if getattr(self, k) is not None:
-                check_range(f"model.{k}", getattr(self, k), lo=1)
+                check_range(f"model.{k}", getattr(self, k), lo=1, hi=hi)
 
 
 # ----------------------------------------------------------------------------- ResNet
 
-class ModalityBatchNorm2d(nn.Module):
-    """BatchNorm with one affine (gamma, beta) shared by all modalities and separate running statistics
-    per modality. Training normalises with batch statistics either way (every batch holds one modality);
-    only the eval-mode statistics differ: averaged over image and audio batches, they fit neither.
-    The active modality is set by FSSUAVLModel.features. momentum=None is a cumulative average, as in
-    nn.BatchNorm2d."""
+class BatchNorm(nn.Module):
+    """BatchNorm for (B, C) or (B, C, H, W) inputs whose training step never waits on the device and never
+    changes a Python constant (so torch.compile compiles it once).
 
-    def __init__(self, num_features: int, modalities: tuple[str, ...], momentum: Optional[float] = 0.1,
-                 eps: float = 1e-5):
+    momentum=None keeps a cumulative average, as nn.BatchNorm does, but stock BatchNorm computes its factor as
+    1 / float(num_batches_tracked): a host sync per layer per step on CUDA. Here the batch statistics are
+    written by F.batch_norm with the constant momentum 1.0 into scratch buffers, and the running statistics move
+    toward them by torch.lerp_ with the factor 1 / num_batches_tracked computed on the device.
+
+    modalities=None: one set of running statistics under the stock names (running_mean, running_var,
+    num_batches_tracked). modalities=(...): one set per modality (running_mean_image, ...) and one shared affine
+    (gamma, beta), so it is still one backbone; `modality` (set by FSSUAVLModel.features) picks the set.
+    Training normalises with batch statistics either way; averaged over image and audio batches, eval-mode
+    statistics would fit neither."""
+
+    def __init__(self, num_features: int, momentum: Optional[float] = 0.1, eps: float = 1e-5,
+                 modalities: tuple[str, ...] | None = None):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(num_features))
         self.bias = nn.Parameter(torch.zeros(num_features))
-        self.modalities, self.modality = tuple(modalities), modalities[0]
         self.momentum, self.eps = momentum, eps
-        for m in modalities:
-            self.register_buffer(f"running_mean_{m}", torch.zeros(num_features))
-            self.register_buffer(f"running_var_{m}", torch.ones(num_features))
-            self.register_buffer(f"num_batches_tracked_{m}", torch.tensor(0, dtype=torch.long))
-        self._count = {m: 0 for m in modalities}  # host-side mirror of num_batches_tracked: no GPU sync per step
+        self.modalities = tuple(modalities) if modalities else None
+        self.modality = self.modalities[0] if self.modalities else None
+        for suffix in ([f"_{m}" for m in self.modalities] if self.modalities else [""]):
+            self.register_buffer(f"running_mean{suffix}", torch.zeros(num_features))
+            self.register_buffer(f"running_var{suffix}", torch.ones(num_features))
+            self.register_buffer(f"num_batches_tracked{suffix}", torch.tensor(0, dtype=torch.long))
+        if momentum is None:  # the batch statistics of the current step (not saved)
+            self.register_buffer("batch_mean", torch.zeros(num_features), persistent=False)
+            self.register_buffer("batch_var", torch.ones(num_features), persistent=False)
 
-    def reset_running_stats(self, modality: str) -> None:
-        self._buffers[f"running_mean_{modality}"].zero_()
-        self._buffers[f"running_var_{modality}"].fill_(1)
-        self._buffers[f"num_batches_tracked_{modality}"].zero_()
-        self._count[modality] = 0
+    def _suffix(self, modality: Optional[str]) -> str:
+        return f"_{modality}" if self.modalities else ""
+
+    def reset_running_stats(self, modality: Optional[str] = None) -> None:
+        sfx = self._suffix(modality)
+        self._buffers[f"running_mean{sfx}"].zero_()
+        self._buffers[f"running_var{sfx}"].fill_(1)
+        self._buffers[f"num_batches_tracked{sfx}"].zero_()
 
     def forward(self, x):
-        m = self.modality
-        factor = 0.0
-        if self.training:
-            self._buffers[f"num_batches_tracked_{m}"].add_(1)
-            self._count[m] += 1
-            factor = 1.0 / self._count[m] if self.momentum is None else self.momentum
-        return F.batch_norm(x, self._buffers[f"running_mean_{m}"], self._buffers[f"running_var_{m}"],
-                            self.weight, self.bias, self.training, factor, self.eps)
+        sfx = self._suffix(self.modality)
+        rm, rv = self._buffers[f"running_mean{sfx}"], self._buffers[f"running_var{sfx}"]
+        if not self.training:
+            return F.batch_norm(x, rm, rv, self.weight, self.bias, False, 0.0, self.eps)
+        nbt = self._buffers[f"num_batches_tracked{sfx}"]
+        nbt.add_(1)
+        if self.momentum is not None:
+            return F.batch_norm(x, rm, rv, self.weight, self.bias, True, self.momentum, self.eps)
+        out = F.batch_norm(x, self.batch_mean, self.batch_var, self.weight, self.bias, True, 1.0, self.eps)
+        with torch.no_grad():  # cumulative average: running += (batch - running) / n, n on the device
+            f = nbt.reciprocal().to(rm.dtype)
+            rm.lerp_(self.batch_mean, f)
+            rv.lerp_(self.batch_var, f)
+        return out
+
+
+def ModalityBatchNorm2d(num_features: int, modalities: tuple[str, ...], momentum: Optional[float] = 0.1,
+                        eps: float = 1e-5) -> BatchNorm:
+    """BatchNorm with per-modality running statistics and one shared affine (see BatchNorm)."""
+    return BatchNorm(num_features, momentum, eps, modalities)
 
 
 def make_norm(modalities: tuple[str, ...] | None, momentum: Optional[float]):
-    """BatchNorm2d factory: per-modality running statistics when given more than one modality."""
+    """BatchNorm factory: per-modality running statistics when given more than one modality."""
     if modalities and len(modalities) > 1:
-        return lambda c: ModalityBatchNorm2d(c, modalities, momentum)
-    return lambda c: nn.BatchNorm2d(c, momentum=momentum)
+        return lambda c: BatchNorm(c, momentum, modalities=modalities)
+    return lambda c: BatchNorm(c, momentum)
 
 
 def key_modality(name: str, modalities=MODALITIES) -> Optional[str]:
@@ -115,18 +141,19 @@ def reset_bn_stats(model: nn.Module, modalities) -> None:
     """Restart the cumulative running statistics (BN layers with momentum=None) that a client training
     on `modalities` will update, so the statistics it returns describe this round's weights."""
     for name, mod in model.named_modules():
-        if isinstance(mod, ModalityBatchNorm2d):
-            if mod.momentum is None:
-                for m in set(modalities) & set(mod.modalities):
-                    mod.reset_running_stats(m)
-        elif isinstance(mod, nn.modules.batchnorm._BatchNorm) and mod.momentum is None:
+        if not isinstance(mod, BatchNorm) or mod.momentum is not None:
+            continue
+        if mod.modalities:
+            for m in set(modalities) & set(mod.modalities):
+                mod.reset_running_stats(m)
+        else:
             owner = key_modality(name + ".x")
             if owner is None or owner in modalities:
                 mod.reset_running_stats()
 
 
 class BasicBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int, norm=nn.BatchNorm2d):  # norm: channels -> module
+    def __init__(self, cin: int, cout: int, stride: int, norm=BatchNorm):  # norm: channels -> module
         super().__init__()
         self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
         self.bn1 = norm(cout)
@@ -144,9 +171,8 @@ class BasicBlock(nn.Module):
 
 def resnet_stem(kind: str, cin: int, width: int, momentum: Optional[float] = 0.1) -> nn.Module:
     if kind == "cifar":  # He et al. CIFAR variant: keeps full resolution for 32 px inputs
-        return nn.Sequential(nn.Conv2d(cin, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width, momentum=momentum),
-                             nn.ReLU())
-    return nn.Sequential(nn.Conv2d(cin, width, 7, 2, 3, bias=False), nn.BatchNorm2d(width, momentum=momentum), nn.ReLU(),
+        return nn.Sequential(nn.Conv2d(cin, width, 3, 1, 1, bias=False), BatchNorm(width, momentum), nn.ReLU())
+    return nn.Sequential(nn.Conv2d(cin, width, 7, 2, 3, bias=False), BatchNorm(width, momentum), nn.ReLU(),
                          nn.MaxPool2d(3, 2, 1))
 
 
@@ -234,8 +260,7 @@ class ViTTrunk(nn.Module):
 
 def projection_head(din: int, hidden: int, dout: int, momentum: Optional[float] = 0.1) -> nn.Module:
     """SimCLR's 2-layer MLP head."""
-    return nn.Sequential(nn.Linear(din, hidden), nn.BatchNorm1d(hidden, momentum=momentum), nn.ReLU(),
-                         nn.Linear(hidden, dout))
+    return nn.Sequential(nn.Linear(din, hidden), BatchNorm(hidden, momentum), nn.ReLU(), nn.Linear(hidden, dout))
 
 
 class FSSUAVLModel(nn.Module):
@@ -249,7 +274,7 @@ class FSSUAVLModel(nn.Module):
         self.stems, self.trunk, self.heads = stems, trunk, heads
         self.in_channels = dict(in_channels)
         self.feat_dim = trunk.out_dim
-        self._modality_norms = [m for m in self.modules() if isinstance(m, ModalityBatchNorm2d)]
+        self._modality_norms = [m for m in self.modules() if isinstance(m, BatchNorm) and m.modalities]
 
     def features(self, x: torch.Tensor, modality: str) -> torch.Tensor:
         if modality not in self.in_channels:
@@ -313,7 +338,7 @@ def _init_weights(m: nn.Module) -> None:
     elif isinstance(m, nn.Linear):
         nn.init.trunc_normal_(m.weight, std=0.02)
         nn.init.zeros_(m.bias)
-    elif isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d, nn.LayerNorm, ModalityBatchNorm2d)):
+    elif isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d, nn.LayerNorm, BatchNorm)):
         nn.init.ones_(m.weight)
         nn.init.zeros_(m.bias)
 
@@ -339,5 +364,5 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, tau: float = 0.2, reduction: str
     z = F.normalize(torch.cat([z1, z2]).float(), dim=1)  # (2B, D)
     sim = z @ z.t() / tau  # (2B, 2B)
     sim.fill_diagonal_(float("-inf"))
-    target = torch.cat([torch.arange(B, 2 * B), torch.arange(0, B)]).to(z.device)
+    target = (torch.arange(2 * B, device=z.device) + B) % (2 * B)  # row i's positive; made on the device (no copy)
     return F.cross_entropy(sim, target, reduction=reduction)

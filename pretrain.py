@@ -38,7 +38,7 @@ class LossConfig:
     tau: float = 0.2  # NT-Xent temperature
 
     def __post_init__(self):
-        runtime.check_range("loss.tau", self.tau, lo=0.0, lo_open=True)
+        runtime.check_range("loss.tau", self.tau, lo=0.0, lo_open=True, hi=100.0)
 
 
 @dataclass
@@ -51,6 +51,9 @@ class PretrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
 
     def __post_init__(self):
+        if self.optim.warmup_rounds >= self.fed.rounds:
+            raise ConfigError(f"optim.warmup_rounds={self.optim.warmup_rounds} must be below fed.rounds={self.fed.rounds} "
+                              f"(the learning rate would never reach its peak)")
         if self.fed.order == "sum" and len(self.data.modalities) < 2 and self.fed.cross_modal_negatives:
             raise ConfigError("fed.cross_modal_negatives=true needs both data.modalities")
         if len(self.data.modalities) == 2 or self.fed.federation == "joint":
@@ -96,11 +99,14 @@ def resolve_config(args, overrides) -> tuple[PretrainConfig, dict | None]:
             return cfg, None
         ckpt, _ = found
     else:
-        run_dir = Path(args.resume)
-        found = runtime.load_latest_checkpoint(run_dir.parent if run_dir.is_file() else run_dir, warn=print)
-        if found is None:
-            raise runtime.CheckpointError(f"--resume {run_dir}: no last.pt or last.pt.prev there")
-        ckpt, path = found
+        run_dir = Path(runtime.expand_path(args.resume))
+        if run_dir.is_file():  # a named checkpoint (e.g. RUN/last.pt.prev) is loaded exactly as named
+            ckpt, path = runtime.load_checkpoint(run_dir), run_dir
+        else:
+            found = runtime.load_latest_checkpoint(run_dir, warn=print) if run_dir.is_dir() else None
+            if found is None:
+                raise runtime.CheckpointError(f"--resume {run_dir}: no last.pt or last.pt.prev there")
+            ckpt, path = found
         new = yaml.safe_load(yaml.safe_dump(ckpt["config"]))
         new["run"]["out_dir"] = str(path.parent)  # the run continues where its checkpoint is
         cfg = runtime.build_dataclass(PretrainConfig, runtime.apply_overrides(new, overrides))
@@ -228,27 +234,48 @@ def train_one_round(r: int, model, optimizer, scaler, global_state, client_state
     return new_state, out
 
 
+class Diverged(runtime.UserError):
+    """Every client of a round sent a non-finite update: nothing was trained, and nothing is saved as trained."""
+
+
 def main(argv=None) -> dict:
-    args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        cfg, ckpt = resolve_config(args, overrides)
-    except (ConfigError, runtime.CheckpointError) as e:
-        sys.exit(f"error: {e}")
+    return runtime.run_main(_main, sys.argv[1:] if argv is None else argv)
+
+
+def _main(argv) -> dict:
+    args, overrides = parse_args(argv)
+    cfg, ckpt = resolve_config(args, overrides)
     rc = cfg.run
+    out_dir = Path(rc.out_dir)
+    if args.show_partition or rc.dry_run:  # these write nothing: no run directory, no lock
+        return _run(args, cfg, ckpt)
+    run_dir = runtime.RunDir(out_dir)
+    run_dir.prepare(resume=bool(args.resume), overwrite=rc.overwrite)
+    try:  # the lock is released on every way out, so a caller in the same process can use the directory next
+        if args.resume:  # read the checkpoint again now that no other run can be writing it
+            cfg, ckpt = resolve_config(args, overrides)
+        if ckpt is not None and ckpt["round"] > cfg.fed.rounds:
+            raise ConfigError(f"fed.rounds={cfg.fed.rounds} is below the {ckpt['round']} rounds {out_dir} has already "
+                              f"completed; give fed.rounds >= {ckpt['round']}, or start a new run in another run.out_dir")
+        return _run(args, cfg, ckpt)
+    finally:
+        run_dir.release()
+
+
+def _run(args, cfg: PretrainConfig, ckpt: dict | None) -> dict:
+    """Data, model, optimiser, resume, the round loop; the run directory is already prepared and locked."""
+    rc = cfg.run
+    out_dir = Path(rc.out_dir)
     if rc.threads:
         torch.set_num_threads(rc.threads)
     runtime.seed_everything(rc.seed, rc.deterministic)
     device = runtime.resolve_device(rc.device)
-    out_dir = Path(rc.out_dir)
     progress = rc.progress and sys.stderr.isatty()
 
     # data
-    try:
-        data = load_data(cfg.data, device, progress=progress)
-        clients = make_clients(cfg, data)
-        check_clients(cfg, clients)
-    except (DataError, ConfigError) as e:
-        sys.exit(f"error: {e}")
+    data = load_data(cfg.data, device, progress=progress)
+    clients = make_clients(cfg, data)
+    check_clients(cfg, clients)
     if args.show_partition:
         print(describe_partition(clients, data))
         return {}
@@ -277,12 +304,13 @@ def main(argv=None) -> dict:
         global_state = {k: v.to(device) for k, v in ckpt["model"].items()}
         client_state = {int(c): {k: v.to(device) for k, v in s.items()} for c, s in ckpt["client_state"].items()}
         runtime.set_rng_state(ckpt["rng"])
+        if ckpt.get("scaler"):  # fp16: the loss scale carries over rounds, so exact resume needs it
+            scaler.load_state_dict(ckpt["scaler"])
         start = ckpt["round"] + 1
         history = list(ckpt.get("evals", []))
         log.truncate_after(ckpt["round"])
         print(f"resuming {out_dir} from round {ckpt['round']}")
-    else:
-        out_dir.mkdir(parents=True, exist_ok=True)
+    else:  # a new run (or --resume of one killed before its first checkpoint): no earlier records of it count
         log.path.unlink(missing_ok=True)
     (out_dir / "config.yaml").write_text(yaml.safe_dump(runtime.to_dict(cfg), sort_keys=False))
 
@@ -298,7 +326,7 @@ def main(argv=None) -> dict:
         runtime.save_checkpoint({
             "format": runtime.CKPT_FORMAT, "round": r, "model": {k: v.cpu() for k, v in global_state.items()},
             "client_state": {c: {k: v.cpu() for k, v in s.items()} for c, s in client_state.items()},
-            "config": runtime.to_dict(cfg), "rng": runtime.rng_state(), "evals": history,
+            "config": runtime.to_dict(cfg), "rng": runtime.rng_state(), "evals": history, "scaler": scaler.state_dict(),
             "input_shapes": {m: list(md.shape) for m, md in data.items()},
             "input_stats": {m: {"mean": md.mean.tolist(), "std": md.std.tolist()} for m, md in data.items()},
             "forward_flops": flops, "env": env}, out_dir / "last.pt")
@@ -306,7 +334,7 @@ def main(argv=None) -> dict:
     stop = runtime.GracefulStop()
     r = start
     try:
-        if start == 1:
+        if ckpt is None:  # round 0 (the random init) is evaluated and logged once, never again on resume
             model.load_state_dict(global_state)
             ev = {"round": 0, **evaluate(model, data, cfg, device, probe=rc.final_probe)}
             history.append(ev)
@@ -320,6 +348,12 @@ def main(argv=None) -> dict:
                 raise Interrupted
             global_state, metrics = train_one_round(r, model, optimizer, scaler, global_state, client_state, data,
                                                     clients, cfg, device, lambda: stop.requested, flops)
+            if metrics.get("rejected") and not metrics["per_client"]:
+                log.write({**metrics, "diverged": True})
+                raise Diverged(f"round {r}: every sampled client's update was non-finite (NaN/Inf loss or weights), so "
+                               f"the run diverged and round {r} was not saved; {out_dir}/last.pt holds round {r - 1}. "
+                               f"Lower optim.lr (effective {cfg.optim.peak_lr:g}), set optim.grad_clip, or use "
+                               f"run.amp=fp32, then start again")
             if r == cfg.fed.rounds or (rc.eval_every and r % rc.eval_every == 0):
                 model.load_state_dict(global_state)
                 ev = evaluate(model, data, cfg, device, probe=rc.final_probe and r == cfg.fed.rounds)
@@ -336,8 +370,6 @@ def main(argv=None) -> dict:
         print(f"\n{name}: stopped during round {r}; {out_dir}/last.pt holds round {r - 1}, the last completed one. "
               f"Resume with: python pretrain.py --resume {out_dir}", file=sys.stderr)
         sys.exit(128 + stop.signum)
-    except runtime.CheckpointError as e:
-        sys.exit(f"error: {e}")
     finally:
         stop.restore()
 

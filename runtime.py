@@ -9,6 +9,7 @@ import ast
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import random
 import signal
@@ -26,8 +27,30 @@ import torch
 CKPT_FORMAT = 1
 
 
-class ConfigError(ValueError):
+class UserError(Exception):
+    """A problem the user can fix (config, data, checkpoint, run directory): the entry scripts print it as one
+    line and exit non-zero. Anything else is a bug and keeps its traceback."""
+
+
+class ConfigError(UserError, ValueError):
     """A config problem, reported as one line naming the key."""
+
+
+class RunDirError(UserError):
+    """The output directory holds another run, is locked by a running one, or cannot be used."""
+
+
+def expand_path(p: str | None) -> str | None:
+    """`~` and $VARIABLES expanded, as a shell would (a config is not read by a shell)."""
+    return None if p is None else os.path.expandvars(os.path.expanduser(p))
+
+
+def run_main(fn, argv=None):
+    """Call an entry script's body; a UserError ends the process with one line on stderr and exit status 1."""
+    try:
+        return fn(argv)
+    except UserError as e:
+        sys.exit(f"error: {e}")
 
 
 # ----------------------------------------------------------------------------- config
@@ -46,10 +69,14 @@ class RunConfig:
     progress: bool = True         # tqdm bars (hidden anyway when stderr is not a terminal)
     dry_run: bool = False         # build data, partition and model, take one local step on one client, write nothing
 
+    overwrite: bool = False       # a run.out_dir holding another run is moved aside (to OUT_DIR.old-N), never deleted
+
     def __post_init__(self):
+        self.out_dir = expand_path(self.out_dir)
         check_choice("run.amp", self.amp, ("bf16", "fp16", "fp32"))
         check_range("run.eval_every", self.eval_every, lo=0)
-        check_range("run.threads", self.threads, lo=0)
+        check_range("run.threads", self.threads, lo=0, hi=4096)
+        check_range("run.seed", self.seed, lo=0, hi=2 ** 63 - 1)
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ConfigError(f"run.device={self.device!r}: expected auto, cpu, cuda or cuda:N")
 
@@ -60,6 +87,8 @@ def check_choice(key: str, value, choices) -> None:
 
 
 def check_range(key: str, value, lo=None, hi=None, lo_open=False) -> None:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key}={value!r}: expected a finite number")
     if lo is not None and (value <= lo if lo_open else value < lo):
         raise ConfigError(f"{key}={value!r}: must be {'>' if lo_open else '>='} {lo}")
     if hi is not None and value > hi:
@@ -98,6 +127,8 @@ def _coerce(key: str, value, tp):
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}={value!r}: expected a number")
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}={value!r}: expected a finite number")
         return float(value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
@@ -195,12 +226,21 @@ def load_config(cls, path: str | os.PathLike | None, overrides: list[str] = ()):
     """YAML file (optional) + dotted overrides -> dataclass `cls`, validated."""
     data = {}
     if path is not None:
-        p = Path(path)
+        p = Path(expand_path(str(path)))
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
         import yaml
-        with open(p) as f:
-            data = yaml.safe_load(f) or {}
+        try:
+            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{p}: not UTF-8 text (byte {e.start}): save the config as UTF-8") from e
+        except yaml.YAMLError as e:
+            where = getattr(e, "problem_mark", None)
+            at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+            hint = " (YAML indents with spaces, never tabs)" if "\t" in p.read_text(encoding="utf-8") else ""
+            raise ConfigError(f"{p}: invalid YAML{at}: {getattr(e, 'problem', None) or e}{hint}") from e
+        except OSError as e:
+            raise ConfigError(f"cannot read config {p}: {e.strerror or e}") from e
         if not isinstance(data, dict):
             raise ConfigError(f"{p}: top level must be a mapping of sections")
     apply_overrides(data, list(overrides))
@@ -321,13 +361,14 @@ def make_scaler(device: torch.device, amp: str) -> torch.amp.GradScaler:
 
 # ----------------------------------------------------------------------------- checkpoints
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     pass
 
 
-def tensor_digest(obj) -> str:
-    """sha256 over every tensor's bytes in a nested dict/list (in key order), so a checkpoint whose
-    weights were corrupted on disk is detected even when it still unpickles."""
+def tensor_digest(obj, primitives: bool = True) -> str:
+    """sha256 over a nested dict/list in key order: every tensor's bytes and, with primitives=True, every other
+    value (round, config, history), so a checkpoint corrupted or edited on disk is detected even when it still
+    unpickles. primitives=False is the tensors-only digest of checkpoints written before it covered everything."""
     h = hashlib.sha256()
 
     def walk(o):
@@ -337,12 +378,14 @@ def tensor_digest(obj) -> str:
             h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
         elif isinstance(o, dict):
             for k in sorted(o, key=str):
-                if k != "sha256":
+                if k not in ("sha256", "digest"):
                     h.update(str(k).encode())
                     walk(o[k])
         elif isinstance(o, (list, tuple)):
             for x in o:
                 walk(x)
+        elif primitives:
+            h.update(repr((type(o).__name__, o)).encode())
     walk(obj)
     return h.hexdigest()
 
@@ -355,11 +398,13 @@ def save_checkpoint(obj: dict, path: str | os.PathLike, keep_previous: bool = Tr
     tmp = path.with_name(path.name + ".tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        obj = {**obj, "sha256": tensor_digest(obj)}
+        obj = {**obj, "sha256": tensor_digest(obj), "digest": "all"}
         with open(tmp, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        if os.environ.get("FSSUAVL_TEST_CKPT_DELAY"):  # scripts/kill_resume.py widens this window to kill inside it
+            time.sleep(float(os.environ["FSSUAVL_TEST_CKPT_DELAY"]))
         if keep_previous and path.exists():
             os.replace(path, path.with_name(path.name + ".prev"))
         os.replace(tmp, path)
@@ -382,38 +427,123 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     is missing, truncated, corrupted (checksum mismatch) or not a checkpoint of ours."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
+        raise CheckpointError(f"checkpoint not found: {path}" + (" (a directory: pass RUN_DIR/last.pt)" if path.is_dir() else ""))
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises many types for a bad file
-        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-        why = next((ln for ln in lines if "Unsupported global" in ln), lines[0] if lines else "")
-        raise CheckpointError(f"checkpoint {path} is unreadable or not a weights-only checkpoint "
-                              f"({type(e).__name__}: {why[:300]})") from e
+        # torch's own text advises retrying with weights_only=False: never pass that on
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip() and "weights_only" not in ln]
+        glob = next((ln for ln in lines if "global" in ln.lower()), None)
+        if glob is not None:  # name the object only: torch's advice (allow-listing it) would be just as unsafe
+            import re
+            name = re.search(r"GLOBAL\s+([\w.]+)", glob, re.IGNORECASE)
+            raise CheckpointError(f"refusing {path}: it holds a Python object other than tensors and plain values "
+                                  f"({name.group(1) if name else 'an unsupported global'}); loading it could run "
+                                  f"arbitrary code. Use a checkpoint written by pretrain.py") from e
+        raise CheckpointError(f"checkpoint {path} is unreadable: truncated, or not a PyTorch checkpoint "
+                              f"({type(e).__name__}: {(lines[0] if lines else '')[:200]})") from e
     if not isinstance(obj, dict) or obj.get("format") != CKPT_FORMAT:
         raise CheckpointError(f"{path} is not an FSSUAVL checkpoint (format {CKPT_FORMAT})")
-    if "sha256" in obj and obj["sha256"] != tensor_digest(obj):
-        raise CheckpointError(f"checkpoint {path} is corrupted: its tensors do not match the stored sha256")
+    if "sha256" in obj and obj["sha256"] != tensor_digest(obj, primitives=obj.get("digest") == "all"):
+        raise CheckpointError(f"checkpoint {path} is corrupted or was edited: its contents do not match the stored sha256")
     return obj
 
 
 def load_latest_checkpoint(run_dir: str | os.PathLike, name: str = "last.pt", warn=print) -> tuple[dict, Path] | None:
     """The newest good checkpoint of a run: `name`, or `name.prev` when `name` is missing, truncated or
-    corrupted (a warning names the bad file). None when the directory holds neither."""
+    corrupted. A bad `name` is moved aside to `name.corrupt` (a warning names it), so the next save cannot
+    rotate it over the good previous copy. None when the directory holds neither."""
     run_dir = Path(run_dir)
-    candidates = [run_dir / name, run_dir / (name + ".prev")]
     errors = []
-    for p in candidates:
+    for p in (run_dir / name, run_dir / (name + ".prev")):
         if not p.exists():
             continue
         try:
             return load_checkpoint(p), p
         except CheckpointError as e:
             errors.append(str(e))
-            warn(f"warning: {e}; trying the previous checkpoint")
+            if p.name == name:
+                bad = p.with_name(name + ".corrupt")
+                os.replace(p, bad)
+                warn(f"warning: {e}; moved it to {bad} and trying the previous checkpoint")
+            else:
+                warn(f"warning: {e}")
     if errors:
         raise CheckpointError("no usable checkpoint in " + str(run_dir) + ": " + " | ".join(errors))
     return None
+
+
+# ----------------------------------------------------------------------------- the run directory
+
+RUN_FILES = ("last.pt", "last.pt.prev", "log.jsonl", "config.yaml")
+
+
+class RunDir:
+    """The output directory of one run, held under an exclusive lock (fcntl.flock on OUT_DIR/.lock, released
+    by the kernel when the process ends, even on SIGKILL) so two runs cannot interleave their logs and
+    checkpoints. `prepare` refuses a directory that holds another run unless resuming, or moves it aside."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self._fd: int | None = None
+
+    def holds_run(self) -> bool:
+        return any((self.path / f).exists() for f in RUN_FILES)
+
+    def describe(self) -> str:
+        ck = self.path / "last.pt"
+        if ck.exists():
+            try:
+                obj = torch.load(ck, map_location="cpu", weights_only=True)
+                done, total = obj.get("round"), obj.get("config", {}).get("fed", {}).get("rounds")
+                return f"a run at round {done} of {total}" + (" (finished)" if done == total else "")
+            except Exception:  # noqa: BLE001 - only for the message
+                return "a run with an unreadable last.pt"
+        return "a partial run (no checkpoint yet)"
+
+    def prepare(self, resume: bool, overwrite: bool) -> None:
+        """Create and lock the directory. Without resume, a directory holding a run is refused, or with
+        overwrite moved aside to PATH.old-N (never deleted)."""
+        if self.path.exists() and not self.path.is_dir():
+            raise RunDirError(f"run.out_dir={self.path} is a file, not a directory: choose another run.out_dir")
+        if not resume and self.holds_run():
+            if not overwrite:
+                raise RunDirError(f"{self.path} already holds {self.describe()}. Continue it with "
+                                  f"`python pretrain.py --resume {self.path}`, choose another --run.out_dir, or pass "
+                                  f"--run.overwrite=true to move it aside and start again")
+            self.lock()  # do not move a directory another process is writing
+            self.release()
+            n = 1
+            while self.path.with_name(f"{self.path.name}.old-{n}").exists():
+                n += 1
+            aside = self.path.with_name(f"{self.path.name}.old-{n}")
+            os.replace(self.path, aside)
+            print(f"moved the previous run in {self.path} to {aside}")
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise RunDirError(f"cannot create run.out_dir={self.path}: {e.strerror or e}") from e
+        self.lock()
+
+    def lock(self) -> None:
+        import fcntl
+        self.path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise RunDirError(f"{self.path} is in use by another run (PID {holder}); wait for it to finish, "
+                              f"stop it, or choose another --run.out_dir") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 # ----------------------------------------------------------------------------- logging

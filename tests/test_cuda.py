@@ -35,3 +35,52 @@ def test_bench_cuda_reports_tflops(tmp_path, cache_dir, monkeypatch):
                       f"--out={tmp_path / 'b.json'}", f"--data.cache_dir={cache_dir}", "--run.device=cuda",
                       "--skip-scaling", *TINY_DATA])
     assert res["tflops"]["image"]["achieved_tflops"] > 0
+
+
+def test_bf16_training_steps_do_not_sync_the_device():
+    """torch's sync debug mode raises on any device->host synchronisation inside the steps (bf16: no scaler)."""
+    import sys
+    sys.path.insert(0, str(ROOT / "tests"))
+    import test_step_path as t
+    from models import ModelConfig, build_model
+    data = {m: md.to("cuda") for m, md in t._data().items()}
+    model = build_model(ModelConfig(arch="resnet_tiny", width=8), t.SHAPES).cuda()
+    from federation import FedConfig, OptimConfig, local_ssl_update, make_optimizer
+    import runtime
+    from data import DataConfig
+    opt = make_optimizer(model, OptimConfig(batch_size=8))
+    idx = {m: torch.arange(len(md.train_x), device="cuda") for m, md in data.items()}
+    g = torch.Generator(device="cuda").manual_seed(0)
+    steps = {"n": 0}
+
+    def count():  # polled after every step, inside the sync-checked region
+        steps["n"] += 1
+        return False
+    local_ssl_update(model, opt, runtime.make_scaler(torch.device("cuda"), "bf16"), data, idx, DataConfig(), FedConfig(),
+                     OptimConfig(batch_size=8), 0.2, 0.05, g, "bf16", max_steps=2)  # warm-up (allocator, kernels)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with pytest.raises(RuntimeError):  # the final loss means (.item()) are the only sync, after the last step
+            local_ssl_update(model, opt, runtime.make_scaler(torch.device("cuda"), "bf16"), data, idx, DataConfig(),
+                             FedConfig(), OptimConfig(batch_size=8), 0.2, 0.05, g, "bf16", count, max_steps=6)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert steps["n"] == 6  # every step ran before the one sync
+
+
+def test_fp16_kill_and_resume_is_exact(tmp_path, cache_dir, monkeypatch):
+    """The GradScaler's loss scale is in last.pt: an fp16 run resumed mid-way ends where an uninterrupted one does."""
+    import shutil
+    monkeypatch.chdir(ROOT)
+    common = ["configs/smoke.yaml", f"--data.cache_dir={cache_dir}", *TINY_DATA, "--run.device=cuda", "--run.amp=fp16",
+              "--run.progress=false", "--fed.rounds=3", "--run.deterministic=true", "--run.final_probe=false"]
+    pretrain.main([*common, f"--run.out_dir={tmp_path / 'full'}"])
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    shutil.copy(tmp_path / "full" / "last.pt.prev", cut / "last.pt")
+    shutil.copy(tmp_path / "full" / "log.jsonl", cut / "log.jsonl")
+    assert torch.load(cut / "last.pt", weights_only=True)["scaler"]["scale"] > 0
+    pretrain.main(["--resume", str(cut), "--run.progress=false"])
+    a = torch.load(tmp_path / "full" / "last.pt", weights_only=True)["model"]
+    b = torch.load(cut / "last.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -97,17 +97,17 @@ def test_poisoned_client_is_rejected_and_logged(tmp_path, cache_dir, monkeypatch
     assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
 
 
-def test_all_clients_rejected_keeps_the_global_model(tmp_path, cache_dir, monkeypatch):
+def test_all_clients_rejected_keeps_the_global_model_and_fails_the_run(tmp_path, cache_dir, monkeypatch):
     real = pretrain.local_ssl_update
 
     def nan_loss(*a, **kw):
         return {**real(*a, **kw), "loss_image": float("nan")}
     monkeypatch.setattr(pretrain, "local_ssl_update", nan_loss)
     out = tmp_path / "run"
-    pretrain.main(_args(out, cache_dir))
-    before = torch.load(out / "last.pt.prev", weights_only=True)["model"]  # round 0
-    after = torch.load(out / "last.pt", weights_only=True)["model"]
-    assert all(torch.equal(before[k], after[k]) for k in before)
+    with pytest.raises(SystemExit, match="round 1: every sampled client's update was non-finite"):
+        pretrain.main(_args(out, cache_dir))
+    ck = torch.load(out / "last.pt", weights_only=True)  # the random init, labelled as such: round 0
+    assert ck["round"] == 0 and not (out / "last.pt.prev").exists()
 
 
 def test_disk_full_while_saving_is_a_clear_error_and_keeps_the_previous(tmp_path, cache_dir, monkeypatch):

@@ -1,0 +1,307 @@
+"""Nothing lost, nothing silently wrong: run directories, diverged runs, stale caches, resume edge cases, and
+bad input that ends with one line naming the problem (issue: reliability)."""
+import json
+import os
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+import finetune
+import fixtures
+import pretrain
+import runtime
+from conftest import ROOT, TINY_DATA
+
+
+@pytest.fixture(autouse=True)
+def _cwd(monkeypatch):
+    monkeypatch.chdir(ROOT)
+
+
+def _args(out, cache_dir, *extra):
+    return ["configs/smoke.yaml", f"--run.out_dir={out}", f"--data.cache_dir={cache_dir}", "--run.progress=false",
+            "--run.final_probe=false", *TINY_DATA, *extra]
+
+
+def one_line_error(fn, *args) -> str:
+    with pytest.raises(SystemExit) as e:
+        fn(*args)
+    text = str(e.value.code)
+    assert text.startswith("error: ") and "\n" not in text and "Traceback" not in text, text
+    return text
+
+
+def _rounds(out):
+    return [json.loads(ln)["round"] for ln in (out / "log.jsonl").read_text().splitlines()]
+
+
+# ----------------------------------------------------------------------------- diverged runs
+
+def test_a_diverged_round_ends_the_run_non_zero_and_saves_nothing_as_trained(tmp_path, cache_dir, monkeypatch):
+    real = pretrain.local_ssl_update
+    monkeypatch.setattr(pretrain, "local_ssl_update", lambda *a, **kw: {**real(*a, **kw), "loss_audio": float("nan")})
+    out = tmp_path / "run"
+    msg = one_line_error(pretrain.main, _args(out, cache_dir, "--fed.rounds=3"))
+    assert "round 1: every sampled client's update was non-finite" in msg and "last.pt holds round 0" in msg
+    ck = runtime.load_checkpoint(out / "last.pt")
+    assert ck["round"] == 0  # never claims a training round that did not happen
+    assert _rounds(out) == [0, 1] and json.loads((out / "log.jsonl").read_text().splitlines()[1])["diverged"]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--optim.lr=1e999", "optim.lr=inf: expected a finite number"),
+    ("--optim.lr=1e6", "optim.lr=1000000.0: must be <= 1000"),
+    ("--optim.warmup_rounds=1000000000", "optim.warmup_rounds=1000000000 must be below fed.rounds=1"),
+    ("--optim.momentum=1.5", "optim.momentum=1.5: must be <= 0.9999"),
+    ("--fed.clients=1000000000", "fed.clients=1000000000: must be <= 1000000"),
+    ("--fed.clients=400", "cannot give"),  # more clients than samples: refused before any memory is spent
+    ("--run.seed=-1", "run.seed=-1: must be >= 0"),
+    ("--run.seed=99999999999999999999", "run.seed=99999999999999999999: must be <= "),
+    ("--run.device=cuda", "CUDA is not available"),
+    ("--model.arch=vit_micro", None),  # patch 4 on 28 px is fine: a control that this config runs at all
+    ("--model.arch=vit_micro --model.patch_size=64", "model.patch_size=64 is larger than the input 28x28"),
+    ("--data.n_mels=4096", "data.n_mels=4096: must be <= 1024"),
+])
+def test_bad_numbers_end_with_one_line(tmp_path, cache_dir, override, message):
+    if message is None:
+        pretrain.main(_args(tmp_path / "run", cache_dir, *override.split(), "--run.dry_run=true"))
+        return
+    if "cuda" in override and torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    assert message in one_line_error(pretrain.main, _args(tmp_path / "run", cache_dir, *override.split()))
+
+
+def test_nan_in_yaml_is_refused(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("loss:\n  tau: .nan\n")
+    assert "loss.tau=nan: expected a finite number" in one_line_error(pretrain.main, [str(cfg)])
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"fed:\n  rounds: [1\n", "invalid YAML at line"),
+    (b"fed:\n\trounds: 2\n", "never tabs"),
+    (b"fed:\n  rounds: 2 # caf\xe9\n", "not UTF-8"),
+    (b"- a\n- b\n", "top level must be a mapping"),
+])
+def test_broken_config_files_end_with_one_line(tmp_path, content, message):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_bytes(content)
+    assert message in one_line_error(pretrain.main, [str(cfg)])
+
+
+# ----------------------------------------------------------------------------- run directories
+
+def test_a_second_run_in_the_same_directory_is_refused_then_moved_aside(tmp_path, cache_dir):
+    out = tmp_path / "run"
+    pretrain.main(_args(out, cache_dir))
+    first = (out / "last.pt").read_bytes()
+    msg = one_line_error(pretrain.main, _args(out, cache_dir))
+    assert "already holds a run at round 1 of 1 (finished)" in msg and f"--resume {out}" in msg
+    assert (out / "last.pt").read_bytes() == first and _rounds(out) == [0, 1]  # nothing touched
+    pretrain.main(_args(out, cache_dir, "--run.overwrite=true"))
+    assert (tmp_path / "run.old-1" / "last.pt").read_bytes() == first  # moved aside, never deleted
+    assert _rounds(out) == [0, 1]
+
+
+def test_a_directory_in_use_is_locked(tmp_path, cache_dir):
+    out = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; sys.path.insert(0, '.'); import runtime; d = runtime.RunDir(sys.argv[1]); "
+        "d.prepare(resume=False, overwrite=False); print('locked', flush=True); time.sleep(60)"), str(out)],
+        cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        msg = one_line_error(pretrain.main, _args(out, cache_dir, "--fed.rounds=1"))
+        assert f"is in use by another run (PID {holder.pid})" in msg
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+    pretrain.main(_args(out, cache_dir))  # the kernel released the lock with the process
+
+
+def test_out_dir_that_is_a_file_and_tilde_paths(tmp_path, cache_dir, monkeypatch):
+    (tmp_path / "file").write_text("x")
+    assert "is a file, not a directory" in one_line_error(pretrain.main, _args(tmp_path / "file", cache_dir))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("RUNS", "deep")
+    pretrain.main(_args("~/$RUNS/x", cache_dir))
+    assert (tmp_path / "home" / "deep" / "x" / "last.pt").is_file() and not (ROOT / "~").exists()
+
+
+# ----------------------------------------------------------------------------- resume edge cases
+
+def test_resume_edge_cases(tmp_path, cache_dir, capsys):
+    out = tmp_path / "run"
+    pretrain.main(_args(out, cache_dir, "--fed.rounds=3"))
+    # resume from round 0 twice: round 0 is logged once
+    zero = tmp_path / "zero"
+    zero.mkdir()
+    ck = torch.load(out / "last.pt", weights_only=True)
+    for _ in range(2):
+        r0 = torch.load(out / "last.pt.prev", weights_only=True)  # round 2
+        r0 = {k: v for k, v in r0.items() if k not in ("sha256", "digest")}
+        r0.update(round=0, evals=r0["evals"][:1])
+        runtime.save_checkpoint(r0, zero / "last.pt", keep_previous=False)
+        (zero / "log.jsonl").write_text(json.dumps({"round": 0}) + "\n")
+        pretrain.main(["--resume", str(zero), "--run.progress=false", "--fed.rounds=1"])
+    assert _rounds(zero) == [0, 1] and len(runtime.load_checkpoint(zero / "last.pt")["evals"]) == 2
+    # fed.rounds below the completed rounds: refused, config.yaml untouched
+    before = (out / "config.yaml").read_text()
+    assert "fed.rounds=2 is below the 3 rounds" in one_line_error(
+        pretrain.main, ["--resume", str(out), "--fed.rounds=2", "--run.progress=false"])
+    assert (out / "config.yaml").read_text() == before
+    # --resume RUN/last.pt.prev loads exactly that file (round 2) and redoes round 3
+    pretrain.main(["--resume", str(out / "last.pt.prev"), "--run.progress=false"])
+    assert "resuming" in capsys.readouterr().out
+    assert torch.equal(runtime.load_checkpoint(out / "last.pt")["model"]["trunk.layers.0.conv1.weight"],
+                       ck["model"]["trunk.layers.0.conv1.weight"])
+    assert _rounds(out) == [0, 1, 2, 3]
+    # an edited round is caught by the digest; the fallback keeps the good previous copy (round 3 since the redo)
+    bad = torch.load(out / "last.pt", weights_only=True)
+    bad["round"] = 99
+    torch.save(bad, out / "last.pt")
+    good_prev = (out / "last.pt.prev").read_bytes()
+    found, path = runtime.load_latest_checkpoint(out, warn=lambda m: None)
+    assert path.name == "last.pt.prev" and found["round"] == 3
+    assert (out / "last.pt.corrupt").exists() and (out / "last.pt.prev").read_bytes() == good_prev
+    pretrain.main(["--resume", str(out), "--run.progress=false", "--fed.rounds=4"])
+    assert runtime.load_checkpoint(out / "last.pt")["round"] == 4
+    assert (out / "last.pt.prev").read_bytes() == good_prev  # the tampered file was not rotated over it
+    assert _rounds(out) == [0, 1, 2, 3, 4]
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def test_refusals_never_suggest_the_unsafe_load(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+    torch.save({"format": 1, "x": Evil()}, tmp_path / "evil.pt")
+    (tmp_path / "text.pt").write_text("not a checkpoint")
+    for name, expect in (("evil.pt", "refusing"), ("text.pt", "unreadable")):
+        with pytest.raises(runtime.CheckpointError) as e:
+            runtime.load_checkpoint(tmp_path / name)
+        assert expect in str(e.value) and "weights_only" not in str(e.value) and "safe_globals" not in str(e.value)
+    msg = one_line_error(finetune.main, ["--ckpt", str(tmp_path / "evil.pt")])
+    assert "could run arbitrary code" in msg and "weights_only=False" not in msg
+
+
+# ----------------------------------------------------------------------------- finetune.py
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory, cache_dir):
+    out = tmp_path_factory.mktemp("rel") / "run"
+    pretrain.main(_args(out, cache_dir))
+    return out / "last.pt"
+
+
+def test_finetune_checks_the_inputs_against_the_checkpoint(pretrained, tmp_path):
+    msg = one_line_error(finetune.main, ["--ckpt", str(pretrained), f"--run.out_dir={tmp_path}", "--data.n_mels=64"])
+    assert "audio inputs are (1, 64, 51) but the checkpoint was trained on (1, 32, 51)" in msg
+    assert "data.n_mels=64 (checkpoint: 32)" in msg
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--eval.tasks=[]", "eval.tasks=[]: give at least one"),
+    ("--eval.probe_iters=0", "eval.probe_iters=0: must be >= 1"),
+    ("--eval.wd_grid=[]", "eval.wd_grid=[]"),
+    ("--run.out_dir=/dev/null/x", "cannot write results to /dev/null/x"),
+])
+def test_finetune_bad_settings(pretrained, tmp_path, override, message):
+    args = ["--ckpt", str(pretrained), "--eval.tasks=[image]", "--eval.protocols=[knn]", "--eval.label_fractions=[1.0]",
+            "--eval.max_train_images=200", override]
+    assert message in one_line_error(finetune.main, args)
+
+
+def test_finetune_width_mismatch_is_one_line(pretrained, tmp_path):
+    ck = torch.load(pretrained, weights_only=True)
+    ck = {k: v for k, v in ck.items() if k not in ("sha256", "digest")}
+    ck["config"]["model"]["width"] = 16  # a config edited after training: the weights are width 8
+    runtime.save_checkpoint(ck, tmp_path / "edited.pt", keep_previous=False)
+    assert "tensor shapes do not match" in one_line_error(finetune.main, ["--ckpt", str(tmp_path / "edited.pt")])
+
+
+# ----------------------------------------------------------------------------- data and caches
+
+def _audiofolder(root, rows):
+    for r in rows:
+        fixtures.noise_wav(root / r["file"], seconds=0.3)
+    fixtures.write_csv(root / "labels.csv", rows)
+
+
+def _load_audiofolder(tmp_path, root):
+    from data import DataConfig
+    from datasets import load_named
+    cfg = DataConfig(dataset="cifar10+audiofolder", modalities=("audio",), audio_root=str(root),
+                     cache_dir=str(tmp_path / "cache"), n_mels=16, clip_seconds=0.3)
+    return load_named(cfg, torch.device("cpu"))["audio"]
+
+
+def test_dataset_cache_follows_the_content_it_was_built_from(tmp_path):
+    root = tmp_path / "af"
+    rows = [{"file": f"c/{i}.wav", "label": "ab"[i % 2], "split": "test" if i < 2 else "train"} for i in range(8)]
+    _audiofolder(root, rows)
+    assert _load_audiofolder(tmp_path, root).classes == ["a", "b"]
+    for r in rows:  # rename the classes in labels.csv: the cache must not hand back the old ones
+        r["label"] = {"a": "yes", "b": "no"}[r["label"]]
+    fixtures.write_csv(root / "labels.csv", rows)
+    md = _load_audiofolder(tmp_path, root)
+    assert md.classes == ["no", "yes"] and len(list((tmp_path / "cache").glob("*.npz"))) == 2
+
+
+def test_corrupt_dataset_cache_is_named_and_rebuilt(tmp_path, capsys):
+    root = tmp_path / "af"
+    _audiofolder(root, [{"file": f"c/{i}.wav", "label": "ab"[i % 2], "split": "test" if i < 2 else "train"}
+                        for i in range(8)])
+    want = _load_audiofolder(tmp_path, root).train_x
+    (cache,) = (tmp_path / "cache").glob("*.npz")
+    cache.write_bytes(cache.read_bytes()[:300])  # truncated: np.load raises BadZipFile
+    assert torch.equal(_load_audiofolder(tmp_path, root).train_x, want)
+    assert f"cache {cache} is unreadable" in capsys.readouterr().out
+
+
+def test_corrupt_avfashion_cache_is_rebuilt(tmp_path, capsys):
+    from data import DataConfig, build_avfashion
+    cfg = DataConfig(n_voices=4, cache_dir=str(tmp_path))
+    path = build_avfashion(cfg, progress=False)
+    path.write_bytes(b"PK\x03\x04 broken")
+    assert build_avfashion(cfg, progress=False) == path and np.load(path)["audio"].shape[0] == 4 * 20
+    assert "is unreadable" in capsys.readouterr().out
+
+
+def test_two_cache_writes_at_once_do_not_collide(tmp_path):
+    from data import read_npz, write_npz
+    path = tmp_path / "x.npz"
+    errors = []
+
+    def write(v):
+        try:
+            write_npz(path, {"a": np.full(200_000, v)})
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+    threads = [threading.Thread(target=write, args=(v,)) for v in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and read_npz(path)["a"][0] in range(4) and not list(tmp_path.glob("*.tmp.npz"))
+
+
+@pytest.mark.parametrize("rows, message", [
+    ([{"file": "c/0.wav", "label": ""}], "line 2: empty label"),
+    ([{"file": "c/0.wav", "label": "a"}, {"file": "", "label": "a"}], "line 3: empty file"),
+    ([{"file": f"c/{i}.wav", "label": "a", "split": "test" if i < 2 else "train"} for i in range(6)],
+     "has 1 class"),
+])
+def test_degenerate_labels(tmp_path, cache_dir, rows, message):
+    root = tmp_path / "af"
+    _audiofolder(root, [r for r in rows if r["file"]] or rows)
+    fixtures.write_csv(root / "labels.csv", rows)
+    args = ["configs/smoke.yaml", f"--run.out_dir={tmp_path / 'run'}", f"--data.cache_dir={cache_dir}",
+            "--data.dataset=cifar10+audiofolder", "--data.modalities=[audio]", f"--data.audio_root={root}",
+            "--data.clip_seconds=0.3", "--data.n_mels=16", "--fed.federation=single"]
+    assert message in one_line_error(pretrain.main, args)
