@@ -39,8 +39,12 @@ class FedConfig:
     share_head: bool = True             # the server averages the projection head (else it stays on each client)
     weighting: str = "modality"         # modality: a modality's own keys (stem, head, BN stats) are weighted by that
                                         # modality's local samples; total: every key by all local samples (plain FedAvg)
-    aggregation: str = "fedavg"         # fedavg | median | trimmed_mean (coordinate-wise, unweighted; for broken/hostile clients)
+    aggregation: str = "fedavg"         # server strategy, a key of federation.STRATEGIES: fedavg | fedprox | fedavgm | ldawa |
+                                        # median | trimmed_mean (see README "Server strategies")
     trim_frac: float = 0.1              # trimmed_mean: fraction cut from each end per coordinate
+    prox_mu: float = 0.0                # FedProx: mu of the proximal term mu/2 ||w - w_global||^2 in the local loss (0 = off)
+    server_momentum: float = 0.9        # FedAvgM: beta of the server momentum on the pseudo-gradient
+    server_lr: float = 1.0              # FedAvgM: server learning rate
 
     def __post_init__(self):
         check_range("fed.clients", self.clients, lo=1, hi=1_000_000)
@@ -56,7 +60,10 @@ class FedConfig:
         check_choice("fed.order", self.order, ("alternate", "sum"))
         check_choice("fed.federation", self.federation, ("joint", "single"))
         check_choice("fed.weighting", self.weighting, ("modality", "total"))
-        check_choice("fed.aggregation", self.aggregation, ("fedavg", "median", "trimmed_mean"))
+        check_choice("fed.aggregation", self.aggregation, tuple(STRATEGIES))
+        check_range("fed.prox_mu", self.prox_mu, lo=0.0, hi=1e4)
+        check_range("fed.server_momentum", self.server_momentum, lo=0.0, hi=0.999)
+        check_range("fed.server_lr", self.server_lr, lo=0.0, lo_open=True, hi=100.0)
         check_range("fed.trim_frac", self.trim_frac, lo=0.0, hi=0.49)
         if len(self.modality_fractions) != 3 or min(self.modality_fractions) < 0 or sum(self.modality_fractions) <= 0:
             raise ConfigError(f"fed.modality_fractions={list(self.modality_fractions)}: expected three non-negative "
@@ -203,8 +210,141 @@ class CoordinateRobust:
         return out
 
 
-def make_aggregator(kind: str = "fedavg", trim_frac: float = 0.1):
-    return WeightedAverage() if kind == "fedavg" else CoordinateRobust(kind, trim_frac)
+class LayerCosineAverage:
+    """L-DAWA's aggregation (Rehman et al., ICCV 2023), following the authors' L-DAWA-Agg.py
+    (yasar-rehman/L-DAWA):
+    - a layer is each tensor of the shared state with at least one dimension: weights, biases, norm affines and
+      BatchNorm running statistics alike (their code takes every non-scalar array of the Flower weights list);
+      scalar and integer buffers (num_batches_tracked) are copied, not scaled (theirs: retained as they are);
+    - each client layer is multiplied by its cosine similarity with the global layer, clipped above at 1 (theirs
+      clips too); a zero-norm client layer keeps weight 1 (theirs leaves it unchanged), and so does a zero-norm
+      global layer, where theirs would divide by zero;
+    - the scaled layers are summed and divided by the number of clients that sent the layer: no sample-count
+      weighting and no normalisation by the cosines (theirs: reduce(np.add) / total_clients), so divergent
+      clients shrink the update. Under fed.weighting=modality a client is left out of a key it did not train."""
+
+    def __init__(self, global_state: dict[str, torch.Tensor]):
+        self.g = global_state
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, state: dict[str, torch.Tensor], weight: float | Callable[[str], float]) -> None:
+        for k, v in state.items():
+            if float(weight(k) if callable(weight) else weight) <= 0:
+                continue
+            if not v.is_floating_point():
+                self.sums.setdefault(k, v.detach().clone())
+                self.counts[k] = 1
+                continue
+            x = v.detach().double()
+            if x.ndim >= 1:
+                g = self.g[k].detach().double()
+                nx, ng = x.norm(), g.norm()
+                cos = (x * g).sum() / (nx * ng).clamp_min(1e-300)
+                x = x * torch.where((nx > 0) & (ng > 0), cos, torch.ones_like(cos)).clamp(max=1.0)
+            self.sums[k] = self.sums[k] + x if k in self.sums else x
+            self.counts[k] = self.counts.get(k, 0) + 1
+
+    def result(self, like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if not self.sums:
+            raise ValueError("no client update was aggregated")
+        return {k: (s / self.counts[k] if s.is_floating_point() else s).to(like[k].dtype).to(like[k].device)
+                for k, s in self.sums.items()}
+
+
+# ----------------------------------------------------------------------------- server strategies
+
+class Strategy:
+    """A server strategy, in the spirit of Flower's aggregate.py: each round `accumulator` returns the object
+    that folds client states in as they arrive (so clients can stream), and `step` turns it and the previous
+    global state into the new global tensors. State kept across rounds lives in `state_dict` and is saved in
+    last.pt, so --resume stays bit-identical. A new strategy is one subclass and one STRATEGIES entry."""
+
+    def __init__(self, fed: "FedConfig", param_keys=()):
+        self.fed, self.param_keys = fed, set(param_keys)
+
+    def accumulator(self, global_state: dict[str, torch.Tensor]):
+        return WeightedAverage()
+
+    def step(self, global_state: dict[str, torch.Tensor], acc) -> dict[str, torch.Tensor]:
+        return acc.result(global_state)
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class FedAvg(Strategy):
+    """McMahan et al. 2017: the sample-weighted average (fed.weighting picks total or per-modality weights)."""
+
+
+class FedProx(FedAvg):
+    """Li et al. 2020: FedAvg on the server; the clients add mu/2 ||w - w_global||^2 (fed.prox_mu) to their loss."""
+
+
+class FedAvgM(Strategy):
+    """Hsu et al. 2019: server momentum on the pseudo-gradient d = w_global - average: v <- beta v + d,
+    w <- w_global - server_lr v. Applied to the model's parameters; buffers (BatchNorm statistics) take the
+    plain average, as they are statistics, not weights being optimised. With beta = 0 and server_lr = 1 the
+    average is returned as it is, so it equals FedAvg bit for bit (w - (w - a) would round)."""
+
+    def __init__(self, fed, param_keys=()):
+        super().__init__(fed, param_keys)
+        self.beta, self.lr = fed.server_momentum, fed.server_lr
+        self.v: dict[str, torch.Tensor] = {}
+
+    def step(self, global_state, acc):
+        avg = acc.result(global_state)
+        if self.beta == 0 and self.lr == 1:
+            return avg
+        out = dict(avg)
+        for k, a in avg.items():
+            if k not in self.param_keys or not a.is_floating_point():
+                continue
+            g = global_state[k].double()
+            d = g - a.double()
+            v = self.v.get(k)
+            v = d if v is None else self.beta * v.to(d.device).double() + d
+            self.v[k] = v.float()
+            out[k] = (g - self.lr * self.v[k].double()).to(a.dtype)
+        return out
+
+    def state_dict(self):
+        return {"v": {k: v.cpu() for k, v in self.v.items()}}
+
+    def load_state_dict(self, state):
+        self.v = {k: v.clone() for k, v in state.get("v", {}).items()}
+
+
+class LDAWA(Strategy):
+    """Layer-wise divergence-aware aggregation (the authors' L-DAWA; see LayerCosineAverage for the choices)."""
+
+    def accumulator(self, global_state):
+        return LayerCosineAverage(global_state)
+
+
+class Median(Strategy):
+    """Coordinate-wise median (Yin et al. 2018): robust to a minority of broken or hostile clients."""
+
+    def accumulator(self, global_state):
+        return CoordinateRobust("median")
+
+
+class TrimmedMean(Strategy):
+    """Coordinate-wise trimmed mean, cutting fed.trim_frac at each end (Yin et al. 2018)."""
+
+    def accumulator(self, global_state):
+        return CoordinateRobust("trimmed_mean", self.fed.trim_frac)
+
+
+STRATEGIES = {"fedavg": FedAvg, "fedprox": FedProx, "fedavgm": FedAvgM, "ldawa": LDAWA, "median": Median,
+              "trimmed_mean": TrimmedMean}
+
+
+def make_strategy(fed: "FedConfig", param_keys=()) -> Strategy:
+    return STRATEGIES[fed.aggregation](fed, param_keys)
 
 
 def fedavg(states: list[dict[str, torch.Tensor]], weights: list[float]) -> dict[str, torch.Tensor]:
@@ -249,17 +389,19 @@ def nbytes(state: dict[str, torch.Tensor], keys=None) -> int:
 def run_round(global_state: dict[str, torch.Tensor], clients: list[int],
               local_update: Callable[[int], ClientUpdate], share: Callable[[str], bool] = is_shared,
               on_client: Optional[Callable[[ClientUpdate], None]] = None, weighting: str = "total",
-              aggregator=None):
+              aggregator=None, strategy: Optional[Strategy] = None):
     """One round. Each client's update is consumed before the next client trains, so `local_update`
     may return views of one reused model. Updates with a non-finite loss or weight are rejected and
     logged; if all are rejected the global model is kept. weighting: 'total' weights every key by the
-    client's sample count; 'modality' uses `modality_weight`. aggregator: a fresh WeightedAverage
-    (FedAvg, the default) or CoordinateRobust.
+    client's sample count; 'modality' uses `modality_weight`. strategy: the server Strategy (its accumulator
+    folds the clients, its step makes the new global tensors); or aggregator: a bare accumulator (FedAvg's
+    WeightedAverage by default).
     Each accepted client's metrics carry `bytes_down` (the shared global tensors the server sent it) and
     `bytes_up` (the tensors of its reply that the server aggregates: a key with weight 0 for this client,
     such as the other modality's stem under weighting='modality', is not counted, as it need not be sent).
     Returns (new_global_state, list of per-client metric dicts, list of rejected client ids)."""
-    agg, metrics, rejected = aggregator or WeightedAverage(), [], []
+    agg = aggregator or (strategy.accumulator(global_state) if strategy is not None else WeightedAverage())
+    metrics, rejected = [], []
     down = nbytes(global_state, {k for k in global_state if share(k)})
     for cid in clients:
         upd = local_update(cid)
@@ -278,7 +420,7 @@ def run_round(global_state: dict[str, torch.Tensor], clients: list[int],
     if not metrics:
         return dict(global_state), metrics, rejected
     new = dict(global_state)
-    new.update(agg.result(global_state))
+    new.update(strategy.step(global_state, agg) if strategy is not None and aggregator is None else agg.result(global_state))
     return new, metrics, rejected
 
 
@@ -330,6 +472,8 @@ def local_ssl_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, s
     loss_sum = {m: torch.zeros((), device=device) for m in indices}
     loss_cnt = {m: 0 for m in indices}
     fwd = {m: 0 for m in indices}  # samples forwarded (both views), for the measured forward FLOPs
+    # FedProx: the weights this client started from (the global model); mu = 0 adds nothing at all
+    anchor = [p.detach().clone() for p in model.parameters()] if fed_cfg.prox_mu > 0 else None
     steps = 0
     for _ in range(fed_cfg.local_epochs):
         bs = {m: optim_cfg.batch_for(m) for m in indices}
@@ -364,6 +508,8 @@ def local_ssl_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, s
             else:
                 losses = {m: nt_xent(*embeds[m], tau) for m in mods}
             loss = sum(losses.values())
+            if anchor is not None:  # mu/2 ||w - w_global||^2, in fp32 outside autocast
+                loss = loss + fed_cfg.prox_mu / 2 * sum((p - p0).pow(2).sum() for p, p0 in zip(model.parameters(), anchor))
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             if optim_cfg.grad_clip > 0:

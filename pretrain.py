@@ -22,7 +22,7 @@ from tqdm import tqdm
 import runtime
 from data import MODALITIES, DataConfig, DataError, describe_partition, load_data, partition
 from federation import (ClientUpdate, FedConfig, Interrupted, OptimConfig, is_shared, local_ssl_update, lr_at,
-                        make_aggregator, make_optimizer, run_round, sample_clients)
+                        make_optimizer, make_strategy, run_round, sample_clients)
 from finetune import knn_accuracy, probe_accuracy
 from models import ModelConfig, build_model, count_params
 from runtime import ConfigError, RunConfig
@@ -110,7 +110,9 @@ def resolve_config(args, overrides) -> tuple[PretrainConfig, dict | None]:
         new = yaml.safe_load(yaml.safe_dump(ckpt["config"]))
         new["run"]["out_dir"] = str(path.parent)  # the run continues where its checkpoint is
         cfg = runtime.build_dataclass(PretrainConfig, runtime.apply_overrides(new, overrides))
-    changed = [d for d in runtime.dict_diff(ckpt["config"], runtime.to_dict(cfg)) if not d.startswith(RESUME_MUTABLE)]
+    # the checkpoint's config through the dataclasses, so a key added since it was written counts at its default
+    saved = runtime.to_dict(runtime.build_dataclass(PretrainConfig, yaml.safe_load(yaml.safe_dump(ckpt["config"]))))
+    changed = [d for d in runtime.dict_diff(saved, runtime.to_dict(cfg)) if not d.startswith(RESUME_MUTABLE)]
     if changed:
         raise ConfigError("--resume: the config differs from the checkpoint's in keys that cannot change mid-run: "
                           + "; ".join(changed) + f" (changeable: {', '.join(RESUME_MUTABLE)})")
@@ -183,7 +185,8 @@ def forward_flops(model, data, device) -> dict[str, int]:
 
 
 def train_one_round(r: int, model, optimizer, scaler, global_state, client_state, data, clients,
-                    cfg: PretrainConfig, device, should_stop=None, flops: dict | None = None) -> tuple[dict, dict]:
+                    cfg: PretrainConfig, device, should_stop=None, flops: dict | None = None,
+                    strategy=None) -> tuple[dict, dict]:
     """Sample K of the N clients, train each sampled client that holds a trained modality locally from the
     global weights (the others sit the round out), aggregate. Returns the new global state and the round's
     metrics: what moved (bytes up/down per client) and what ran (steps, samples, forward FLOPs)."""
@@ -208,8 +211,9 @@ def train_one_round(r: int, model, optimizer, scaler, global_state, client_state
         if local:
             client_state[upd.client] = local
 
+    strategy = strategy or make_strategy(cfg.fed, {k for k, _ in model.named_parameters()})
     new_state, per_client, rejected = run_round(global_state, active, local_update, share, keep_local,
-                                                cfg.fed.weighting, make_aggregator(cfg.fed.aggregation, cfg.fed.trim_frac))
+                                                cfg.fed.weighting, strategy=strategy)
     out = {"round": r, "clients": sampled, "lr": lr}
     if len(active) < len(sampled):
         out["sat_out"] = [c for c in sampled if c not in active]
@@ -294,6 +298,7 @@ def _run(args, cfg: PretrainConfig, ckpt: dict | None) -> dict:
     scaler = runtime.make_scaler(device, rc.amp)
     global_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     flops = forward_flops(model, data, device)
+    strategy = make_strategy(cfg.fed, {k for k, _ in model.named_parameters()})  # its state goes into last.pt
     client_state: dict[int, dict] = {}
     history: list[dict] = []
     start = 1
@@ -304,6 +309,7 @@ def _run(args, cfg: PretrainConfig, ckpt: dict | None) -> dict:
         global_state = {k: v.to(device) for k, v in ckpt["model"].items()}
         client_state = {int(c): {k: v.to(device) for k, v in s.items()} for c, s in ckpt["client_state"].items()}
         runtime.set_rng_state(ckpt["rng"])
+        strategy.load_state_dict(ckpt.get("server_state", {}))
         if ckpt.get("scaler"):  # fp16: the loss scale carries over rounds, so exact resume needs it
             scaler.load_state_dict(ckpt["scaler"])
         start = ckpt["round"] + 1
@@ -327,6 +333,7 @@ def _run(args, cfg: PretrainConfig, ckpt: dict | None) -> dict:
             "format": runtime.CKPT_FORMAT, "round": r, "model": {k: v.cpu() for k, v in global_state.items()},
             "client_state": {c: {k: v.cpu() for k, v in s.items()} for c, s in client_state.items()},
             "config": runtime.to_dict(cfg), "rng": runtime.rng_state(), "evals": history, "scaler": scaler.state_dict(),
+            "server_state": strategy.state_dict(),
             "input_shapes": {m: list(md.shape) for m, md in data.items()},
             "input_stats": {m: {"mean": md.mean.tolist(), "std": md.std.tolist()} for m, md in data.items()},
             "forward_flops": flops, "env": env}, out_dir / "last.pt")
@@ -347,7 +354,7 @@ def _run(args, cfg: PretrainConfig, ckpt: dict | None) -> dict:
             if stop.requested:
                 raise Interrupted
             global_state, metrics = train_one_round(r, model, optimizer, scaler, global_state, client_state, data,
-                                                    clients, cfg, device, lambda: stop.requested, flops)
+                                                    clients, cfg, device, lambda: stop.requested, flops, strategy)
             if metrics.get("rejected") and not metrics["per_client"]:
                 log.write({**metrics, "diverged": True})
                 raise Diverged(f"round {r}: every sampled client's update was non-finite (NaN/Inf loss or weights), so "

@@ -132,11 +132,11 @@ def test_coordinate_median_and_trimmed_mean_by_hand():
 
 
 def test_robust_round_resists_a_poisoned_client():
-    from federation import make_aggregator
+    from federation import make_strategy
     g = {"w": torch.tensor([0.0]), "heads.shared.w": torch.tensor([0.0])}
     upd = _dummy_update({0: 1.0, 1: 1.1, 2: 1e6})                  # client 2 sends a huge but finite update
     fedavg_w = run_round(g, [0, 1, 2], upd)[0]["w"].item()
-    median_w = run_round(g, [0, 1, 2], upd, aggregator=make_aggregator("median"))[0]["w"].item()
+    median_w = run_round(g, [0, 1, 2], upd, strategy=make_strategy(FedConfig(aggregation="median")))[0]["w"].item()
     assert fedavg_w > 1e5 and median_w == pytest.approx(1.1)
 
 

@@ -1,0 +1,132 @@
+"""Server strategies: each against a hand-computed example on tiny state dicts (prepare / execute / assert),
+the reductions to FedAvg bit for bit, and exact resume of a strategy with server state."""
+import json
+import math
+import shutil
+
+import pytest
+import torch
+
+import pretrain
+from conftest import ROOT, TINY_DATA
+from federation import STRATEGIES, ClientUpdate, FedConfig, make_strategy, run_round
+
+
+def _round(strategy, global_state, client_states, samples=None, weighting="total"):
+    samples = samples or [{"image": 1}] * len(client_states)
+    ups = {i: ClientUpdate(i, s, samples[i], {"loss_image": 1.0, "steps": 1}) for i, s in enumerate(client_states)}
+    return run_round(global_state, list(ups), ups.__getitem__, weighting=weighting, strategy=strategy)[0]
+
+
+def test_every_registered_strategy_runs_a_round():
+    g = {"w": torch.tensor([1.0, 2.0]), "bn.running_mean": torch.tensor([0.5]), "bn.num_batches_tracked": torch.tensor(3)}
+    clients = [{k: v + i if v.is_floating_point() else v for k, v in g.items()} for i in range(3)]
+    for name in STRATEGIES:
+        out = _round(make_strategy(FedConfig(aggregation=name), {"w"}), g, clients)
+        assert out.keys() == g.keys() and out["bn.num_batches_tracked"].item() == 3, name
+
+
+def test_fedavgm_by_hand_over_two_rounds():
+    fed = FedConfig(aggregation="fedavgm", server_momentum=0.9, server_lr=1.0)
+    s = make_strategy(fed, param_keys={"w"})
+    g = {"w": torch.tensor([1.0]), "bn.running_mean": torch.tensor([1.0])}
+    # round 1: average 0.5, pseudo-gradient d = 0.5, v = 0.5, w = 1 - 0.5 = 0.5; the buffer takes the plain average
+    g = _round(s, g, [{"w": torch.tensor([0.4]), "bn.running_mean": torch.tensor([0.0])},
+                      {"w": torch.tensor([0.6]), "bn.running_mean": torch.tensor([2.0])}])
+    assert g["w"].item() == pytest.approx(0.5) and g["bn.running_mean"].item() == pytest.approx(1.0)
+    # round 2: average 0.3, d = 0.2, v = 0.9 * 0.5 + 0.2 = 0.65, w = 0.5 - 0.65 = -0.15
+    g = _round(s, g, [{"w": torch.tensor([0.3]), "bn.running_mean": torch.tensor([1.0])}])
+    assert g["w"].item() == pytest.approx(-0.15, abs=1e-6)
+    assert s.state_dict()["v"]["w"].item() == pytest.approx(0.65)
+
+
+def test_fedavgm_without_momentum_and_fedprox_server_equal_fedavg_bit_for_bit():
+    gen = torch.Generator().manual_seed(0)
+    g = {"a": torch.randn(50, generator=gen), "b": torch.randn(3, 3, generator=gen)}
+    clients = [{k: v + 0.1 * torch.randn(v.shape, generator=gen) for k, v in g.items()} for _ in range(4)]
+    samples = [{"image": n} for n in (3, 7, 1, 5)]
+    ref = _round(make_strategy(FedConfig()), g, clients, samples)
+    for fed in (FedConfig(aggregation="fedavgm", server_momentum=0.0, server_lr=1.0), FedConfig(aggregation="fedprox")):
+        out = _round(make_strategy(fed, {"a", "b"}), g, clients, samples)
+        assert all(torch.equal(out[k], ref[k]) for k in g)
+
+
+def test_ldawa_by_hand():
+    s = make_strategy(FedConfig(aggregation="ldawa"))
+    g = {"w": torch.tensor([1.0, 0.0]), "z": torch.tensor([0.0, 0.0]), "n": torch.tensor(7)}
+    a = {"w": torch.tensor([1.0, 1.0]), "z": torch.tensor([2.0, 2.0]), "n": torch.tensor(9)}   # cos(w) = 1/sqrt(2)
+    b = {"w": torch.tensor([2.0, 0.0]), "z": torch.tensor([4.0, 0.0]), "n": torch.tensor(9)}   # cos(w) = 1
+    out = _round(s, g, [a, b], samples=[{"image": 1}, {"image": 100}])  # sample counts play no part
+    r = 1 / math.sqrt(2)
+    assert torch.allclose(out["w"], torch.tensor([(r + 2) / 2, r / 2]))
+    assert torch.allclose(out["z"], torch.tensor([3.0, 1.0]))  # a zero global layer: weight 1, the plain mean
+    assert out["n"].item() == 9  # integer buffers are copied, not scaled
+    # under modality weighting a client is left out of a key it did not train
+    g2 = {"trunk.w": torch.tensor([1.0, 0.0]), "stems.audio.w": torch.tensor([1.0, 0.0])}
+    c1 = {"trunk.w": torch.tensor([1.0, 1.0]), "stems.audio.w": torch.tensor([5.0, 5.0])}  # image-only: audio stem untouched
+    c2 = {"trunk.w": torch.tensor([2.0, 0.0]), "stems.audio.w": torch.tensor([3.0, 0.0])}
+    out = _round(make_strategy(FedConfig(aggregation="ldawa")), g2, [c1, c2], [{"image": 4}, {"audio": 4}], "modality")
+    assert torch.allclose(out["stems.audio.w"], torch.tensor([3.0, 0.0]))
+
+
+def test_median_and_trimmed_mean_through_the_interface():
+    g = {"w": torch.tensor([0.0])}
+    clients = [{"w": torch.tensor([v])} for v in (1.0, 2.0, 100.0, 3.0, 4.0)]
+    assert _round(make_strategy(FedConfig(aggregation="median")), g, clients)["w"].item() == 3.0
+    tm = make_strategy(FedConfig(aggregation="trimmed_mean", trim_frac=0.2))
+    assert _round(tm, g, clients)["w"].item() == pytest.approx(3.0)
+
+
+@pytest.fixture(autouse=True)
+def _cwd(monkeypatch):
+    monkeypatch.chdir(ROOT)
+
+
+def _args(out, cache_dir, *extra):
+    return ["configs/smoke.yaml", f"--run.out_dir={out}", f"--data.cache_dir={cache_dir}", "--run.progress=false",
+            "--run.deterministic=true", "--run.final_probe=false", "--run.eval_every=0", *TINY_DATA, *extra]
+
+
+def test_fedprox_with_mu_zero_is_fedavg(tmp_path, cache_dir):
+    pretrain.main(_args(tmp_path / "avg", cache_dir, "--fed.rounds=2"))
+    pretrain.main(_args(tmp_path / "prox0", cache_dir, "--fed.rounds=2", "--fed.aggregation=fedprox", "--fed.prox_mu=0"))
+    a, b = (torch.load(tmp_path / n / "last.pt", weights_only=True)["model"] for n in ("avg", "prox0"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_fedprox_term_keeps_a_client_near_the_global_weights():
+    """One client, the same start, data and random stream: the proximal term shortens the distance travelled."""
+    import runtime
+    from data import DataConfig
+    from federation import OptimConfig, local_ssl_update, make_optimizer
+    from models import ModelConfig, build_model
+    from test_step_path import SHAPES, _data
+    data = _data()
+    moved = {}
+    for mu in (0.0, 20.0):
+        torch.manual_seed(0)
+        model = build_model(ModelConfig(arch="resnet_tiny", width=8), SHAPES)
+        start = [p.detach().clone() for p in model.parameters()]
+        optim = OptimConfig(batch_size=8, lr=0.2, momentum=0.0)
+        local_ssl_update(model, make_optimizer(model, optim), runtime.make_scaler(torch.device("cpu"), "fp32"), data,
+                         {m: torch.arange(len(md.train_x)) for m, md in data.items()}, DataConfig(),
+                         FedConfig(prox_mu=mu), optim, 0.2, optim.peak_lr, torch.Generator().manual_seed(0), max_steps=8)
+        moved[mu] = math.sqrt(sum((p.detach() - p0).pow(2).sum().item() for p, p0 in zip(model.parameters(), start)))
+    assert moved[20.0] < 0.9 * moved[0.0]
+
+
+def test_fedavgm_kill_and_resume_is_bit_identical(tmp_path, cache_dir):
+    common = ["--fed.rounds=3", "--fed.aggregation=fedavgm", "--fed.server_momentum=0.9"]
+    pretrain.main(_args(tmp_path / "full", cache_dir, *common))
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    shutil.copy(tmp_path / "full" / "last.pt.prev", cut / "last.pt")  # stopped after round 2
+    shutil.copy(tmp_path / "full" / "log.jsonl", cut / "log.jsonl")
+    ck = torch.load(cut / "last.pt", weights_only=True)
+    assert ck["round"] == 2 and ck["server_state"]["v"]  # the server momentum travels with the checkpoint
+    pretrain.main(["--resume", str(cut), "--run.progress=false"])
+    a = torch.load(tmp_path / "full" / "last.pt", weights_only=True)
+    b = torch.load(cut / "last.pt", weights_only=True)
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert all(torch.equal(a["server_state"]["v"][k], b["server_state"]["v"][k]) for k in a["server_state"]["v"])
+    assert [json.loads(ln)["round"] for ln in (cut / "log.jsonl").read_text().splitlines()] == [0, 1, 2, 3]
