@@ -53,6 +53,13 @@ ABLATIONS = [
     ("head_per_modality", "a projection head per modality", ["--model.head=per_modality"]),
 ]
 ABLATION_EVAL = ["--eval.protocols=[linear]", "--eval.label_fractions=[1.0]", "--eval.tasks=[image, audio]"]
+# --strategies: FSSUAVL under each server strategy against FedAvg (the default runs), same clients and budget
+STRATEGY_RUNS = [
+    ("fedprox", "FedProx (mu = 0.01)", ["--fed.aggregation=fedprox", "--fed.prox_mu=0.01"]),
+    ("fedavgm", "FedAvgM (server momentum 0.9, server lr 1)", ["--fed.aggregation=fedavgm", "--fed.server_momentum=0.9"]),
+    ("ldawa", "L-DAWA", ["--fed.aggregation=ldawa"]),
+    ("median", "coordinate-wise median", ["--fed.aggregation=median"]),
+]
 
 
 def mean_std(values: list[float]) -> str:
@@ -338,15 +345,16 @@ def plot_partition(config: str, seed: int, overrides: list[str], path: Path) -> 
 
 # ----------------------------------------------------------------------------- ablations and findings
 
-def ablation_table(default: list[dict], ablations: dict[str, list[dict]]) -> list[dict]:
-    """Table 5: image and audio linear probe (100% labels) of the default and of each toggle, with the
-    Welch p-value of each toggle against the default."""
+def ablation_table(default: list[dict], ablations: dict[str, list[dict]], spec=None,
+                   default_label: str = "default (all our additions on)") -> list[dict]:
+    """Table 5 (and the strategies table): image and audio linear probe (100% labels) of the default and of
+    each variant in `spec` (name, label, overrides), with the Welch p-value of each against the default."""
     rows = []
     base = {m: accs(default, m, m, "linear", 1.0) for m in ("image", "audio")}
-    rows.append({"variant": "default (all our additions on)", "overrides": "",
+    rows.append({"variant": default_label, "overrides": "",
                  "seeds": " ".join(str(r["seed"]) for r in default),
                  **{f"{m} linear 100%": mean_std(base[m]) for m in base if base[m]}})
-    for name, label, overrides in ABLATIONS:
+    for name, label, overrides in (ABLATIONS if spec is None else spec):
         per_seed = ablations.get(name, [])
         if not per_seed:
             continue
@@ -361,7 +369,8 @@ def ablation_table(default: list[dict], ablations: dict[str, list[dict]]) -> lis
     return rows
 
 
-def findings(results: dict[str, list[dict]], ablations: dict[str, list[dict]], costs: dict) -> list[str]:
+def findings(results: dict[str, list[dict]], ablations: dict[str, list[dict]], costs: dict,
+             strategies: dict[str, list[dict]] | None = None) -> list[str]:
     """The "what these numbers say" lines, computed: linear probe at 100% labels unless stated."""
     lines = []
     for m, own in (("image", "image_only"), ("audio", "audio_only")):
@@ -382,11 +391,13 @@ def findings(results: dict[str, list[dict]], ablations: dict[str, list[dict]], c
         lines.append(f"Efficiency (measured over the runs): FSSUAVL uploads {c['bytes_up']:.3f}x and downloads "
                      f"{c['bytes_down']:.3f}x the bytes of the two separate models, with {p:.3f}x their parameters.")
     default = results.get("fssuavl", [])
-    for name, label, _ in ABLATIONS:
-        for m in ("image", "audio"):
-            if ablations.get(name):
-                lines.append(finding(f"Ablation, {m} linear probe", label, accs(ablations[name], m, m, "linear", 1.0),
-                                     "the default", accs(default, m, m, "linear", 1.0)))
+    for kind, runs, spec, other in (("Ablation", ablations, ABLATIONS, "the default"),
+                                    ("Strategy", strategies or {}, STRATEGY_RUNS, "FedAvg")):
+        for name, label, _ in spec:
+            for m in ("image", "audio"):
+                if runs.get(name):
+                    lines.append(finding(f"{kind}, {m} linear probe", label, accs(runs[name], m, m, "linear", 1.0),
+                                         other, accs(default, m, m, "linear", 1.0)))
     return lines
 
 
@@ -398,6 +409,7 @@ def main(argv=None) -> dict:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--out", default="results/tables")
     p.add_argument("--ablations", action="store_true", help="also Table 5: FSSUAVL with each of our additions toggled")
+    p.add_argument("--strategies", action="store_true", help="also Table 6: FSSUAVL under each server strategy vs FedAvg")
     p.add_argument("--eval", nargs="*", default=[], metavar="--eval.key=value",
                    help="extra finetune.py overrides, e.g. --eval --eval.probe_iters=50")
     argv, overrides = runtime.split_overrides(list(sys.argv[1:] if argv is None else argv))
@@ -423,14 +435,15 @@ def main(argv=None) -> dict:
         rd = out / "runs" / f"random_init_seed{seed}"
         res = ensure_evaluated(out / "runs" / f"fssuavl_seed{seed}" / "last.pt", rd, seed, True, eval_extra)
         results["random_init"].append({**res, "config_name": config_name})
-    ablations: dict[str, list[dict]] = {}
-    if args.ablations:
-        for seed in args.seeds:
-            for name, _, ab_over in ABLATIONS:
-                rd = out / "runs" / f"ablation_{name}_seed{seed}"
-                ckpt = ensure_pretrained(args.config, rd, seed, VARIANTS["fssuavl"], [*pre_extra, *ab_over])
+    extra_runs: dict[str, dict[str, list[dict]]] = {"ablation": {}, "strategy": {}}
+    for kind, wanted, spec in (("ablation", args.ablations, ABLATIONS), ("strategy", args.strategies, STRATEGY_RUNS)):
+        for seed in args.seeds if wanted else []:
+            for name, _, over in spec:
+                rd = out / "runs" / f"{kind}_{name}_seed{seed}"
+                ckpt = ensure_pretrained(args.config, rd, seed, VARIANTS["fssuavl"], [*pre_extra, *over])
                 res = ensure_evaluated(ckpt, rd, seed, False, [*eval_extra, *ABLATION_EVAL])
-                ablations.setdefault(name, []).append(res)
+                extra_runs[kind].setdefault(name, []).append(res)
+    ablations, strategies = extra_runs["ablation"], extra_runs["strategy"]
 
     n = len(args.seeds)
     eff_rows, costs = efficiency_table(run_dirs)
@@ -451,10 +464,15 @@ def main(argv=None) -> dict:
                                       f"probe %, mean ± std over {n} seeds; p = Welch's t-test against the default "
                                       f"(cross-modal negatives need order=sum: compare that row with the order=sum row)",
                                       ablation_table(results["fssuavl"], ablations))
-    lines = findings(results, ablations, costs)
+    if args.strategies:
+        tables["table6_strategies"] = (f"Table 6: server strategies, FSSUAVL on the same clients and budget, linear probe %, "
+                                       f"mean ± std over {n} seeds; p = Welch's t-test against FedAvg",
+                                       ablation_table(results["fssuavl"], strategies, STRATEGY_RUNS, "FedAvg (the default)"))
+    lines = findings(results, ablations, costs, strategies)
     md = [f"# FSSUAVL comparison tables\n\nConfig `{args.config}`, seeds {args.seeds}, "
           f"probe: {', '.join(EVAL_ARGS)}. Generated by `python tables.py --config {args.config} "
-          f"--seeds {' '.join(map(str, args.seeds))}{' --ablations' if args.ablations else ''}`.\n"]
+          f"--seeds {' '.join(map(str, args.seeds))}{' --ablations' if args.ablations else ''}"
+          f"{' --strategies' if args.strategies else ''}`.\n"]
     for name, (title, rows) in tables.items():
         for r in rows:
             r.setdefault("config", config_name)
@@ -470,7 +488,7 @@ def main(argv=None) -> dict:
     (out / "tables.md").write_text(text)
     print(text)
     print(f"tables in {out}/ ({minutes:.1f} min)")
-    return {"tables": tables, "results": results, "findings": lines, "ablations": ablations}
+    return {"tables": tables, "results": results, "findings": lines, "ablations": ablations, "strategies": strategies}
 
 
 if __name__ == "__main__":

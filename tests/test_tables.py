@@ -51,6 +51,15 @@ def test_tables_end_to_end_tiny(tmp_path, cache_dir, monkeypatch):
     mtime = (out / "runs" / "fssuavl_seed0" / "results.json").stat().st_mtime_ns
     tables.main(args)  # a second call reuses every finished run and evaluation
     assert (out / "runs" / "fssuavl_seed0" / "results.json").stat().st_mtime_ns == mtime
+    one = args[:3] + ["0"] + args[5:]  # --seeds 0 only, the same out dir
+    res = tables.main(one + ["--ablations", "--strategies"])
+    t5 = res["tables"]["table5_ablations"][1]
+    assert [r["variant"] for r in t5][1:] == [label for _, label, _ in tables.ABLATIONS]
+    assert [r["variant"] for r in res["tables"]["table6_strategies"][1]][1:] == [lb for _, lb, _ in tables.STRATEGY_RUNS]
+    ck = tables.runtime.load_checkpoint(out / "runs" / "ablation_paper_plain_seed0" / "last.pt")
+    assert ck["config"]["fed"]["weighting"] == "total" and ck["config"]["model"]["bn_stats"] == "shared"
+    assert tables.runtime.load_checkpoint(out / "runs" / "strategy_ldawa_seed0" / "last.pt")["config"]["fed"]["aggregation"] == "ldawa"
+    assert any(ln.startswith("Strategy, audio linear probe: ") and "no test" in ln for ln in res["findings"])
 
 
 def test_t_test_p_values_against_closed_forms():
