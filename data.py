@@ -360,12 +360,16 @@ def build_avfashion(cfg: DataConfig, progress: bool = True) -> Path:
     from tqdm import tqdm
 
     recipe = avfashion_recipe(cfg)
-    # keyed by the recipe and by what it reads: the Fashion-MNIST files and the installed espeak-ng
-    source = (source_fingerprint(cfg.root or FASHION_MNIST_DIR), _run_espeak(["--version"]).decode().strip())
-    key = hashlib.sha1(repr((sorted(recipe.items()), source)).encode()).hexdigest()[:10]
+    # keyed by the recipe and the Fashion-MNIST files; the espeak-ng version is stored inside and compared when
+    # espeak-ng is installed (a cache copied to a machine without it still loads)
+    key = hashlib.sha1(repr((sorted(recipe.items()), source_fingerprint(cfg.root or FASHION_MNIST_DIR))).encode()).hexdigest()[:10]
     path = cache_root(cfg) / f"avfashion-v{AVFASHION_VERSION}-{key}.npz"
-    if read_npz(path) is not None:
-        return path
+    espeak = _run_espeak(["--version"]).decode().strip() if shutil.which("espeak-ng") else None
+    z = read_npz(path)
+    if z is not None:
+        if espeak is None or str(z.get("espeak", "")) == espeak:
+            return path
+        print(f"{path} was built with another espeak-ng ({z.get('espeak', 'unknown')}); rebuilding it with {espeak}")
     fm = load_fashion_mnist(cfg.root or FASHION_MNIST_DIR)
     variants = espeak_variants()
     if not variants:
@@ -411,7 +415,8 @@ def build_avfashion(cfg: DataConfig, progress: bool = True) -> Path:
                          image_test_x=fm["test_x"], image_test_y=fm["test_y"].astype(np.int64),
                          audio=np.stack(audio), audio_y=np.asarray(words, dtype=np.int64),
                          audio_speaker=np.asarray(speaker, dtype=np.int64), test_voice=test_voices,
-                         voices=np.asarray(["{}+{} s{} p{}".format(*v) for v in voices]), recipe=np.asarray(repr(recipe))))
+                         voices=np.asarray(["{}+{} s{} p{}".format(*v) for v in voices]), recipe=np.asarray(repr(recipe)),
+                         espeak=np.asarray(espeak or "")))
     return path
 
 

@@ -20,7 +20,7 @@ import yaml
 from tqdm import tqdm
 
 import runtime
-from data import MODALITIES, DataConfig, DataError, describe_partition, load_data, partition
+from data import MODALITIES, DataConfig, describe_partition, load_data, partition
 from federation import (ClientUpdate, FedConfig, Interrupted, OptimConfig, is_shared, local_ssl_update, lr_at,
                         make_optimizer, make_strategy, run_round, sample_clients)
 from finetune import knn_accuracy, probe_accuracy

@@ -305,3 +305,19 @@ def test_degenerate_labels(tmp_path, cache_dir, rows, message):
             "--data.dataset=cifar10+audiofolder", "--data.modalities=[audio]", f"--data.audio_root={root}",
             "--data.clip_seconds=0.3", "--data.n_mels=16", "--fed.federation=single"]
     assert message in one_line_error(pretrain.main, args)
+
+
+def test_avfashion_cache_loads_without_espeak_and_follows_its_version(tmp_path, monkeypatch, capsys):
+    import data
+    from data import DataConfig, build_avfashion
+    cfg = DataConfig(n_voices=3, cache_dir=str(tmp_path))
+    path = build_avfashion(cfg, progress=False)
+    real_which = data.shutil.which
+    monkeypatch.setattr(data.shutil, "which", lambda name: None if name == "espeak-ng" else real_which(name))
+    assert build_avfashion(cfg, progress=False) == path  # no espeak-ng here: the cache is used as it is
+    monkeypatch.setattr(data.shutil, "which", real_which)
+    z = dict(np.load(path))
+    z["espeak"] = np.asarray("eSpeak NG text-to-speech: 0.0")  # built by another espeak-ng
+    np.savez(path, **z)
+    assert build_avfashion(cfg, progress=False) == path and "built with another espeak-ng" in capsys.readouterr().out
+    assert str(np.load(path)["espeak"]) != "eSpeak NG text-to-speech: 0.0"

@@ -1,6 +1,5 @@
 """The training step as a GPU would run it, checked on CPU: no host sync inside a step, torch.compile that
 compiles once per modality and stays compiled, and the AMP state that exact resume needs."""
-import dataclasses
 
 import pytest
 import torch
