@@ -334,7 +334,7 @@ def _audio_waveforms(cfg) -> np.ndarray:
         z = np.load(build_avfashion(cfg.data, progress=False))
         train = ~z["test_voice"][z["audio_speaker"]]
         return z["audio"][train]
-    from datasets import _cached, default_root, read_audio_dataset
+    from readers import _cached, default_root, read_audio_dataset
     name = cfg.data.dataset.split("+")[1]
     root = Path(cfg.data.audio_root) if cfg.data.audio_root else default_root(name)
     params = {"sr": cfg.data.sample_rate, "clip": cfg.data.clip_seconds, "fold": cfg.data.test_fold,

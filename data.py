@@ -29,6 +29,10 @@ import torch.nn.functional as F
 from runtime import ConfigError, UserError, check_range, expand_path
 
 MODALITIES = ("image", "audio")
+# the datasets readers.py reads from their official on-disk formats (kept here so config checks need no reader)
+IMAGE_DATASETS = ("cifar10", "cifar100", "stl10", "tinyimagenet", "imagefolder")
+AUDIO_DATASETS = ("esc50", "speechcommands", "urbansound8k", "audiofolder", "fluidr3")
+PAIRED_DATASETS = ("vggsound",)
 
 
 class DataError(UserError, RuntimeError):
@@ -76,7 +80,7 @@ class AudioAugConfig:
 
 @dataclass
 class DataConfig:
-    dataset: str = "avfashion"        # avfashion | vggsound (paired) | IMAGE+AUDIO, e.g. cifar10+esc50 (see datasets.py)
+    dataset: str = "avfashion"        # avfashion | vggsound (paired) | IMAGE+AUDIO, e.g. cifar10+esc50 (see readers.py)
     modalities: tuple[str, ...] = ("image", "audio")  # both = FSSUAVL; one = the separate-model baselines
     root: Optional[str] = None        # files of a paired dataset; None = its default location
     image_root: Optional[str] = None  # files of the image dataset of IMAGE+AUDIO; None = $FSSUAVL_DATA/NAME or ~/data/NAME
@@ -128,7 +132,6 @@ class DataConfig:
 
 
 def check_dataset_name(name: str) -> None:
-    from datasets import AUDIO_DATASETS, IMAGE_DATASETS, PAIRED_DATASETS
     if name in ("avfashion",) + PAIRED_DATASETS:
         return
     parts = name.split("+")
@@ -501,7 +504,7 @@ def load_data(cfg: DataConfig, device, progress: bool = True) -> dict[str, Modal
     if cfg.dataset == "avfashion":
         data = load_avfashion(cfg, device, progress=progress)
     else:
-        from datasets import load_named
+        from readers import load_named  # lazy: readers.py imports this module
         data = load_named(cfg, device, progress=progress)
     for m, md in data.items():
         found = torch.unique(md.train_y).numel()

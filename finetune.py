@@ -304,7 +304,7 @@ def load_backbone(ckpt_path, random_init: bool = False, seed: int = 0, device="c
 def fluidr3_data(cfg: FinetuneConfig, device, log=print) -> Optional[ModalityData]:
     """The out-of-domain audio task: GM instrument notes rendered from the FluidR3 soundfont (16
     families, unseen instruments in the test split), through the pretraining's audio front-end."""
-    from datasets import FLUIDR3_SF2, load_named
+    from readers import FLUIDR3_SF2, load_named
     sf2 = cfg.eval.fluidr3_sf2 or FLUIDR3_SF2
     if not Path(sf2).is_file() or not shutil.which("fluidsynth"):
         log(f"skipping the fluidr3 task: needs fluidsynth and {sf2} (sudo apt-get install fluidsynth fluid-soundfont-gm)")
@@ -335,7 +335,7 @@ def evaluate(model, data: dict[str, ModalityData], cfg: FinetuneConfig, device, 
     if "paired" in ec.tasks and {"image", "audio"} <= set(data):
         itr, iytr, ite, iyte = feats["image"]
         atr, aytr, ate, ayte = feats["audio"]
-        from datasets import PAIRED_DATASETS
+        from readers import PAIRED_DATASETS
         if cfg.data.dataset in PAIRED_DATASETS:  # real pairs: image i and clip i come from one video
             ptr, pte = torch.arange(len(iytr), device=iytr.device), torch.arange(len(iyte), device=iyte.device)
         else:  # AV-Fashion: each image with a clip of its spoken class name

@@ -235,7 +235,7 @@ def _audiofolder(root, rows):
 
 def _load_audiofolder(tmp_path, root):
     from data import DataConfig
-    from datasets import load_named
+    from readers import load_named
     cfg = DataConfig(dataset="cifar10+audiofolder", modalities=("audio",), audio_root=str(root),
                      cache_dir=str(tmp_path / "cache"), n_mels=16, clip_seconds=0.3)
     return load_named(cfg, torch.device("cpu"))["audio"]

@@ -1,4 +1,5 @@
-"""Paper-scale datasets read from files on disk, in their official formats and splits.
+"""Paper-scale datasets read from files on disk, in their official formats and splits. (Not named datasets.py:
+that would shadow Hugging Face's `datasets` package, which flwr-datasets imports.)
 
     images: cifar10, cifar100 (python pickle batches), stl10 (binary), tinyimagenet (tiny-imagenet-200 folder,
             val_annotations.txt), imagefolder (root/train/CLASS/*, root/val|test/CLASS/*)
@@ -11,7 +12,7 @@ A config names one image and one audio dataset as `data.dataset: cifar10+esc50` 
 data.audio_root), or a paired one (`vggsound`, `avfashion`) with data.root. Files are decoded once into a
 versioned cache (uint8 images, int16 waveforms at the configured rate and length), so runs never re-decode.
 Unreadable, empty or NaN audio and corrupt images are skipped with a warning naming the file and a count
-at the end; above data.max_bad_frac the load stops with an error. `python datasets.py NAME ROOT` loads one
+at the end; above data.max_bad_frac the load stops with an error. `python readers.py NAME ROOT` loads one
 dataset and prints what it holds.
 """
 from __future__ import annotations
@@ -33,13 +34,10 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from data import (DataConfig, DataError, ModalityData, cache_root, logmel_stats, read_npz, source_fingerprint,
+from data import (AUDIO_DATASETS, IMAGE_DATASETS, PAIRED_DATASETS, DataConfig, DataError, ModalityData, cache_root, logmel_stats, read_npz, source_fingerprint,
                   stratified_subset, waveforms_to_logmel, write_npz)
 
 CACHE_VERSION = 1
-IMAGE_DATASETS = ("cifar10", "cifar100", "stl10", "tinyimagenet", "imagefolder")
-AUDIO_DATASETS = ("esc50", "speechcommands", "urbansound8k", "audiofolder", "fluidr3")
-PAIRED_DATASETS = ("vggsound",)
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 AUDIO_EXTS = (".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif")
 FLUIDR3_SF2 = "/usr/share/sounds/sf2/FluidR3_GM.sf2"
@@ -567,7 +565,7 @@ def download(name: str, root: Path) -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) != 3:
-        sys.exit("usage: python datasets.py NAME ROOT   (NAME: " + ", ".join(IMAGE_DATASETS + AUDIO_DATASETS + PAIRED_DATASETS) + ")")
+        sys.exit("usage: python readers.py NAME ROOT   (NAME: " + ", ".join(IMAGE_DATASETS + AUDIO_DATASETS + PAIRED_DATASETS) + ")")
     name, root = sys.argv[1], sys.argv[2]
     if name in PAIRED_DATASETS:
         cfg = DataConfig(dataset=name, root=root)

@@ -11,7 +11,7 @@ import fixtures
 import pretrain
 from conftest import ROOT
 from data import DataConfig, DataError
-from datasets import BadFiles, load_named, read_audio, read_image, render_fluidr3, FLUIDR3_SF2, write_midi
+from readers import BadFiles, load_named, read_audio, read_image, render_fluidr3, FLUIDR3_SF2, write_midi
 
 
 def load(tmp_path, dataset, modality, **kw):
@@ -132,13 +132,13 @@ def test_missing_dataset_says_what_goes_where(tmp_path):
 
 
 def test_decoded_once_then_cached(tmp_path, monkeypatch):
-    import datasets
+    import readers
     root = fixtures.write_cifar10(tmp_path / "c10")
     load(tmp_path, "cifar10+esc50", "image", image_root=str(root))
 
     def no_decode(*a, **kw):
         raise AssertionError("decoded again although the source did not change")
-    monkeypatch.setitem(datasets.IMAGE_READERS, "cifar10", no_decode)
+    monkeypatch.setitem(readers.IMAGE_READERS, "cifar10", no_decode)
     assert len(load(tmp_path, "cifar10+esc50", "image", image_root=str(root)).train_y) == 100  # served by the cache
 
 
