@@ -402,20 +402,6 @@ def parse_args(argv):
     return runtime.parse_with_overrides(p, argv)
 
 
-def _read_yaml(path) -> dict:
-    import yaml
-    p = Path(runtime.expand_path(str(path)))
-    if not p.is_file():
-        raise ConfigError(f"config file not found: {p}")
-    try:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{p}: not a readable YAML config ({type(e).__name__}: {str(e).splitlines()[0][:150]})") from e
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{p}: top level must be a mapping of sections (eval, run, data)")
-    return raw
-
-
 def check_inputs(data: dict[str, ModalityData], ck: dict, cfg: FinetuneConfig) -> None:
     """The backbone only fits the inputs it was trained on: compare the data's input shapes with the
     checkpoint's and name the data options that differ."""
@@ -443,7 +429,7 @@ def _main(argv) -> dict:
     ck = runtime.load_checkpoint(ckpt_path)
     raw = {}
     if args.config:
-        raw = _read_yaml(args.config)
+        raw = runtime.read_yaml(args.config)
     data_raw = dict(ck["config"]["data"])
     data_raw.update(raw.pop("data", {}) or {})
     data_raw["modalities"] = list(ck["input_shapes"])  # the tasks the backbone has stems for

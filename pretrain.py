@@ -185,10 +185,10 @@ def forward_flops(model, data, device) -> dict[str, int]:
 
 
 def train_one_round(r: int, model, optimizer, scaler, global_state, client_state, data, clients,
-                    cfg: PretrainConfig, device, should_stop=None, flops: dict | None = None,
-                    strategy=None) -> tuple[dict, dict]:
+                    cfg: PretrainConfig, device, strategy, should_stop=None, flops: dict | None = None) -> tuple[dict, dict]:
     """Sample K of the N clients, train each sampled client that holds a trained modality locally from the
-    global weights (the others sit the round out), aggregate. Returns the new global state and the round's
+    global weights (the others sit the round out), aggregate with `strategy` (one object for the whole run:
+    it may keep server state across rounds). Returns the new global state and the round's
     metrics: what moved (bytes up/down per client) and what ran (steps, samples, forward FLOPs)."""
     t0 = runtime.Timer()
     lr = lr_at(r, cfg.optim, cfg.fed.rounds)
@@ -211,7 +211,6 @@ def train_one_round(r: int, model, optimizer, scaler, global_state, client_state
         if local:
             client_state[upd.client] = local
 
-    strategy = strategy or make_strategy(cfg.fed, {k for k, _ in model.named_parameters()})
     new_state, per_client, rejected = run_round(global_state, active, local_update, share, keep_local,
                                                 cfg.fed.weighting, strategy=strategy)
     out = {"round": r, "clients": sampled, "lr": lr}
@@ -354,7 +353,7 @@ def _run(args, cfg: PretrainConfig, ckpt: dict | None) -> dict:
             if stop.requested:
                 raise Interrupted
             global_state, metrics = train_one_round(r, model, optimizer, scaler, global_state, client_state, data,
-                                                    clients, cfg, device, lambda: stop.requested, flops, strategy)
+                                                    clients, cfg, device, strategy, lambda: stop.requested, flops)
             if metrics.get("rejected") and not metrics["per_client"]:
                 log.write({**metrics, "diverged": True})
                 raise Diverged(f"round {r}: every sampled client's update was non-finite (NaN/Inf loss or weights), so "

@@ -222,27 +222,32 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+def read_yaml(path: str | os.PathLike) -> dict:
+    """A YAML config file as a dict of sections; a missing file, bad bytes, broken YAML or a top level that is
+    not a mapping is a ConfigError naming the file (and the line)."""
+    p = Path(expand_path(str(path)))
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    import yaml
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: not UTF-8 text (byte {e.start}): save the config as UTF-8") from e
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+        hint = " (YAML indents with spaces, never tabs)" if "\t" in p.read_text(encoding="utf-8") else ""
+        raise ConfigError(f"{p}: invalid YAML{at}: {getattr(e, 'problem', None) or e}{hint}") from e
+    except OSError as e:
+        raise ConfigError(f"cannot read config {p}: {e.strerror or e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: top level must be a mapping of sections")
+    return data
+
+
 def load_config(cls, path: str | os.PathLike | None, overrides: list[str] = ()):
     """YAML file (optional) + dotted overrides -> dataclass `cls`, validated."""
-    data = {}
-    if path is not None:
-        p = Path(expand_path(str(path)))
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        import yaml
-        try:
-            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        except UnicodeDecodeError as e:
-            raise ConfigError(f"{p}: not UTF-8 text (byte {e.start}): save the config as UTF-8") from e
-        except yaml.YAMLError as e:
-            where = getattr(e, "problem_mark", None)
-            at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
-            hint = " (YAML indents with spaces, never tabs)" if "\t" in p.read_text(encoding="utf-8") else ""
-            raise ConfigError(f"{p}: invalid YAML{at}: {getattr(e, 'problem', None) or e}{hint}") from e
-        except OSError as e:
-            raise ConfigError(f"cannot read config {p}: {e.strerror or e}") from e
-        if not isinstance(data, dict):
-            raise ConfigError(f"{p}: top level must be a mapping of sections")
+    data = read_yaml(path) if path is not None else {}
     apply_overrides(data, list(overrides))
     return build_dataclass(cls, data)
 
