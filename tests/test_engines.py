@@ -1,0 +1,166 @@
+"""Same weights on every engine: torchrun (2 gloo ranks), Flower's Simulation Engine and a localhost Flower
+deployment (SuperLink + 2 SuperNodes) each end with a last.pt whose global weights equal the in-process run's,
+bit for bit. Every server a test starts listens on 127.0.0.1 and is killed (its whole process group) when the
+test ends, passed or failed."""
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, TINY_DATA
+
+RUN = ["configs/smoke.yaml", "--fed.clients=4", "--fed.clients_per_round=3", "--fed.modality_fractions=[0.4,0.4,0.2]",
+       "--optim.batch_size=32", "--run.threads=1", "--run.deterministic=true", "--run.progress=false",
+       "--run.final_probe=false", "--run.eval_every=0", *TINY_DATA]
+BIN = Path(sys.executable).parent
+ENV = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "OMP_NUM_THREADS": "1",
+       "GLOO_SOCKET_IFNAME": "lo", "PYTHONUNBUFFERED": "1"}
+
+
+def _args(out, cache_dir, rounds=2):
+    return [*RUN, f"--fed.rounds={rounds}", f"--data.cache_dir={cache_dir}", f"--run.out_dir={out}"]
+
+
+@contextlib.contextmanager
+def _procs():
+    """Start processes in their own sessions; on the way out kill each one's whole group."""
+    started = []
+
+    def start(cmd, log, **kw):
+        p = subprocess.Popen(cmd, cwd=kw.pop("cwd", ROOT), env=kw.pop("env", ENV), stdout=open(log, "w"),
+                             stderr=subprocess.STDOUT, start_new_session=True, **kw)
+        started.append(p)
+        return p
+    try:
+        yield start
+    finally:
+        for p in started:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+
+
+def _run(cmd, log, timeout=240, **kw):
+    with _procs() as start:
+        p = start(cmd, log, **kw)
+        try:
+            rc = p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"timed out after {timeout} s: {' '.join(map(str, cmd))}\n{Path(log).read_text()[-3000:]}")
+    assert rc == 0, Path(log).read_text()[-3000:]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_listening(port: int, timeout: float = 90.0, what: str = "") -> None:
+    t0 = time.monotonic()
+    while True:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        assert time.monotonic() - t0 < timeout, f"{what} not listening on 127.0.0.1:{port} after {timeout:.0f} s"
+        time.sleep(0.3)
+
+
+def _weights(run_dir):
+    ck = torch.load(Path(run_dir) / "last.pt", weights_only=True)
+    return ck["round"], ck["model"]
+
+
+def _same(a, b):
+    (ra, wa), (rb, wb) = _weights(a), _weights(b)
+    assert ra == rb and wa.keys() == wb.keys()
+    differ = [k for k in wa if not torch.equal(wa[k], wb[k])]
+    assert not differ, f"{len(differ)} of {len(wa)} tensors differ, e.g. {differ[:3]}"
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, cache_dir):
+    """The in-process run (a subprocess too, so this test process keeps its thread settings)."""
+    out = tmp_path_factory.mktemp("engines") / "inprocess"
+    _run([sys.executable, "pretrain.py", *_args(out, cache_dir)], out.parent / "inprocess.log")
+    return out
+
+
+def test_torchrun_two_gloo_ranks_equal_in_process(reference, tmp_path, cache_dir):
+    out = tmp_path / "torchrun"
+    _run([sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+          f"--master_port={_free_port()}", "pretrain.py", *_args(out, cache_dir)], tmp_path / "torchrun.log")
+    _same(reference, out)
+    assert "engine Torchrun" in (tmp_path / "torchrun.log").read_text()
+
+
+def test_torchrun_stop_on_one_rank_stops_all_and_resume_is_exact(tmp_path, cache_dir):
+    """SIGTERM to rank 1 alone: both ranks stop after their current step (no deadlock), exit 143, and a
+    torchrun --resume ends where an uninterrupted in-process run of the same rounds ends."""
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    _run([sys.executable, "pretrain.py", *_args(full, cache_dir, rounds=3)], tmp_path / "full.log")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={_free_port()}", "pretrain.py", *_args(cut, cache_dir, rounds=3)]
+    log = tmp_path / "cut.log"
+    with _procs() as start:
+        p = start(cmd, log)
+        t0 = time.monotonic()
+        while "round=1 " not in log.read_text():
+            assert p.poll() is None and time.monotonic() - t0 < 180, log.read_text()[-3000:]
+            time.sleep(0.2)
+        ranks = subprocess.run(["pgrep", "-P", str(p.pid)], capture_output=True, text=True).stdout.split()
+        workers = sorted(int(x) for x in ranks)  # torchrun's children: one per rank
+        assert len(workers) == 2, ranks
+        os.kill(workers[1], signal.SIGTERM)  # the higher pid: a rank other than the launcher's first
+        p.wait(timeout=120)
+    text = log.read_text()
+    assert "exitcode  : 143" in text and "stopped during round" in text, text[-3000:]
+    assert _weights(cut)[0] in (1, 2)
+    _run([sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+          f"--master_port={_free_port()}", "pretrain.py", "--resume", str(cut)], tmp_path / "resume.log")
+    _same(full, cut)
+
+
+def test_flower_simulation_equals_in_process(reference, tmp_path, cache_dir):
+    out = tmp_path / "flower_sim"
+    _run([sys.executable, "flower_app.py", "--supernodes=2", *_args(out, cache_dir)], tmp_path / "sim.log")
+    _same(reference, out)
+    text = (tmp_path / "sim.log").read_text()
+    assert "engine FlowerEngine" in text
+    # the run directory is pretrain.py's: finetune.py and tables.py read it unchanged
+    assert (out / "config.yaml").exists() and (out / "log.jsonl").read_text().count("\n") == 3
+
+
+def test_flower_deployment_superlink_and_two_supernodes_equal_in_process(reference, tmp_path, cache_dir):
+    link, home = _free_port(), tmp_path / "flwr_home"
+    home.mkdir()
+    (home / "config.toml").write_text(f'[superlink]\ndefault = "test"\n\n[superlink.test]\n'
+                                      f'address = "127.0.0.1:{link}"\ninsecure = true\n')
+    env = {**ENV, "FLWR_HOME": str(home)}
+    out = tmp_path / "flower_dep"
+    overrides = " ".join(_args(out, cache_dir)[1:])
+    with _procs() as start:
+        start([str(BIN / "flower-superlink"), "--insecure", "--host=127.0.0.1", f"--port={link}",
+               f"--database={tmp_path / 'superlink.db'}"], tmp_path / "superlink.log", env=env, cwd=tmp_path)
+        _wait_listening(link, what="flower-superlink")
+        for i in range(2):
+            port = _free_port()
+            start([str(BIN / "flower-supernode"), "--insecure", f"--superlink=127.0.0.1:{link}",
+                   f"--port={port}"], tmp_path / f"supernode{i}.log", env=env, cwd=tmp_path)
+            _wait_listening(port, what=f"flower-supernode {i}")
+        run = start([str(BIN / "flwr"), "run", str(ROOT), "test", "--stream", "--run-config",
+                     f"config='configs/smoke.yaml' overrides='{overrides}' min-nodes=2"], tmp_path / "flwr_run.log", env=env)
+        t0 = time.monotonic()
+        while not ((out / "last.pt").exists() and _weights(out)[0] == 2):  # last.pt is replaced atomically
+            logs = "\n".join(f"== {f.name}\n{f.read_text()[-1500:]}" for f in sorted(tmp_path.glob("*.log")))
+            assert time.monotonic() - t0 < 300, logs
+            assert run.poll() in (None, 0), logs
+            time.sleep(0.5)
+    _same(reference, out)
