@@ -34,7 +34,8 @@ import torch
 import torch.nn.functional as F
 
 import runtime
-from data import LogMel, load_data
+from data import LogMel
+from readers import load_data
 from federation import ClientUpdate, WeightedAverage, local_ssl_update, make_optimizer, run_round
 from models import build_model, nt_xent
 from pretrain import PretrainConfig

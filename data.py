@@ -499,21 +499,6 @@ def load_avfashion(cfg: DataConfig, device, progress: bool = True) -> dict[str, 
     return out
 
 
-def load_data(cfg: DataConfig, device, progress: bool = True) -> dict[str, ModalityData]:
-    """The configured dataset as {modality: ModalityData} on `device`, for the configured modalities."""
-    if cfg.dataset == "avfashion":
-        data = load_avfashion(cfg, device, progress=progress)
-    else:
-        from readers import load_named  # lazy: readers.py imports this module
-        data = load_named(cfg, device, progress=progress)
-    for m, md in data.items():
-        found = torch.unique(md.train_y).numel()
-        if found < 2:
-            raise DataError(f"{cfg.dataset}: the {m} training split has {found} class; contrastive pretraining and "
-                            f"its evaluation need at least two labelled classes")
-    return data
-
-
 # ----------------------------------------------------------------------------- augmentations
 
 def _uniform(g, n, lo, hi, device):

@@ -25,8 +25,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import runtime
-from data import DataConfig, DataError, ModalityData, augment, load_data, stratified_subset
+from data import DataConfig, DataError, ModalityData, augment, stratified_subset
 from models import ModelConfig, build_model
+from readers import load_data
 from runtime import CheckpointError, ConfigError, RunConfig, autocast
 
 BACKBONE_PREFIXES = ("stems.", "trunk.")   # what downstream tasks take from a checkpoint

@@ -21,11 +21,12 @@ from tqdm import tqdm
 
 import distributed
 import runtime
-from data import MODALITIES, DataConfig, describe_partition, load_data, partition
+from data import MODALITIES, DataConfig, describe_partition, partition
 from federation import (ClientUpdate, FedConfig, Interrupted, OptimConfig, is_shared, local_ssl_update, lr_at,
                         make_optimizer, make_strategy, run_round, sample_clients)
 from finetune import knn_accuracy, probe_accuracy
 from models import ModelConfig, build_model, count_params
+from readers import load_data
 from runtime import ConfigError, RunConfig
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.yaml"

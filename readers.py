@@ -34,7 +34,8 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from data import (AUDIO_DATASETS, IMAGE_DATASETS, PAIRED_DATASETS, DataConfig, DataError, ModalityData, cache_root, logmel_stats, read_npz, source_fingerprint,
+from data import (AUDIO_DATASETS, IMAGE_DATASETS, PAIRED_DATASETS, DataConfig, DataError, ModalityData, cache_root,
+                  load_avfashion, logmel_stats, read_npz, source_fingerprint,
                   stratified_subset, waveforms_to_logmel, write_npz)
 
 CACHE_VERSION = 1
@@ -575,3 +576,16 @@ if __name__ == "__main__":
         cfg = DataConfig(dataset=f"cifar10+{name}", audio_root=root, modalities=("audio",))
     for m, md in load_named(cfg, "cpu").items():
         print(f"{m}: train {tuple(md.train_x.shape)}, test {tuple(md.test_x.shape)}, {len(md.classes)} classes")
+
+
+def load_data(cfg: DataConfig, device, progress: bool = True) -> dict[str, ModalityData]:
+    """The configured dataset as {modality: ModalityData} on `device`, for the configured modalities: AV-Fashion
+    (built by data.py) or a dataset read here. The one entry point every stage loads data through."""
+    data = load_avfashion(cfg, device, progress=progress) if cfg.dataset == "avfashion" else \
+        load_named(cfg, device, progress=progress)
+    for m, md in data.items():
+        found = torch.unique(md.train_y).numel()
+        if found < 2:
+            raise DataError(f"{cfg.dataset}: the {m} training split has {found} class; contrastive pretraining and "
+                            f"its evaluation need at least two labelled classes")
+    return data

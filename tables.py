@@ -317,7 +317,7 @@ def plot_partition(config: str, seed: int, overrides: list[str], path: Path) -> 
         print("matplotlib not installed: skipping partition.png")
         return False
     import numpy as np
-    from data import load_data
+    from readers import load_data
     cfg = runtime.load_config(pretrain.PretrainConfig, config, [*overrides, f"--run.seed={seed}"])
     data = load_data(cfg.data, torch.device("cpu"), progress=False)
     clients = pretrain.make_clients(cfg, data)

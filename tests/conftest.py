@@ -32,6 +32,7 @@ def cache_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_data(cache_dir):
     import torch
-    from data import DataConfig, load_data
+    from data import DataConfig
+    from readers import load_data
     cfg = DataConfig(n_voices=12, max_train_images=512, n_mels=32, win_ms=40.0, hop_ms=20.0, cache_dir=str(cache_dir))
     return cfg, load_data(cfg, torch.device("cpu"), progress=False)

@@ -138,6 +138,21 @@ def test_flower_simulation_equals_in_process(reference, tmp_path, cache_dir):
     assert (out / "config.yaml").exists() and (out / "log.jsonl").read_text().count("\n") == 3
 
 
+def test_flower_simulation_resumes_a_killed_run(reference, tmp_path):
+    """What a kill after round 1 leaves (last.pt of round 1, the log up to it; checkpoints are replaced atomically,
+    tested with SIGKILL in test_resilience.py), resumed under Flower: it ends equal to the uninterrupted run."""
+    import shutil
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    shutil.copy(reference / "last.pt.prev", cut / "last.pt")
+    shutil.copy(reference / "log.jsonl", cut / "log.jsonl")
+    assert _weights(cut)[0] == 1
+    _run([sys.executable, "flower_app.py", "--supernodes=2", "--resume", str(cut)], tmp_path / "resume.log")
+    assert "resuming" in (tmp_path / "resume.log").read_text()
+    _same(reference, cut)
+    assert [ln.count('"round"') for ln in (cut / "log.jsonl").read_text().splitlines()] == [1, 1, 1]
+
+
 def test_flower_deployment_superlink_and_two_supernodes_equal_in_process(reference, tmp_path, cache_dir):
     link, home = _free_port(), tmp_path / "flwr_home"
     home.mkdir()

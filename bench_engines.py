@@ -1,0 +1,124 @@
+"""What each engine costs: the same federated work in process, under Flower's Simulation Engine and under
+torchrun, in one run, with wall time and the ratio to in-process.
+
+    python bench_engines.py                                   # configs/tables_cpu.yaml, 3 rounds -> results/bench_engines.json
+    python bench_engines.py --config configs/default.yaml --rounds 5 --nproc 2 --repeats 2
+
+Same work means the same config, seed, N, K, rounds, model and data; only the engine differs. Each engine gets the
+same cores: in process, one process with --threads threads; torchrun, --nproc ranks with threads // nproc each;
+Flower, --nproc virtual SuperNodes (one ClientApp at a time each, threads // nproc threads) beside a ServerApp
+that trains nothing. Two times per engine: `wall` (the whole command: start-up, data load, Ray or the process
+group, the evaluations) and `rounds` (the sum of the rounds' own `seconds` in log.jsonl: sampling, training, the
+fold, and for Flower the messages). Evaluation is off but for the kNN after the last round (the same everywhere).
+The final weights are compared with the in-process run's as ||w - w_inprocess|| / ||w_inprocess||, and the engines
+whose weights are equal bit for bit are listed. Bits match only at equal thread counts per process
+(tests/test_engines.py checks that): here the in-process run has all threads and each rank or ClientApp a
+share, and a reduction over a different number of threads rounds differently, which training then amplifies
+(in process alone, 1 thread against 2 gives a difference of the same size). On CUDA, torchrun uses NCCL, one GPU per rank,
+and Flower's clients ask for --client-gpus each.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def commands(engine: str, base: list[str], out: Path, args) -> list[str]:
+    per = max(1, args.threads // args.nproc)
+    if engine == "inprocess":
+        return [sys.executable, "pretrain.py", *base, f"--run.threads={args.threads}", f"--run.out_dir={out}"]
+    if engine == "torchrun":
+        return [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={args.nproc}",
+                "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "pretrain.py", *base,
+                f"--run.threads={per}", f"--run.out_dir={out}"]
+    if engine == "flower_sim":
+        return [sys.executable, "flower_app.py", f"--supernodes={args.nproc}", f"--client-cpus={per}",
+                f"--client-gpus={args.client_gpus}", *base, f"--run.threads={per}", f"--run.out_dir={out}"]
+    raise ValueError(engine)
+
+
+def run_one(engine: str, base: list[str], out: Path, args) -> dict:
+    shutil.rmtree(out, ignore_errors=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, args.threads // args.nproc)), "GLOO_SOCKET_IFNAME": "lo"}
+    t0 = time.perf_counter()
+    p = subprocess.run(commands(engine, base, out, args), cwd=ROOT, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if p.returncode != 0:
+        sys.exit(f"{engine} failed (exit {p.returncode}):\n{(p.stdout + p.stderr)[-4000:]}")
+    recs = [json.loads(ln) for ln in (out / "log.jsonl").read_text().splitlines()]
+    rounds = [r for r in recs if r["round"] >= 1]
+    return {"wall_s": wall, "rounds_s": sum(r["seconds"] for r in rounds), "rounds": len(rounds)}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="configs/tables_cpu.yaml")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--nproc", type=int, default=2, help="torchrun ranks and Flower SuperNodes")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPU threads in all, per engine")
+    p.add_argument("--client-gpus", type=float, default=0.0, help="GPUs per Flower ClientApp (CUDA runs)")
+    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--engines", nargs="+", default=["inprocess", "flower_sim", "torchrun"])
+    p.add_argument("--out", default="results/bench_engines.json")
+    p.add_argument("overrides", nargs="*", help="more --key=value overrides for every engine (after --)")
+    args = p.parse_args(argv)
+    base = [args.config, f"--fed.rounds={args.rounds}", "--run.eval_every=0", "--run.final_probe=false",
+            "--run.progress=false", *args.overrides]
+    work = Path(tempfile.mkdtemp(prefix="bench_engines_"))
+    res = {e: [] for e in args.engines}
+    try:
+        for rep in range(args.repeats):  # engines interleaved, so a slow spell of the machine hits them alike
+            for e in args.engines:
+                r = run_one(e, base, work / e, args)
+                res[e].append(r)
+                print(f"repeat {rep + 1}/{args.repeats} {e}: wall {r['wall_s']:.1f} s, rounds {r['rounds_s']:.1f} s",
+                      flush=True)
+        final = {e: torch.load(work / e / "last.pt", weights_only=True)["model"] for e in args.engines}
+        ref = final[args.engines[0]]
+        keys = [k for k in ref if ref[k].is_floating_point()]
+        same, equal = {}, {}
+        for e, w in final.items():
+            num = sum((w[k].double() - ref[k].double()).pow(2).sum().item() for k in keys)
+            same[e] = (num / sum(ref[k].double().pow(2).sum().item() for k in keys)) ** 0.5
+            equal[e] = [o for o, v in final.items() if o != e and all(torch.equal(w[k], v[k]) for k in w)]
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    base_e = args.engines[0]
+    med = {e: {k: statistics.median(r[k] for r in rs) for k in ("wall_s", "rounds_s")} for e, rs in res.items()}
+    print(f"\n{args.config}, {args.rounds} rounds, {args.threads} threads per engine, {args.nproc} ranks / SuperNodes, "
+          f"median of {args.repeats}; ratio = engine time / {base_e} time")
+    print(f"| engine | wall s | wall ratio | rounds s | rounds ratio | weights: relative L2 diff vs {base_e} | bit-equal to |")
+    print("|---|---|---|---|---|---|---|")
+    for e in args.engines:
+        m = med[e]
+        print(f"| {e} | {m['wall_s']:.1f} | {m['wall_s'] / med[base_e]['wall_s']:.2f} | {m['rounds_s']:.1f} | "
+              f"{m['rounds_s'] / med[base_e]['rounds_s']:.2f} | {same[e]:.3g} | {', '.join(equal[e]) or '-'} |")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"config": args.config, "rounds": args.rounds, "threads": args.threads,
+                               "nproc": args.nproc, "runs": res, "median": med, "relative_l2_weight_diff": same, "bit_equal_to": equal,
+                               "device": "cuda" if torch.cuda.is_available() else "cpu"}, indent=1))
+    print(f"-> {out}")
+
+
+if __name__ == "__main__":
+    main()
