@@ -102,16 +102,21 @@ def test_torchrun_two_gloo_ranks_equal_in_process(reference, tmp_path, cache_dir
 
 
 def test_server_state_strategy_on_torchrun_equals_in_process(tmp_path, cache_dir):
-    """FedAvgM keeps server momentum: every rank steps its own copy with the same folded updates, and FedProx's
-    proximal term runs in the client function, so both reach the same bits as in process."""
-    extra = ["--fed.aggregation=fedavgm", "--fed.server_momentum=0.9", "--fed.prox_mu=0.01"]
+    """FedAvgM keeps server momentum: every rank steps its own copy with the same folded updates; FedProx's
+    proximal term runs in the client function; with fed.share_head=false each client's own head, trained on
+    whichever rank, reaches every rank's client_state. All reach the same bits as in process."""
+    extra = ["--fed.aggregation=fedavgm", "--fed.server_momentum=0.9", "--fed.prox_mu=0.01", "--fed.share_head=false"]
     a, b = tmp_path / "inprocess", tmp_path / "torchrun"
     _run([sys.executable, "pretrain.py", *_args(a, cache_dir), *extra], tmp_path / "a.log")
     _run([sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2", "--master_addr=127.0.0.1",
           f"--master_port={_free_port()}", "pretrain.py", *_args(b, cache_dir), *extra], tmp_path / "b.log")
     _same(a, b)
-    va, vb = (torch.load(d / "last.pt", weights_only=True)["server_state"]["v"] for d in (a, b))
+    ca, cb = (torch.load(d / "last.pt", weights_only=True) for d in (a, b))
+    va, vb = ca["server_state"]["v"], cb["server_state"]["v"]
     assert va and all(torch.equal(va[k], vb[k]) for k in va)
+    assert ca["client_state"] and ca["client_state"].keys() == cb["client_state"].keys()
+    for c, heads in ca["client_state"].items():
+        assert all(k.startswith("heads.") and torch.equal(v, cb["client_state"][c][k]) for k, v in heads.items())
 
 
 def test_torchrun_stop_on_one_rank_stops_all_and_resume_is_exact(tmp_path, cache_dir):
