@@ -393,12 +393,25 @@ def findings(results: dict[str, list[dict]], ablations: dict[str, list[dict]], c
     default = results.get("fssuavl", [])
     for kind, runs, spec, other in (("Ablation", ablations, ABLATIONS, "the default"),
                                     ("Strategy", strategies or {}, STRATEGY_RUNS, "FedAvg")):
+        block = []
         for name, label, _ in spec:
             for m in ("image", "audio"):
                 if runs.get(name):
-                    lines.append(finding(f"{kind}, {m} linear probe", label, accs(runs[name], m, m, "linear", 1.0),
+                    block.append(finding(f"{kind}, {m} linear probe", label, accs(runs[name], m, m, "linear", 1.0),
                                          other, accs(default, m, m, "linear", 1.0)))
+        lines += block
+        tested = [ln for ln in block if "Welch p = " in ln]
+        if len(tested) > 1:
+            lines.append(multiple_comparisons({"Ablation": "Ablations", "Strategy": "Strategies"}[kind], len(tested),
+                                              sum("**" in ln for ln in tested)))
     return lines
+
+
+def multiple_comparisons(kinds: str, n: int, passed: int, alpha: float = 0.05) -> str:
+    """The caution a block of uncorrected tests needs: how many would pass by chance alone if nothing differed."""
+    return (f"{kinds}: {n} comparisons, each at p < {alpha:g} without correction for multiple comparisons, so about "
+            f"{n * alpha:.1f} would pass by chance alone if nothing differed; {passed} passed. Read a lone pass with "
+            f"a small effect as a lead to re-run with more seeds, not as a result.")
 
 
 # ----------------------------------------------------------------------------- main

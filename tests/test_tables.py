@@ -86,6 +86,17 @@ def test_findings_call_a_win_only_below_p_005():
     assert "no test" in tables.finding("x", "A", [1.0], "B", [2.0, 3.0])
 
 
+def test_a_block_of_uncorrected_tests_says_how_many_would_pass_by_chance():
+    seeds = lambda v: [{"rows": [{"task": "image", "features": "image", "protocol": "linear", "label_frac": 1.0,  # noqa: E731
+                                  "acc": a}]} for a in v]
+    default = seeds([80.0, 80.5, 81.0])
+    ablations = {"paper_plain": seeds([70.0, 70.5, 71.0]), "bn_shared": seeds([80.2, 80.4, 80.9])}
+    lines = tables.findings({"fssuavl": default}, ablations, {})
+    caution = [ln for ln in lines if ln.startswith("Ablations: ")]
+    assert len(caution) == 1
+    assert "2 comparisons" in caution[0] and "about 0.1 would pass by chance" in caution[0] and "1 passed" in caution[0]
+
+
 def test_paper_plain_config_is_the_default_with_our_additions_off():
     import yaml
     default = yaml.safe_load((ROOT / "configs/default.yaml").read_text())
