@@ -39,6 +39,14 @@ def local_device(device: torch.device) -> torch.device:
     return device
 
 
+def threads_per_rank(threads: int, device: torch.device) -> int:
+    """run.threads is a process's CPU thread budget; under torchrun on CPU the LOCAL_WORLD_SIZE ranks of a machine
+    split it (at least 1 each), so `--run.threads=2` with 2 ranks gives each rank 1 thread, not 4 on 2 cores."""
+    if device.type == "cpu" and launched():
+        return max(1, threads // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return threads
+
+
 class Group:
     """This process's place in the torchrun job: NCCL between GPUs, gloo on CPU."""
 

@@ -62,7 +62,7 @@ class RunConfig:
     device: str = "auto"          # auto | cpu | cuda | cuda:N
     amp: str = "bf16"             # bf16 | fp16 | fp32 autocast on CUDA; on CPU bf16 where it is native (AVX512-BF16/AMX), else fp32
     deterministic: bool = False   # torch deterministic algorithms (bit-exact resume on CPU)
-    threads: int = 0              # torch CPU threads; 0 = torch's default
+    threads: int = 0              # torch CPU threads per process; 0 = torch's default. Under torchrun on CPU the ranks of a machine split it
     eval_every: int = 5           # kNN monitor every this many rounds (0 = only at the start and end)
     final_probe: bool = True      # a fast linear probe on frozen features at round 0 (random init) and at the end
     compile: bool = False         # torch.compile the shared trunk in place (optional; first steps compile)
