@@ -4,8 +4,8 @@
     flwr run . CONNECTION --run-config "config='CONFIG' overrides='--key=value ...'"   # a SuperLink (README)
 
 The ServerApp is `pretrain.py`'s run with a Flower engine: it samples clients with our sample_clients(seed,
-round), sends each sampled client's node the global arrays with the client id, the round and the run's config,
-folds the replies with our strategy in client order (per-modality sample counts travel in the reply's metrics,
+round), sends each sampled client's node the global arrays with the client id, the round, its learning rate
+(the ClientApp checks it against its own schedule) and the run's config, folds the replies with our strategy in client order (per-modality sample counts travel in the reply's metrics,
 so fed.weighting=modality works), and writes config.yaml, log.jsonl and last.pt exactly as pretrain.py does,
 so finetune.py and tables.py read a Flower run unchanged and --resume continues one. Each ClientApp process
 loads the data once and trains whichever client ids it is sent with `pretrain.Clients.update`, the client
@@ -30,7 +30,7 @@ from flwr.serverapp import Grid, ServerApp
 import pretrain
 import runtime
 from data import MODALITIES
-from federation import ClientUpdate
+from federation import ClientUpdate, lr_at
 
 ROOT = Path(__file__).resolve().parent
 
@@ -62,7 +62,8 @@ class FlowerEngine:
     def round(self, r, active, global_state, client_state, should_stop):
         arrays = ArrayRecord({k: v.detach().cpu() for k, v in global_state.items()})
         msgs = [Message(RecordDict({"arrays": arrays, "config": ConfigRecord(
-                    {"client": cid, "round": r, "config": self.config_yaml})}),
+                    {"client": cid, "round": r, "lr": lr_at(r, self.c.cfg.optim, self.c.cfg.fed.rounds),
+                     "config": self.config_yaml})}),
                     dst_node_id=self.nodes[cid % len(self.nodes)], message_type="train", group_id=str(r))
                 for cid in active]
         updates = {}
@@ -132,6 +133,9 @@ def client_train(msg: Message, context: Context) -> Message:
     conf = msg.content["config"]
     clients = _clients_for(str(conf["config"]))
     cid, r = int(conf["client"]), int(conf["round"])
+    lr = lr_at(r, clients.cfg.optim, clients.cfg.fed.rounds)
+    if float(conf["lr"]) != lr:  # the same config on both sides gives the same schedule; anything else is drift
+        raise FlowerError(f"round {r}: the server sent lr {conf['lr']} but this ClientApp's config gives {lr}")
     state = {k: v.to(clients.device) for k, v in msg.content["arrays"].to_torch_state_dict().items()}
     upd = clients.update(state, cid, r)
     shared = {k: v.detach().cpu() for k, v in upd.state.items() if clients.share(k)}
