@@ -72,6 +72,9 @@ class Group:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item())
 
+    def barrier(self) -> None:
+        dist.barrier()
+
     def post_stop(self) -> None:
         if self.store is not None:
             self.store.set(STOP_KEY, "1")

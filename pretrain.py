@@ -349,7 +349,10 @@ def _main(argv, make_engine=None) -> dict:
         if ckpt is not None and ckpt["round"] > cfg.fed.rounds:
             raise ConfigError(f"fed.rounds={cfg.fed.rounds} is below the {ckpt['round']} rounds {out_dir} has already "
                               f"completed; give fed.rounds >= {ckpt['round']}, or start a new run in another run.out_dir")
-        return _run(args, cfg, ckpt, make_engine)
+        out = _run(args, cfg, ckpt, make_engine)
+        if group is not None:  # leave together: a rank tearing gloo down while rank 0 still evaluates can abort
+            group.barrier()
+        return out
     finally:
         if main_proc:
             run_dir.release()
