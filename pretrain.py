@@ -364,10 +364,10 @@ def _run(args, cfg: PretrainConfig, ckpt: dict | None, make_engine=None) -> dict
     """Data, model, optimiser, resume, the round loop; the run directory is already prepared and locked."""
     rc = cfg.run
     out_dir = Path(rc.out_dir)
+    device = distributed.local_device(runtime.resolve_device(rc.device))  # under torchrun: this rank's GPU
     if rc.threads:  # under torchrun on CPU the machine's ranks share the budget (2 ranks x 2 threads on 2 cores thrash)
-        torch.set_num_threads(distributed.threads_per_rank(rc.threads, runtime.resolve_device(rc.device)))
+        torch.set_num_threads(distributed.threads_per_rank(rc.threads, device))
     runtime.seed_everything(rc.seed, rc.deterministic)
-    device = distributed.local_device(runtime.resolve_device(rc.device))
     progress = rc.progress and sys.stderr.isatty()
 
     # data, partition, model, optimiser (one of each, reused by every client this process trains)

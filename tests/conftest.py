@@ -13,6 +13,18 @@ TINY_DATA = ["--data.n_voices=12", "--data.max_train_images=512", "--data.knn_ba
              "--data.n_mels=32", "--data.win_ms=40.0", "--data.hop_ms=20.0"]
 
 
+def smoke_args(out, cache_dir, *extra) -> list[str]:
+    """pretrain.py's argv for a tiny configs/smoke.yaml run into `out` on the session's private data cache."""
+    return ["configs/smoke.yaml", f"--run.out_dir={out}", f"--data.cache_dir={cache_dir}", "--run.progress=false",
+            *TINY_DATA, *extra]
+
+
+@pytest.fixture
+def in_root(monkeypatch):
+    """Run the test from the repository root, where the configs' relative paths resolve."""
+    monkeypatch.chdir(ROOT)
+
+
 def have_default_data() -> bool:
     from data import FASHION_MNIST_DIR
     return shutil.which("espeak-ng") is not None and Path(FASHION_MNIST_DIR).is_dir()

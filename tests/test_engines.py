@@ -73,6 +73,12 @@ def _wait_listening(port: int, timeout: float = 90.0, what: str = "") -> None:
         time.sleep(0.3)
 
 
+def _torchrun(*args) -> list[str]:
+    """torchrun with 2 ranks on one node, its rendezvous on 127.0.0.1 at a free port, running pretrain.py."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+            f"--master_port={_free_port()}", "pretrain.py", *args]
+
+
 def _weights(run_dir):
     ck = torch.load(Path(run_dir) / "last.pt", weights_only=True)
     return ck["round"], ck["model"]
@@ -95,8 +101,7 @@ def reference(tmp_path_factory, cache_dir):
 
 def test_torchrun_two_gloo_ranks_equal_in_process(reference, tmp_path, cache_dir):
     out = tmp_path / "torchrun"
-    _run([sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-          f"--master_port={_free_port()}", "pretrain.py", *_args(out, cache_dir)], tmp_path / "torchrun.log")
+    _run(_torchrun(*_args(out, cache_dir)), tmp_path / "torchrun.log")
     _same(reference, out)
     assert "engine Torchrun" in (tmp_path / "torchrun.log").read_text()
 
@@ -108,8 +113,7 @@ def test_server_state_strategy_on_torchrun_equals_in_process(tmp_path, cache_dir
     extra = ["--fed.aggregation=fedavgm", "--fed.server_momentum=0.9", "--fed.prox_mu=0.01", "--fed.share_head=false"]
     a, b = tmp_path / "inprocess", tmp_path / "torchrun"
     _run([sys.executable, "pretrain.py", *_args(a, cache_dir), *extra], tmp_path / "a.log")
-    _run([sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-          f"--master_port={_free_port()}", "pretrain.py", *_args(b, cache_dir), *extra], tmp_path / "b.log")
+    _run(_torchrun(*_args(b, cache_dir), *extra), tmp_path / "b.log")
     _same(a, b)
     ca, cb = (torch.load(d / "last.pt", weights_only=True) for d in (a, b))
     va, vb = ca["server_state"]["v"], cb["server_state"]["v"]
@@ -124,8 +128,7 @@ def test_torchrun_stop_on_one_rank_stops_all_and_resume_is_exact(tmp_path, cache
     torchrun --resume ends where an uninterrupted in-process run of the same rounds ends."""
     full, cut = tmp_path / "full", tmp_path / "cut"
     _run([sys.executable, "pretrain.py", *_args(full, cache_dir, rounds=3)], tmp_path / "full.log")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={_free_port()}", "pretrain.py", *_args(cut, cache_dir, rounds=3)]
+    cmd = _torchrun(*_args(cut, cache_dir, rounds=3))
     log = tmp_path / "cut.log"
     with _procs() as start:
         p = start(cmd, log)
@@ -141,8 +144,7 @@ def test_torchrun_stop_on_one_rank_stops_all_and_resume_is_exact(tmp_path, cache
     text = log.read_text()
     assert "exitcode  : 143" in text and "stopped during round" in text, text[-3000:]
     assert _weights(cut)[0] in (1, 2)
-    _run([sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-          f"--master_port={_free_port()}", "pretrain.py", "--resume", str(cut)], tmp_path / "resume.log")
+    _run(_torchrun("--resume", str(cut)), tmp_path / "resume.log")
     _same(full, cut)
 
 

@@ -16,10 +16,7 @@ def run(tmp_path, cache_dir, *extra, name="run"):
     return out, pretrain.main(args)
 
 
-@pytest.fixture(autouse=True)
-def _cwd(monkeypatch):
-    from conftest import ROOT
-    monkeypatch.chdir(ROOT)
+pytestmark = pytest.mark.usefixtures("in_root")
 
 
 def test_smoke_run_writes_config_log_and_checkpoint(tmp_path, cache_dir):

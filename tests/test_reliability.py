@@ -14,17 +14,14 @@ import finetune
 import fixtures
 import pretrain
 import runtime
-from conftest import ROOT, TINY_DATA
+from conftest import ROOT, smoke_args
 
 
-@pytest.fixture(autouse=True)
-def _cwd(monkeypatch):
-    monkeypatch.chdir(ROOT)
+pytestmark = pytest.mark.usefixtures("in_root")
 
 
 def _args(out, cache_dir, *extra):
-    return ["configs/smoke.yaml", f"--run.out_dir={out}", f"--data.cache_dir={cache_dir}", "--run.progress=false",
-            "--run.final_probe=false", *TINY_DATA, *extra]
+    return smoke_args(out, cache_dir, "--run.final_probe=false", *extra)
 
 
 def one_line_error(fn, *args) -> str:

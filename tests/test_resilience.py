@@ -11,20 +11,17 @@ import torch
 
 import pretrain
 import runtime
-from conftest import ROOT, TINY_DATA
+from conftest import ROOT, TINY_DATA, smoke_args
 
 sys.path.insert(0, str(ROOT / "scripts"))
 import kill_resume  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _cwd(monkeypatch):
-    monkeypatch.chdir(ROOT)
+pytestmark = pytest.mark.usefixtures("in_root")
 
 
 def _args(out, cache_dir, *extra):
-    return ["configs/smoke.yaml", f"--run.out_dir={out}", f"--data.cache_dir={cache_dir}", "--run.progress=false",
-            "--run.deterministic=true", *TINY_DATA, *extra]
+    return smoke_args(out, cache_dir, "--run.deterministic=true", *extra)
 
 
 def test_sigkill_at_random_moments_then_resume_is_bit_identical(tmp_path, cache_dir):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import pretrain
-from conftest import ROOT, TINY_DATA
+from conftest import smoke_args
 from federation import STRATEGIES, ClientUpdate, FedConfig, make_strategy, run_round
 
 
@@ -77,14 +77,11 @@ def test_median_and_trimmed_mean_through_the_interface():
     assert _round(tm, g, clients)["w"].item() == pytest.approx(3.0)
 
 
-@pytest.fixture(autouse=True)
-def _cwd(monkeypatch):
-    monkeypatch.chdir(ROOT)
+pytestmark = pytest.mark.usefixtures("in_root")
 
 
 def _args(out, cache_dir, *extra):
-    return ["configs/smoke.yaml", f"--run.out_dir={out}", f"--data.cache_dir={cache_dir}", "--run.progress=false",
-            "--run.deterministic=true", "--run.final_probe=false", "--run.eval_every=0", *TINY_DATA, *extra]
+    return smoke_args(out, cache_dir, "--run.deterministic=true", "--run.final_probe=false", "--run.eval_every=0", *extra)
 
 
 def test_fedprox_with_mu_zero_is_fedavg(tmp_path, cache_dir):
