@@ -1,0 +1,105 @@
+"""Digests of the final global weights of deterministic pretraining runs: the proof that a refactor changed no bits.
+
+    python scripts/digests.py                    # every case, printed as JSON
+    python scripts/digests.py --write            # ... and written to tests/digests.json (after a deliberate change)
+    python scripts/digests.py --engines          # also torchrun (2 gloo ranks) and the Flower simulation
+
+Each case is a tiny configs/smoke.yaml federation (4 clients, 3 a round, 2 rounds, deterministic, one thread,
+fp32) run through the `pretrain.py` command line in a fresh process, one per server strategy, loss composition,
+head placement and backbone family. The digest is the sha256 of the final global tensors of last.pt (key order,
+dtype, shape, bytes). tests/test_digests.py holds the in-process cases; the engine cases equal the in-process one
+by tests/test_engines.py. Bits depend on the torch build and the CPU's instruction set, so digests.json records
+both and the test compares only where they match.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--data.n_voices=12", "--data.max_train_images=512", "--data.knn_bank=256", "--data.knn_queries=128",
+        "--data.n_mels=32", "--data.win_ms=40.0", "--data.hop_ms=20.0"]
+BASE = ["configs/smoke.yaml", "--fed.clients=4", "--fed.clients_per_round=3", "--fed.modality_fractions=[0.4,0.4,0.2]",
+        "--fed.rounds=2", "--optim.batch_size=32", "--run.threads=1", "--run.deterministic=true", "--run.amp=fp32",
+        "--run.progress=false", "--run.final_probe=false", "--run.eval_every=0", "--run.device=cpu", *TINY]
+CASES = {
+    "fedavg": [],
+    "fedprox": ["--fed.aggregation=fedprox", "--fed.prox_mu=0.01"],
+    "fedavgm": ["--fed.aggregation=fedavgm", "--fed.server_momentum=0.9"],
+    "ldawa": ["--fed.aggregation=ldawa"],
+    "median": ["--fed.aggregation=median"],
+    "trimmed_mean": ["--fed.aggregation=trimmed_mean", "--fed.trim_frac=0.34"],
+    "sum_cross_modal": ["--fed.order=sum", "--fed.cross_modal_negatives=true"],
+    "private_heads": ["--model.head=per_modality", "--fed.share_head=false"],
+    "paper_plain": ["--fed.weighting=total", "--model.bn_stats=shared", "--model.bn_momentum=0.1"],
+    "vit": ["--model.arch=vit_micro", "--model.patch_size=4", "--optim.name=adamw", "--optim.lr=0.001"],
+}
+ENGINES = {"torchrun": [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
+                        "--master_addr=127.0.0.1", "--master_port={port}", "pretrain.py"],
+           "flower_sim": [sys.executable, "flower_app.py", "--supernodes=2"]}
+
+
+def state_digest(state: dict) -> str:
+    h = hashlib.sha256()
+    for k in sorted(state):
+        t = state[k].detach().cpu().contiguous()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def platform_key() -> dict:
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    isa = [f for f in ("avx512_bf16", "amx_bf16", "avx512f", "avx2") if f" {f}" in flags]
+    return {"torch": torch.__version__.split("+")[0], "machine": platform.machine(), "isa": isa}
+
+
+def run_case(name: str, cache_dir: str, work: Path, launcher: list[str] | None = None) -> str:
+    out = work / name
+    cmd = (launcher or [sys.executable, "pretrain.py"]) + BASE + CASES.get(name, []) + \
+        [f"--data.cache_dir={cache_dir}", f"--run.out_dir={out}"]
+    if launcher and "{port}" in " ".join(launcher):
+        import socket
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        cmd = [c.replace("{port}", str(port)) for c in cmd]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    if p.returncode != 0:
+        sys.exit(f"{name} failed (exit {p.returncode}):\n{(p.stdout + p.stderr)[-3000:]}")
+    return state_digest(torch.load(out / "last.pt", weights_only=True)["model"])
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cache-dir", default=os.environ.get("FSSUAVL_CACHE", str(Path.home() / ".cache" / "fssuavl")))
+    p.add_argument("--cases", nargs="*", default=list(CASES))
+    p.add_argument("--engines", action="store_true")
+    p.add_argument("--write", action="store_true", help="write tests/digests.json")
+    args = p.parse_args(argv)
+    out = {"platform": platform_key(), "digests": {}}
+    with tempfile.TemporaryDirectory() as d:
+        for name in args.cases:
+            out["digests"][name] = run_case(name, args.cache_dir, Path(d))
+            print(f"{name}: {out['digests'][name]}", flush=True)
+        for eng, launcher in (ENGINES.items() if args.engines else []):
+            out["digests"][f"fedavg@{eng}"] = run_case("fedavg", args.cache_dir, Path(d) / eng, launcher)
+            print(f"fedavg@{eng}: {out['digests'][f'fedavg@{eng}']}", flush=True)
+    print(json.dumps(out, indent=1))
+    if args.write:
+        (ROOT / "tests" / "digests.json").write_text(json.dumps(out, indent=1) + "\n")
+    return out
+
+
+if __name__ == "__main__":
+    main()
