@@ -19,6 +19,7 @@ Measured side by side, each section warmed up, then timed `--repeats` times (min
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -34,11 +35,15 @@ import torch
 import torch.nn.functional as F
 
 import runtime
+from catalog import load_data
 from data import LogMel
-from readers import load_data
-from federation import ClientUpdate, WeightedAverage, local_ssl_update, make_optimizer, run_round
-from models import build_model, nt_xent
-from pretrain import PretrainConfig
+from engine import PretrainConfig
+from federation import ClientUpdate, run_round
+from local_update import LocalSettings, local_ssl_update, make_optimizer
+from losses import nt_xent
+from models import backbone_family, build_model
+from settings import load_config, split_overrides
+from strategies import WeightedAverage
 
 BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "A6000": 155.0, "L40": 181.0, "4090": 165.0}
 
@@ -74,24 +79,23 @@ def train_step(model, opt, x1, x2, modality, tau, amp_ctx):
 def ours_runner(model, opt, md, modality, cfg, steps, batch, device, amp):
     """`steps` local steps of the real training path (federation.local_ssl_update) on a client holding
     steps * batch random samples of the on-device data."""
-    fed = dataclasses.replace(cfg.fed, local_epochs=1, order="alternate", cross_modal_negatives=False)
-    optim = dataclasses.replace(cfg.optim, batch_size=batch, batch_size_audio=batch)
+    settings = LocalSettings(cfg.data, dataclasses.replace(cfg.optim, batch_size=batch, batch_size_audio=batch),
+                             cfg.loss, amp=amp)
     scaler = runtime.make_scaler(device, amp)
     g = torch.Generator(device=device).manual_seed(0)
     n = len(md.train_x)
 
     def run():
         idx = torch.randint(n, (steps * batch,), generator=g, device=device)
-        local_ssl_update(model, opt, scaler, {modality: md}, {modality: idx}, cfg.data, fed, optim, cfg.loss.tau,
-                         cfg.optim.peak_lr, g, amp, max_steps=steps)
+        local_ssl_update(model, opt, scaler, {modality: md}, {modality: idx}, settings, cfg.optim.peak_lr, g,
+                         max_steps=steps)
     return run
 
 
 def round_runner(model, opt, md, cfg, k, steps, batch, device):
     """One real round (federation.run_round: load the global state, local update, streaming FedAvg) over k
     clients, each holding steps * batch image samples."""
-    fed = dataclasses.replace(cfg.fed, local_epochs=1, order="alternate", cross_modal_negatives=False)
-    optim = dataclasses.replace(cfg.optim, batch_size=batch)
+    settings = LocalSettings(cfg.data, dataclasses.replace(cfg.optim, batch_size=batch), cfg.loss, amp=cfg.run.amp)
     scaler = runtime.make_scaler(device, cfg.run.amp)
     state = {n: v.detach().clone() for n, v in model.state_dict().items()}
     n = len(md.train_x)
@@ -100,8 +104,7 @@ def round_runner(model, opt, md, cfg, k, steps, batch, device):
         model.load_state_dict(state)
         g = torch.Generator(device=device).manual_seed(cid)
         idx = torch.randint(n, (steps * batch,), generator=g, device=device)
-        out = local_ssl_update(model, opt, scaler, {"image": md}, {"image": idx}, cfg.data, fed, optim, cfg.loss.tau,
-                               cfg.optim.peak_lr, g, cfg.run.amp)
+        out = local_ssl_update(model, opt, scaler, {"image": md}, {"image": idx}, settings, cfg.optim.peak_lr, g)
         return ClientUpdate(cid, model.state_dict(), {"image": len(idx)}, out)
     return lambda: run_round(state, list(range(k)), local_update)
 
@@ -162,7 +165,7 @@ class StandardAudio(torch.utils.data.Dataset):
         return self.view(w), self.view(w)
 
 
-def standard_runner(model, opt, dataset, modality, tau, steps, batch, workers, device, amp_ctx=runtime.nullcontext):
+def standard_runner(model, opt, dataset, modality, tau, steps, batch, workers, device, amp_ctx=contextlib.nullcontext):
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=True, num_workers=workers, drop_last=True,
                                          persistent_workers=workers > 0, pin_memory=device.type == "cuda")
     state = {"it": iter(loader)}
@@ -190,6 +193,117 @@ def peak_memory_mb(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
+class Bench:
+    """One benchmark run: the config, the data on the device, the timing settings, and the rows measured so far."""
+
+    def __init__(self, cfg, args, device, data):
+        self.cfg, self.args, self.device, self.data = cfg, args, device, data
+        self.B, self.R, self.W = cfg.optim.batch_size, args.repeats, args.warmup
+        self.workers = args.workers if args.workers >= 0 else (os.cpu_count() or 2)
+        self.rows: list[dict] = []
+        self.channels_last = backbone_family(cfg.model.arch).memory_format == torch.channels_last  # the family's layout
+
+    def fresh_model(self, channels_last=False):
+        torch.manual_seed(0)
+        m = build_model(self.cfg.model, {k: md.shape for k, md in self.data.items()}).to(self.device)
+        if channels_last:
+            m = m.to(memory_format=torch.channels_last)
+        return m, make_optimizer(m, self.cfg.optim)
+
+    def row(self, name, modality, secs, batch):
+        tput = [batch * self.args.steps / s for s in secs]
+        r = {"pipeline": name, "modality": modality, "samples_per_s_median": statistics.median(tput),
+             "samples_per_s_best": max(tput), "seconds_per_step_min": min(secs) / self.args.steps}
+        self.rows.append(r)
+        print(f"{name:38s} {modality:6s} {r['samples_per_s_median']:9.1f} samples/s (best {r['samples_per_s_best']:.1f})",
+              flush=True)
+        return r
+
+    def throughput(self, m, md) -> None:
+        """(a), (b), (f): ours vs the standard pipeline, fp32 and bf16, and compile on vs off, for one modality."""
+        cfg, dev, steps, W, R = self.cfg, self.device, self.args.steps, self.W, self.R
+        B_m = cfg.optim.batch_for(m)
+        fast = "bf16 autocast + channels_last" if self.channels_last else "bf16 autocast"
+        if m == "image":
+            std_ds = StandardImages(md.train_x.permute(0, 2, 3, 1).cpu().numpy(), md.mean.tolist(), md.std.tolist(),
+                                    cfg.data.image_aug)
+        else:
+            std_ds = StandardAudio(_audio_waveforms(cfg), cfg, md.mean.item(), md.std.item())
+        model, opt = self.fresh_model()
+        base = self.row("standard: DataLoader + per-sample, fp32", m, timed(
+            standard_runner(model, opt, std_ds, m, cfg.loss.tau, steps, B_m, self.workers, dev), W, R), B_m)
+        model, opt = self.fresh_model()
+        r = self.row("ours: on-device batched aug, fp32", m, timed(
+            ours_runner(model, opt, md, m, cfg, steps, B_m, dev, "fp32"), W, R), B_m)
+        r["ratio_vs_standard"] = r["samples_per_s_median"] / base["samples_per_s_median"]
+        print(f"{'':44s} ratio vs standard fp32: {r['ratio_vs_standard']:.2f}x")
+        if runtime.amp_active(dev, "bf16"):
+            model, opt = self.fresh_model(channels_last=self.channels_last)
+            std_fast = self.row(f"standard + {fast}", m, timed(standard_runner(
+                model, opt, std_ds, m, cfg.loss.tau, steps, B_m, self.workers, dev,
+                lambda: torch.autocast(dev.type, dtype=torch.bfloat16)), W, R), B_m)
+            model, opt = self.fresh_model(channels_last=self.channels_last)
+            r = self.row(f"ours + {fast} (pretrain.py default)", m, timed(
+                ours_runner(model, opt, md, m, cfg, steps, B_m, dev, "bf16"), W, R), B_m)
+            r["ratio_vs_standard"] = r["samples_per_s_median"] / base["samples_per_s_median"]
+            r["ratio_vs_standard_same_numerics"] = r["samples_per_s_median"] / std_fast["samples_per_s_median"]
+            print(f"{'':44s} ratio vs standard fp32: {r['ratio_vs_standard']:.2f}x; vs standard with the same "
+                  f"numerics: {r['ratio_vs_standard_same_numerics']:.2f}x")
+        if not self.args.skip_compile:  # run.compile: the trunk compiled in place; compilation happens in the warm-up
+            amp = cfg.run.amp if runtime.amp_active(dev, cfg.run.amp) else "fp32"
+            eager = next(x for x in reversed(self.rows) if x["modality"] == m and x["pipeline"].startswith("ours"))
+            model, opt = self.fresh_model(channels_last=self.channels_last and amp != "fp32")
+            model.trunk.compile()
+            c = self.row(f"ours + run.compile ({amp})", m, timed(
+                ours_runner(model, opt, md, m, cfg, steps, B_m, dev, amp), W + 1, R), B_m)
+            c["ratio_vs_eager"] = c["samples_per_s_median"] / eager["samples_per_s_median"]
+            print(f"{'':44s} ratio vs the same without compile: {c['ratio_vs_eager']:.2f}x")
+
+    def aggregation(self) -> dict:
+        """(c): one FedAvg aggregation over K client states vs one client's local epoch (estimated from steps)."""
+        cfg, data = self.cfg, self.data
+        model, _ = self.fresh_model()
+        n_client = int(np.mean([len(md.train_x) for md in data.values()]) / max(1, cfg.fed.clients) *
+                       (2 if len(data) > 1 else 1))
+        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        K = cfg.fed.clients_per_round
+
+        def aggregate():
+            agg = WeightedAverage()
+            for _ in range(K):
+                agg.add(state, 1.0)
+            agg.result(state)
+        agg_s = min(timed(aggregate, 1, self.R))
+        step_s = statistics.median(r["seconds_per_step_min"] for r in self.rows if r["pipeline"].startswith("ours"))
+        epoch_s = step_s * max(1, math.ceil(n_client / self.B))
+        print(f"aggregation of {K} client states: {agg_s * 1e3:.1f} ms = {100 * agg_s / epoch_s:.2f}% of one client's "
+              f"local epoch (~{n_client} samples, {epoch_s:.2f} s, an estimate from the step time)")
+        return {"clients": K, "seconds": agg_s, "local_epoch_seconds_est": epoch_s,
+                "fraction_of_local_epoch": agg_s / epoch_s, "client_samples_est": n_client}
+
+    def scaling(self) -> dict:
+        """(e): real rounds vs K clients per round, and throughput vs input size (image modality, our pipeline)."""
+        cfg, dev, B, R, steps = self.cfg, self.device, self.B, self.R, self.args.steps
+        md = self.data["image"]
+        model, opt = self.fresh_model()
+        res = {"round_vs_k": [{"k": k, "seconds": statistics.median(timed(
+            round_runner(model, opt, md, cfg, k, steps, B, dev), 1, R))} for k in (1, 2, 4, 8)]}
+        sizes = []
+        for scale in (1, 2):
+            hw = tuple(s * scale for s in md.shape[1:])
+            big = md.to(dev)
+            big.train_x = F.interpolate(md.train_x[:2 * B].float(), size=hw).round().to(torch.uint8)
+            m2 = build_model(cfg.model, {"image": (md.shape[0], *hw)}).to(dev)
+            o2 = make_optimizer(m2, cfg.optim)
+            secs = timed(ours_runner(m2, o2, big, "image", cfg, steps, B, dev, cfg.run.amp), 1, R)
+            sizes.append({"input": list(hw), "samples_per_s": B * steps / min(secs)})
+        res["throughput_vs_input_size"] = sizes
+        print(f"round time vs K, measured (each client: {steps} local steps of {B}): " +
+              ", ".join(f"K={r['k']}: {r['seconds']:.2f} s" for r in res["round_vs_k"]))
+        print("throughput vs input size: " + ", ".join(f"{s['input']}: {s['samples_per_s']:.0f}/s" for s in sizes))
+        return res
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="configs/default.yaml")
@@ -200,127 +314,28 @@ def main(argv=None) -> dict:
     p.add_argument("--out", default="results/bench.json")
     p.add_argument("--skip-scaling", action="store_true")
     p.add_argument("--skip-compile", action="store_true", help="no run.compile rows (compiling takes a minute or more)")
-    argv, overrides = runtime.split_overrides(list(sys.argv[1:] if argv is None else argv))
+    argv, overrides = split_overrides(list(sys.argv[1:] if argv is None else argv))
     args = p.parse_args(argv)
-    cfg = runtime.load_config(PretrainConfig, args.config, overrides)
+    cfg = load_config(PretrainConfig, args.config, overrides)
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     device = runtime.resolve_device(cfg.run.device)
-    workers = args.workers if args.workers >= 0 else (os.cpu_count() or 2)
     runtime.seed_everything(0)
     data = load_data(cfg.data, device, progress=False)
-    shapes = {m: md.shape for m, md in data.items()}
-    B = cfg.optim.batch_size
-    R, W = args.repeats, args.warmup
-    rows, res = [], {"device": str(device), "env": runtime.environment_info(device), "config": args.config,
-                     "batch_size": B, "steps_per_repeat": args.steps, "repeats": R, "workers": workers}
-    is_cuda = device.type == "cuda"
-
-    def fresh_model(channels_last=False):
-        torch.manual_seed(0)
-        m = build_model(cfg.model, shapes).to(device)
-        if channels_last:
-            m = m.to(memory_format=torch.channels_last)
-        return m, make_optimizer(m, cfg.optim)
-
-    def row(name, modality, secs, batch=B):
-        tput = [batch * args.steps / s for s in secs]
-        r = {"pipeline": name, "modality": modality, "samples_per_s_median": statistics.median(tput),
-             "samples_per_s_best": max(tput), "seconds_per_step_min": min(secs) / args.steps}
-        rows.append(r)
-        print(f"{name:38s} {modality:6s} {r['samples_per_s_median']:9.1f} samples/s (best {r['samples_per_s_best']:.1f})",
-              flush=True)
-        return r
-
-    resnet = cfg.model.arch.startswith("resnet")
-    fast = "bf16 autocast + channels_last" if resnet else "bf16 autocast"
-    bf16_ok = runtime.amp_active(device, "bf16")
-    res["bf16_native"] = bf16_ok
+    b = Bench(cfg, args, device, data)
+    res = {"device": str(device), "env": runtime.environment_info(device), "config": args.config,
+           "batch_size": b.B, "steps_per_repeat": args.steps, "repeats": b.R, "workers": b.workers,
+           "bf16_native": runtime.amp_active(device, "bf16")}
     for m, md in data.items():
-        B_m = cfg.optim.batch_for(m)
-        if m == "image":
-            std_ds = StandardImages(md.train_x.permute(0, 2, 3, 1).cpu().numpy(), md.mean.tolist(), md.std.tolist(),
-                                    cfg.data.image_aug)
-        else:
-            std_ds = StandardAudio(_audio_waveforms(cfg), cfg, md.mean.item(), md.std.item())
-        model, opt = fresh_model()
-        base = row("standard: DataLoader + per-sample, fp32", m, timed(
-            standard_runner(model, opt, std_ds, m, cfg.loss.tau, args.steps, B_m, workers, device), W, R), B_m)
-        model, opt = fresh_model()
-        r = row("ours: on-device batched aug, fp32", m, timed(
-            ours_runner(model, opt, md, m, cfg, args.steps, B_m, device, "fp32"), W, R), B_m)
-        r["ratio_vs_standard"] = r["samples_per_s_median"] / base["samples_per_s_median"]
-        print(f"{'':44s} ratio vs standard fp32: {r['ratio_vs_standard']:.2f}x")
-        if bf16_ok:
-            model, opt = fresh_model(channels_last=resnet)
-            std_fast = row(f"standard + {fast}", m, timed(standard_runner(
-                model, opt, std_ds, m, cfg.loss.tau, args.steps, B_m, workers, device,
-                lambda: torch.autocast(device.type, dtype=torch.bfloat16)), W, R), B_m)
-            model, opt = fresh_model(channels_last=resnet)
-            r = row(f"ours + {fast} (pretrain.py default)", m, timed(
-                ours_runner(model, opt, md, m, cfg, args.steps, B_m, device, "bf16"), W, R), B_m)
-            r["ratio_vs_standard"] = r["samples_per_s_median"] / base["samples_per_s_median"]
-            r["ratio_vs_standard_same_numerics"] = r["samples_per_s_median"] / std_fast["samples_per_s_median"]
-            print(f"{'':44s} ratio vs standard fp32: {r['ratio_vs_standard']:.2f}x; vs standard with the same "
-                  f"numerics: {r['ratio_vs_standard_same_numerics']:.2f}x")
-        if not args.skip_compile:  # run.compile: the trunk compiled in place; compilation happens in the warm-up
-            amp = cfg.run.amp if runtime.amp_active(device, cfg.run.amp) else "fp32"
-            eager = next(x for x in reversed(rows) if x["modality"] == m and x["pipeline"].startswith("ours"))
-            model, opt = fresh_model(channels_last=resnet and amp != "fp32")
-            model.trunk.compile()
-            c = row(f"ours + run.compile ({amp})", m, timed(
-                ours_runner(model, opt, md, m, cfg, args.steps, B_m, device, amp), W + 1, R), B_m)
-            c["ratio_vs_eager"] = c["samples_per_s_median"] / eager["samples_per_s_median"]
-            print(f"{'':44s} ratio vs the same without compile: {c['ratio_vs_eager']:.2f}x")
-    res["throughput"] = rows
-
-    # (c) aggregation vs one client's local epoch
-    model, opt = fresh_model()
-    n_client = int(np.mean([len(md.train_x) for md in data.values()]) / max(1, cfg.fed.clients) *
-                   (2 if len(data) > 1 else 1))
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    K = cfg.fed.clients_per_round
-
-    def aggregate():
-        agg = WeightedAverage()
-        for _ in range(K):
-            agg.add(state, 1.0)
-        agg.result(state)
-    agg_s = min(timed(aggregate, 1, R))
-    step_s = statistics.median(r["seconds_per_step_min"] for r in rows if r["pipeline"].startswith("ours"))
-    epoch_s = step_s * max(1, math.ceil(n_client / B))
-    res["aggregation"] = {"clients": K, "seconds": agg_s, "local_epoch_seconds_est": epoch_s,
-                          "fraction_of_local_epoch": agg_s / epoch_s, "client_samples_est": n_client}
-    print(f"aggregation of {K} client states: {agg_s * 1e3:.1f} ms = {100 * agg_s / epoch_s:.2f}% of one client's "
-          f"local epoch (~{n_client} samples, {epoch_s:.2f} s)")
-
-    # (d) peak memory
+        b.throughput(m, md)
+    res["throughput"] = b.rows
+    res["aggregation"] = b.aggregation()
     res["peak_memory_mb"] = peak_memory_mb(device)
-    print(f"peak memory: {res['peak_memory_mb']:.0f} MiB ({'GPU allocated' if is_cuda else 'process RSS'})")
-
-    # (e) scaling: round time vs K and vs input size (image modality, our pipeline)
+    print(f"peak memory: {res['peak_memory_mb']:.0f} MiB ({'GPU allocated' if device.type == 'cuda' else 'process RSS'})")
     if not args.skip_scaling and "image" in data:
-        md = data["image"]
-        model, opt = fresh_model()
-        res["round_vs_k"] = [{"k": k, "seconds": statistics.median(timed(
-            round_runner(model, opt, md, cfg, k, args.steps, B, device), 1, R))} for k in (1, 2, 4, 8)]
-        sizes = []
-        for scale in (1, 2):
-            hw = tuple(s * scale for s in md.shape[1:])
-            big = md.to(device)
-            big.train_x = F.interpolate(md.train_x[:2 * B].float(), size=hw).round().to(torch.uint8)
-            m2 = build_model(cfg.model, {"image": (md.shape[0], *hw)}).to(device)
-            o2 = make_optimizer(m2, cfg.optim)
-            secs = timed(ours_runner(m2, o2, big, "image", cfg, args.steps, B, device, cfg.run.amp), 1, R)
-            sizes.append({"input": list(hw), "samples_per_s": B * args.steps / min(secs)})
-        res["throughput_vs_input_size"] = sizes
-        print("round time vs K, measured (each client: {} local steps of {}): ".format(args.steps, B) +
-              ", ".join(f"K={r['k']}: {r['seconds']:.2f} s" for r in res["round_vs_k"]))
-        print("throughput vs input size: " + ", ".join(f"{s['input']}: {s['samples_per_s']:.0f}/s" for s in sizes))
-
-    if is_cuda:
+        res.update(b.scaling())
+    if device.type == "cuda":
         res["tflops"] = _cuda_tflops(cfg, data, device, args)
-
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=1))
@@ -331,16 +346,15 @@ def main(argv=None) -> dict:
 def _audio_waveforms(cfg) -> np.ndarray:
     """The raw training clips of the configured dataset, for the standard pipeline's per-sample log-mel."""
     if cfg.data.dataset == "avfashion":
-        from data import build_avfashion
+        from avfashion import build_avfashion
         z = np.load(build_avfashion(cfg.data, progress=False))
         train = ~z["test_voice"][z["audio_speaker"]]
         return z["audio"][train]
-    from readers import _cached, default_root, read_audio_dataset
+    from catalog import read_arrays
+    from readers import default_root
     name = cfg.data.dataset.split("+")[1]
     root = Path(cfg.data.audio_root) if cfg.data.audio_root else default_root(name)
-    params = {"sr": cfg.data.sample_rate, "clip": cfg.data.clip_seconds, "fold": cfg.data.test_fold,
-              "seed": cfg.data.build_seed}
-    return _cached("audio", name, root, cfg.data, params, lambda bad: read_audio_dataset(name, root, cfg.data, bad))["train_x"]
+    return read_arrays(name, root, cfg.data)["train_x"]
 
 
 def _cuda_tflops(cfg, data, device, args) -> dict:

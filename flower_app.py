@@ -3,12 +3,12 @@
     python flower_app.py CONFIG [--key=value ...] [--resume] [--supernodes 2]   # Flower's Simulation Engine
     flwr run . CONNECTION --run-config "config='CONFIG' overrides='--key=value ...'"   # a SuperLink (README)
 
-The ServerApp is `pretrain.py`'s run with a Flower engine: it samples clients with our sample_clients(seed,
+The ServerApp is `pretrain.py`'s run (pretraining.cli) with a Flower engine: it samples clients with our sample_clients(seed,
 round), sends each sampled client's node the global arrays with the client id, the round, its learning rate
 (the ClientApp checks it against its own schedule) and the run's config, folds the replies with our strategy
 in client order (per-modality sample counts travel in the reply's metrics, so fed.weighting=modality works), and writes config.yaml, log.jsonl and last.pt exactly as pretrain.py does,
 so finetune.py and tables.py read a Flower run unchanged and --resume continues one. Each ClientApp process
-loads the data once and trains whichever client ids it is sent with `pretrain.Clients.update`, the client
+loads the data once and trains whichever client ids it is sent with `engine.Clients.update`, the client
 function of every engine: on the same config and seed the global weights equal the in-process run's.
 Client i goes to the i % S-th SuperNode (node ids sorted), S the number of SuperNodes.
 """
@@ -27,30 +27,33 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
-import pretrain
+import pretraining
 import runtime
-from data import MODALITIES
-from federation import ClientUpdate, lr_at
+from engine import Clients, PretrainConfig
+from federation import ClientUpdate
+from local_update import lr_at
+from modality_specs import MODALITIES
+from settings import ConfigError, UserError, build_dataclass, to_dict
 
 ROOT = Path(__file__).resolve().parent
 
 
-class FlowerError(runtime.UserError):
+class FlowerError(UserError):
     """A Flower run could not go on (no SuperNodes, a ClientApp failed, a reply went missing)."""
 
 
 class FlowerEngine:
-    """The engine object `pretrain._run` drives (same interface as pretrain.InProcess), on a Flower Grid."""
+    """The Flower engine (engine.Engine) on a Flower Grid, driven by pretraining.Pretraining like engine.InProcess."""
     main = True
 
-    def __init__(self, grid: Grid, clients: "pretrain.Clients", min_nodes: int = 1, wait_s: float = 120.0):
+    def __init__(self, grid: Grid, clients: "Clients", min_nodes: int = 1, wait_s: float = 120.0):
         cfg = clients.cfg
         if not cfg.fed.share_head:
-            raise runtime.ConfigError("fed.share_head=false keeps each client's head on the client between rounds, "
+            raise ConfigError("fed.share_head=false keeps each client's head on the client between rounds, "
                                       "which the Flower engine does not do (a SuperNode serves many client ids); "
                                       "run it in process or under torchrun")
         self.grid, self.c = grid, clients
-        self.config_yaml = yaml.safe_dump(runtime.to_dict(cfg), sort_keys=False)
+        self.config_yaml = yaml.safe_dump(to_dict(cfg), sort_keys=False)
         t0 = time.monotonic()
         while len(nodes := sorted(grid.get_node_ids())) < min_nodes:
             if time.monotonic() - t0 > wait_s:
@@ -105,7 +108,7 @@ def server_main(grid: Grid, context: Context) -> None:
         argv += ["--resume"] if rc.get("resume", False) else []
         min_nodes = int(rc.get("min-nodes", 1))
     try:
-        pretrain._main(argv, make_engine=lambda clients: FlowerEngine(grid, clients, min_nodes))
+        pretraining.cli(argv, make_engine=lambda clients: FlowerEngine(grid, clients, min_nodes))
     except BaseException as e:  # noqa: BLE001  (handed to the caller of the simulation, then re-raised)
         _SIM["error"] = e
         raise
@@ -114,17 +117,17 @@ def server_main(grid: Grid, context: Context) -> None:
 # ----------------------------------------------------------------------------- the ClientApp
 
 client_app = ClientApp()
-_CLIENTS: dict[str, "pretrain.Clients"] = {}  # one per config this process serves: the data load once
+_CLIENTS: dict[str, "Clients"] = {}  # one per config this process serves: the data load once
 
 
-def _clients_for(config_yaml: str) -> "pretrain.Clients":
+def _clients_for(config_yaml: str) -> "Clients":
     if config_yaml not in _CLIENTS:
         _CLIENTS.clear()  # a new run: let the last one's data go
-        cfg = runtime.build_dataclass(pretrain.PretrainConfig, yaml.safe_load(config_yaml))
+        cfg = build_dataclass(PretrainConfig, yaml.safe_load(config_yaml))
         if cfg.run.threads:
             torch.set_num_threads(cfg.run.threads)
         runtime.seed_everything(cfg.run.seed, cfg.run.deterministic)
-        _CLIENTS[config_yaml] = pretrain.Clients(cfg, runtime.resolve_device(cfg.run.device))
+        _CLIENTS[config_yaml] = Clients(cfg, runtime.resolve_device(cfg.run.device))
     return _CLIENTS[config_yaml]
 
 

@@ -1,25 +1,26 @@
-"""One vision backbone for images and log-mel spectrograms, its projection head(s), and NT-Xent.
+"""One vision backbone for images and log-mel spectrograms, and its projection head(s).
 
 FSSUAVL trains a single CNN or ViT on both modalities: an image enters through the image stem (or patch
 embedding), a spectrogram (a 1-channel image) through the audio stem, or both through one shared stem
-(audio repeated to the image's channels). Everything after the stem is shared. No I/O here.
+(audio repeated to the image's channels). Everything after the stem is shared. No I/O here. A backbone family
+(ResNet, ViT) is one BACKBONES entry: its archs, a builder of stems + trunk, and what it needs (memory format,
+norm type); the SSL objectives are in losses.py.
 
     model = build_model(ModelConfig(arch="resnet18"), {"image": (3, 32, 32), "audio": (1, 128, 96)})
-    z = model(x, "audio")            # (B, proj_dim), L2-normalised by nt_xent, not here
+    z = model(x, "audio")            # (B, proj_dim), L2-normalised by the objective, not here
     h = model.features(x, "image")   # (B, feat_dim), what downstream tasks use
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from runtime import ConfigError, check_choice, check_range
-
-MODALITIES = ("image", "audio")
+from modality_specs import MODALITIES
+from settings import ConfigError, check_choice, check_range
 
 # arch -> defaults; ResNet: (base width, blocks per stage), ViT: (dim, depth, heads)
 RESNETS = {"resnet18": (64, (2, 2, 2, 2)), "resnet34": (64, (3, 4, 6, 3)),
@@ -29,7 +30,7 @@ VITS = {"vit_tiny": (192, 12, 3), "vit_small": (384, 12, 6), "vit_micro": (64, 4
 
 @dataclass
 class ModelConfig:
-    arch: str = "resnet18"             # one of RESNETS or VITS
+    arch: str = "resnet18"             # an arch of a BACKBONES family: resnet10/18/34/_tiny, vit_micro/tiny/small
     width: Optional[int] = None        # ResNet base width / ViT dim; None = the arch's default
     depth: Optional[int] = None        # ViT depth; None = the arch's default
     stem: str = "auto"                 # ResNet stem: cifar (3x3 s1) | imagenet (7x7 s2 + pool) | auto (cifar below 64 px)
@@ -42,7 +43,7 @@ class ModelConfig:
     bn_momentum: Optional[float] = None  # None: running stats = cumulative average over each client's local training; else EMA momentum
 
     def __post_init__(self):
-        check_choice("model.arch", self.arch, tuple(RESNETS) + tuple(VITS))
+        check_choice("model.arch", self.arch, tuple(a for f in BACKBONES.values() for a in f.archs))
         check_choice("model.stem", self.stem, ("auto", "cifar", "imagenet"))
         check_choice("model.input_sharing", self.input_sharing, ("per_modality", "shared"))
         check_choice("model.head", self.head, ("shared", "per_modality"))
@@ -113,12 +114,6 @@ class BatchNorm(nn.Module):
             rm.lerp_(self.batch_mean, f)
             rv.lerp_(self.batch_var, f)
         return out
-
-
-def ModalityBatchNorm2d(num_features: int, modalities: tuple[str, ...], momentum: Optional[float] = 0.1,
-                        eps: float = 1e-5) -> BatchNorm:
-    """BatchNorm with per-modality running statistics and one shared affine (see BatchNorm)."""
-    return BatchNorm(num_features, momentum, eps, modalities)
 
 
 def make_norm(modalities: tuple[str, ...] | None, momentum: Optional[float]):
@@ -295,33 +290,61 @@ class FSSUAVLModel(nn.Module):
         return self.project(self.features(x, modality), modality)
 
 
+def build_resnet(cfg: ModelConfig, stem_inputs: dict, modalities: tuple[str, ...]):
+    """Stems (one per key of stem_inputs) and the trunk of a ResNet."""
+    width, blocks = RESNETS[cfg.arch]
+    width = cfg.width or width
+    trunk = ResNetTrunk(width, blocks, modalities if cfg.bn_stats == "per_modality" else None, cfg.bn_momentum)
+
+    def stem_kind(hw):
+        return cfg.stem if cfg.stem != "auto" else ("cifar" if min(hw) < 64 else "imagenet")
+    stems = nn.ModuleDict({k: resnet_stem(stem_kind(s[1:]), s[0], width, cfg.bn_momentum)
+                           for k, s in stem_inputs.items()})
+    return stems, trunk
+
+
+def build_vit(cfg: ModelConfig, stem_inputs: dict, modalities: tuple[str, ...]):
+    """Patch embeddings (one per key of stem_inputs) and the trunk of a ViT."""
+    dim, depth, heads = VITS[cfg.arch]
+    dim, depth = cfg.width or dim, cfg.depth or depth
+    trunk = ViTTrunk(dim, depth, heads)
+    stems = nn.ModuleDict({k: PatchEmbed(s[0], s[1:], cfg.patch_size, dim) for k, s in stem_inputs.items()})
+    return stems, trunk
+
+
+@dataclass(frozen=True)
+class BackboneFamily:
+    """What a backbone family is and needs. A new family is one builder and one BACKBONES entry."""
+    archs: dict                              # arch name -> its default sizes, read by `build`
+    build: Callable                          # (ModelConfig, {stem key: (C, H, W)}, modalities) -> (stems, trunk)
+    memory_format: torch.memory_format = torch.contiguous_format  # the layout its layers run fastest in
+    norm: str = "batch"                      # batch: BatchNorm in the trunk (model.bn_* apply) | layer: LayerNorm
+
+
+BACKBONES = {"resnet": BackboneFamily(RESNETS, build_resnet, torch.channels_last, "batch"),  # NHWC: cuDNN and oneDNN
+             "vit": BackboneFamily(VITS, build_vit, torch.contiguous_format, "layer")}
+
+
+def backbone_family(arch: str) -> BackboneFamily:
+    fam = next((f for f in BACKBONES.values() if arch in f.archs), None)
+    if fam is None:
+        raise ConfigError(f"model.arch={arch!r}: expected one of "
+                          f"{', '.join(a for f in BACKBONES.values() for a in f.archs)}")
+    return fam
+
+
 def build_model(cfg: ModelConfig, input_shapes: dict[str, tuple[int, int, int]]) -> FSSUAVLModel:
     """`input_shapes` maps each modality the model sees to its (C, H, W) input, e.g.
     {"image": (1, 28, 28), "audio": (1, 40, 96)}."""
     if not input_shapes or set(input_shapes) - set(MODALITIES):
         raise ValueError(f"input_shapes must map a subset of {MODALITIES} to (C, H, W), got {input_shapes}")
-    shared = cfg.input_sharing == "shared"
     in_ch = {m: s[0] for m, s in input_shapes.items()}
-    shared_ch = max(in_ch.values())
-    stem_inputs = {"shared": (shared_ch, *input_shapes.get("image", next(iter(input_shapes.values())))[1:])} \
-        if shared else dict(input_shapes)
-
-    if cfg.arch in RESNETS:
-        width, blocks = RESNETS[cfg.arch]
-        width = cfg.width or width
-        trunk = ResNetTrunk(width, blocks, tuple(input_shapes) if cfg.bn_stats == "per_modality" else None,
-                            cfg.bn_momentum)
-
-        def stem_kind(hw):
-            return cfg.stem if cfg.stem != "auto" else ("cifar" if min(hw) < 64 else "imagenet")
-        stems = nn.ModuleDict({k: resnet_stem(stem_kind(s[1:]), s[0], width, cfg.bn_momentum)
-                               for k, s in stem_inputs.items()})
+    if cfg.input_sharing == "shared":
+        first = input_shapes.get(MODALITIES[0], next(iter(input_shapes.values())))
+        stem_inputs = {"shared": (max(in_ch.values()), *first[1:])}
     else:
-        dim, depth, heads = VITS[cfg.arch]
-        dim, depth = cfg.width or dim, cfg.depth or depth
-        trunk = ViTTrunk(dim, depth, heads)
-        stems = nn.ModuleDict({k: PatchEmbed(s[0], s[1:], cfg.patch_size, dim) for k, s in stem_inputs.items()})
-
+        stem_inputs = dict(input_shapes)
+    stems, trunk = backbone_family(cfg.arch).build(cfg, stem_inputs, tuple(input_shapes))
     hidden = cfg.proj_hidden or trunk.out_dim
     head_keys = ["shared"] if cfg.head == "shared" else list(input_shapes)
     heads = nn.ModuleDict({k: projection_head(trunk.out_dim, hidden, cfg.proj_dim, cfg.bn_momentum) for k in head_keys})
@@ -345,24 +368,3 @@ def _init_weights(m: nn.Module) -> None:
 
 def count_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
-
-
-# ----------------------------------------------------------------------------- loss
-
-def nt_xent(z1: torch.Tensor, z2: torch.Tensor, tau: float = 0.2, reduction: str = "mean") -> torch.Tensor:
-    """SimCLR's NT-Xent (Chen et al. 2020, eq. 1) over 2B embeddings: row i's positive is the other view
-    of instance i, its negatives the other 2B-2 rows. Computed in fp32 whatever the autocast dtype.
-
-    Cross-modal negatives (DESIGN.md) are this same loss on the concatenation of an image batch and an
-    audio batch: positives stay within an instance, every other row of either modality is a negative.
-    z1, z2: (B, D). Returns a scalar, or (2B,) per-row losses with reduction='none'."""
-    if z1.shape != z2.shape or z1.ndim != 2:
-        raise ValueError(f"nt_xent expects two (B, D) tensors of one shape, got {tuple(z1.shape)} and {tuple(z2.shape)}")
-    B = z1.shape[0]
-    if B < 2:
-        raise ValueError("nt_xent needs at least 2 instances (negatives) per batch")
-    z = F.normalize(torch.cat([z1, z2]).float(), dim=1)  # (2B, D)
-    sim = z @ z.t() / tau  # (2B, 2B)
-    sim.fill_diagonal_(float("-inf"))
-    target = (torch.arange(2 * B, device=z.device) + B) % (2 * B)  # row i's positive; made on the device (no copy)
-    return F.cross_entropy(sim, target, reduction=reduction)

@@ -1,19 +1,11 @@
-"""Paper-scale datasets read from files on disk, in their official formats and splits. (Not named datasets.py:
-that would shadow Hugging Face's `datasets` package, which flwr-datasets imports.)
+"""Readers of the paper datasets' official on-disk formats and splits: CIFAR-10/100 pickle batches, STL-10
+binaries, Tiny-ImageNet and ImageFolder trees, ESC-50 / UrbanSound8K folds, SpeechCommands lists, a folder of audio
+files with labels.csv, FluidR3 notes rendered offline, VGGSound frames + clips. Each returns numpy arrays; which
+dataset uses which reader (and its layout and download) is the table in catalog.py.
 
-    images: cifar10, cifar100 (python pickle batches), stl10 (binary), tinyimagenet (tiny-imagenet-200 folder,
-            val_annotations.txt), imagefolder (root/train/CLASS/*, root/val|test/CLASS/*)
-    audio:  esc50 (meta/esc50.csv, official 5 folds), speechcommands (v2, official validation/testing lists),
-            urbansound8k (metadata/UrbanSound8K.csv, 10 folds), audiofolder (labels.csv: file,label[,split][,group]),
-            fluidr3 (instrument notes rendered offline from the Debian FluidR3 GM soundfont)
-    paired: vggsound (vggsound.csv + frames/CLIP.jpg + audio/CLIP.wav|flac)
-
-A config names one image and one audio dataset as `data.dataset: cifar10+esc50` (roots in data.image_root /
-data.audio_root), or a paired one (`vggsound`, `avfashion`) with data.root. Files are decoded once into a
-versioned cache (uint8 images, int16 waveforms at the configured rate and length), so runs never re-decode.
-Unreadable, empty or NaN audio and corrupt images are skipped with a warning naming the file and a count
-at the end; above data.max_bad_frac the load stops with an error. `python readers.py NAME ROOT` loads one
-dataset and prints what it holds.
+Files are decoded once into a versioned cache (uint8 images, int16 waveforms at the configured rate and length),
+so runs never re-decode. Unreadable, empty or NaN audio and corrupt images are skipped with a warning naming the
+file and a count at the end; above data.max_bad_frac the load stops with an error.
 """
 from __future__ import annotations
 
@@ -23,7 +15,6 @@ import os
 import pickle
 import shutil
 import subprocess
-import sys
 import tempfile
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -34,41 +25,18 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from data import (AUDIO_DATASETS, IMAGE_DATASETS, PAIRED_DATASETS, DataConfig, DataError, ModalityData, cache_root,
-                  load_avfashion, logmel_stats, read_npz, source_fingerprint,
-                  stratified_subset, waveforms_to_logmel, write_npz)
+from data import DataConfig, DataError, MissingData, cache_root, read_npz, source_fingerprint, write_npz
 
 CACHE_VERSION = 1
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
-AUDIO_EXTS = (".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif")
 FLUIDR3_SF2 = "/usr/share/sounds/sf2/FluidR3_GM.sf2"
 GM_FAMILIES = ["piano", "chromatic percussion", "organ", "guitar", "bass", "strings", "ensemble", "brass", "reed",
                "pipe", "synth lead", "synth pad", "synth effects", "ethnic", "percussive", "sound effects"]
-
-LAYOUTS = {
-    "cifar10": "cifar-10-batches-py/{data_batch_1..5, test_batch, batches.meta} (or those files directly in the root)",
-    "cifar100": "cifar-100-python/{train, test, meta} (or those files directly in the root)",
-    "stl10": "stl10_binary/{train_X.bin, train_y.bin, test_X.bin, test_y.bin, class_names.txt}",
-    "tinyimagenet": "tiny-imagenet-200/{wnids.txt, words.txt, train/WNID/images/*.JPEG, val/val_annotations.txt, val/images/*.JPEG}",
-    "imagefolder": "train/CLASS/*.jpg|png... and val/CLASS/... (or test/CLASS/...)",
-    "esc50": "meta/esc50.csv and audio/*.wav (the ESC-50 repository layout)",
-    "speechcommands": "WORD/*.wav folders, validation_list.txt and testing_list.txt (speech_commands_v0.02)",
-    "urbansound8k": "metadata/UrbanSound8K.csv and audio/fold1..fold10/*.wav",
-    "audiofolder": "labels.csv with columns file,label (optional split=train|test, group) and the files it names",
-    "fluidr3": f"a General MIDI .sf2 soundfont (default {FLUIDR3_SF2}, Debian package fluid-soundfont-gm) and fluidsynth",
-    "vggsound": "vggsound.csv (youtube_id,start_seconds,label,split; no header), frames/ID_START.jpg, audio/ID_START.wav|flac",
-}
-
 
 def default_root(name: str) -> Path:
     if name == "fluidr3":
         return Path(FLUIDR3_SF2)
     return Path(os.environ.get("FSSUAVL_DATA", Path.home() / "data")) / name
-
-
-def missing(name: str, root: Path, what: str) -> DataError:
-    return DataError(f"{name}: {what} not found under {root}. Expected layout: {LAYOUTS[name]}. "
-                     f"Point data.image_root / data.audio_root (or data.root) at the dataset.")
 
 
 # ----------------------------------------------------------------------------- bad files
@@ -180,7 +148,7 @@ def read_cifar(root: Path, n_classes: int, cfg: DataConfig, bad: BadFiles) -> di
         label_key, meta_file, names_key = b"fine_labels", "meta", b"fine_label_names"
     for f in train_files + test_files + [meta_file]:
         if not (base / f).is_file():
-            raise missing(name, root, f)
+            raise MissingData(name, root, f)
 
     def load(files):
         xs, ys = [], []
@@ -201,7 +169,7 @@ def read_stl10(root: Path, cfg: DataConfig, bad: BadFiles) -> dict:
     for split in ("train", "test"):
         xf, yf = base / f"{split}_X.bin", base / f"{split}_y.bin"
         if not xf.is_file() or not yf.is_file():
-            raise missing("stl10", root, f"{split}_X.bin / {split}_y.bin")
+            raise MissingData("stl10", root, f"{split}_X.bin / {split}_y.bin")
         x = np.fromfile(xf, dtype=np.uint8)
         if x.size % (3 * 96 * 96):
             raise DataError(f"stl10: {xf} has {x.size} bytes, not a multiple of 3x96x96 (truncated?)")
@@ -224,7 +192,7 @@ def _decode_images(paths: list[Path], size: int, bad: BadFiles) -> tuple[np.ndar
 def read_tinyimagenet(root: Path, cfg: DataConfig, bad: BadFiles) -> dict:
     base = root / "tiny-imagenet-200" if (root / "tiny-imagenet-200").is_dir() else root
     if not (base / "wnids.txt").is_file():
-        raise missing("tinyimagenet", root, "wnids.txt")
+        raise MissingData("tinyimagenet", root, "wnids.txt")
     wnids = (base / "wnids.txt").read_text().split()
     index = {w: i for i, w in enumerate(wnids)}
     words = {}
@@ -237,14 +205,14 @@ def read_tinyimagenet(root: Path, cfg: DataConfig, bad: BadFiles) -> dict:
              if p.suffix.lower() in IMAGE_EXTS]
     ann = base / "val" / "val_annotations.txt"
     if not ann.is_file():
-        raise missing("tinyimagenet", root, "val/val_annotations.txt")
+        raise MissingData("tinyimagenet", root, "val/val_annotations.txt")
     val = []
     for ln in ann.read_text().splitlines():
         parts = ln.split("\t")
         if len(parts) >= 2 and parts[1] in index:
             val.append((base / "val" / "images" / parts[0], index[parts[1]]))
     if not train:
-        raise missing("tinyimagenet", root, "train/WNID/images/*.JPEG")
+        raise MissingData("tinyimagenet", root, "train/WNID/images/*.JPEG")
     size = cfg.image_size or 64
     tx, tk = _decode_images([p for p, _ in train], size, bad)
     ex, ek = _decode_images([p for p, _ in val], size, bad)
@@ -255,7 +223,7 @@ def read_tinyimagenet(root: Path, cfg: DataConfig, bad: BadFiles) -> dict:
 def read_imagefolder(root: Path, cfg: DataConfig, bad: BadFiles) -> dict:
     test_dir = next((root / d for d in ("val", "test") if (root / d).is_dir()), None)
     if not (root / "train").is_dir() or test_dir is None:
-        raise missing("imagefolder", root, "train/ and val/ (or test/) folders")
+        raise MissingData("imagefolder", root, "train/ and val/ (or test/) folders")
     classes = sorted(d.name for d in (root / "train").iterdir() if d.is_dir())
     index = {c: i for i, c in enumerate(classes)}
 
@@ -276,7 +244,7 @@ def read_imagefolder(root: Path, cfg: DataConfig, bad: BadFiles) -> dict:
 def list_esc50(root: Path, cfg: DataConfig):
     meta = root / "meta" / "esc50.csv"
     if not meta.is_file():
-        raise missing("esc50", root, "meta/esc50.csv")
+        raise MissingData("esc50", root, "meta/esc50.csv")
     rows = list(csv.DictReader(open(meta, newline="")))
     if cfg.test_fold not in {int(r["fold"]) for r in rows}:
         raise DataError(f"esc50: data.test_fold={cfg.test_fold} is not one of the official folds 1-5")
@@ -289,7 +257,7 @@ def list_esc50(root: Path, cfg: DataConfig):
 def list_speechcommands(root: Path, cfg: DataConfig):
     for f in ("validation_list.txt", "testing_list.txt"):
         if not (root / f).is_file():
-            raise missing("speechcommands", root, f)
+            raise MissingData("speechcommands", root, f)
     test = set((root / "testing_list.txt").read_text().split())
     val = set((root / "validation_list.txt").read_text().split())
     words = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("_"))
@@ -306,7 +274,7 @@ def list_speechcommands(root: Path, cfg: DataConfig):
 def list_urbansound8k(root: Path, cfg: DataConfig):
     meta = root / "metadata" / "UrbanSound8K.csv"
     if not meta.is_file():
-        raise missing("urbansound8k", root, "metadata/UrbanSound8K.csv")
+        raise MissingData("urbansound8k", root, "metadata/UrbanSound8K.csv")
     rows = list(csv.DictReader(open(meta, newline="")))
     if not 1 <= cfg.test_fold <= 10:
         raise DataError(f"urbansound8k: data.test_fold={cfg.test_fold} is not one of the official folds 1-10")
@@ -319,7 +287,7 @@ def list_urbansound8k(root: Path, cfg: DataConfig):
 def list_audiofolder(root: Path, cfg: DataConfig):
     meta = root / "labels.csv"
     if not meta.is_file():
-        raise missing("audiofolder", root, "labels.csv")
+        raise MissingData("audiofolder", root, "labels.csv")
     rows = list(csv.DictReader(open(meta, newline="")))
     if not rows or not {"file", "label"} <= set(rows[0]):
         raise DataError(f"audiofolder: {meta} needs a header with at least the columns file,label")
@@ -369,7 +337,7 @@ def render_fluidr3(sf2: Path, cfg: DataConfig, bad: BadFiles, programs=range(128
     if exe is None:
         raise DataError("fluidr3: fluidsynth not found: sudo apt-get install fluidsynth fluid-soundfont-gm")
     if not Path(sf2).is_file():
-        raise missing("fluidr3", Path(sf2), "the soundfont file")
+        raise MissingData("fluidr3", Path(sf2), "the soundfont file")
     notes = [(p, v) for p in FLUIDR3_PITCHES for v in FLUIDR3_VELOCITIES]
     sr, length, spacing = cfg.sample_rate, int(cfg.sample_rate * 1.0), 1.5
 
@@ -405,18 +373,18 @@ def render_fluidr3(sf2: Path, cfg: DataConfig, bad: BadFiles, programs=range(128
             "test_y": ys[test], "test_group": groups[test], "classes": list(GM_FAMILIES)}
 
 
-AUDIO_LISTERS = {"esc50": list_esc50, "speechcommands": list_speechcommands, "urbansound8k": list_urbansound8k,
-                 "audiofolder": list_audiofolder}
+def audio_files(lister: Callable) -> Callable:
+    """A reader (root, cfg, bad) -> arrays for a dataset of audio files that `lister` (root, cfg) -> (items,
+    classes) enumerates as (path, label, group, is_test)."""
+    return lambda root, cfg, bad: decode_audio(bad.name, lister, root, cfg, bad)
 
 
-def read_audio_dataset(name: str, root: Path, cfg: DataConfig, bad: BadFiles) -> dict:
-    if name == "fluidr3":
-        return render_fluidr3(root, cfg, bad)
+def decode_audio(name: str, lister: Callable, root: Path, cfg: DataConfig, bad: BadFiles) -> dict:
     if not root.exists():
-        raise missing(name, root, "the dataset folder")
-    items, classes = AUDIO_LISTERS[name](root, cfg)
+        raise MissingData(name, root, "the dataset folder")
+    items, classes = lister(root, cfg)
     if not items:
-        raise missing(name, root, "audio files")
+        raise MissingData(name, root, "audio files")
     length = int(round(cfg.clip_seconds * cfg.sample_rate))
     wavs = decode_all(lambda it: read_audio(it[0], cfg.sample_rate, length, bad), items)
     keep = [w is not None for w in wavs]
@@ -433,17 +401,13 @@ def read_audio_dataset(name: str, root: Path, cfg: DataConfig, bad: BadFiles) ->
             "test_group": grp[te], "classes": classes}
 
 
-IMAGE_READERS = {"cifar10": lambda r, c, b: read_cifar(r, 10, c, b), "cifar100": lambda r, c, b: read_cifar(r, 100, c, b),
-                 "stl10": read_stl10, "tinyimagenet": read_tinyimagenet, "imagefolder": read_imagefolder}
-
-
 def read_vggsound(root: Path, cfg: DataConfig, bad: BadFiles) -> tuple[dict, dict]:
     """VGGSound layout: vggsound.csv rows (youtube_id, start_seconds, label, split) without a header; clip
     id YTID_START (start zero-padded to 6 digits); frames/ID.jpg and audio/ID.wav|flac. A clip missing
     either file, or with a corrupt one, is skipped; image and audio arrays stay aligned clip by clip."""
     meta = root / "vggsound.csv"
     if not meta.is_file():
-        raise missing("vggsound", root, "vggsound.csv")
+        raise MissingData("vggsound", root, "vggsound.csv")
     rows = [r for r in csv.reader(open(meta, newline="")) if len(r) >= 4]
     classes = sorted({r[2].strip() for r in rows})
     index = {c: i for i, c in enumerate(classes)}
@@ -489,103 +453,13 @@ def _cached(kind: str, name: str, root: Path, cfg: DataConfig, params: dict, bui
     return arrays
 
 
-def image_modality(arrays: dict, cfg: DataConfig, device) -> ModalityData:
-    tx, ty = torch.from_numpy(np.ascontiguousarray(arrays["train_x"])), torch.from_numpy(arrays["train_y"])
-    keep = torch.from_numpy(stratified_subset(ty, cfg.max_train_images, cfg.build_seed))
-    tx, ty = tx[keep], ty[keep]
-    if len(tx) == 0 or len(arrays["test_x"]) == 0:
-        raise DataError("the image dataset has an empty train or test split")
-    f = tx.float() / 255
-    mean, std = f.mean(dim=(0, 2, 3)), f.std(dim=(0, 2, 3)).clamp_min(1e-3)
-    return ModalityData(tx.to(device), ty.to(device), torch.from_numpy(np.ascontiguousarray(arrays["test_x"])).to(device),
-                        torch.from_numpy(arrays["test_y"]).to(device), list(arrays["classes"]), mean.to(device), std.to(device))
-
-
-def audio_modality(arrays: dict, cfg: DataConfig, device) -> ModalityData:
-    """Log-mels of both splits; the normalising mean/std come from this run's own training split (never a
-    cache shared across test folds, clip lengths or seeds)."""
-    if len(arrays["train_x"]) == 0 or len(arrays["test_x"]) == 0:
-        raise DataError("the audio dataset has an empty train or test split")
-    tr = waveforms_to_logmel(torch.from_numpy(arrays["train_x"]), cfg, device, seed=cfg.build_seed)
-    te = waveforms_to_logmel(torch.from_numpy(arrays["test_x"]), cfg, device, seed=cfg.build_seed + 1)
-    mean, std = logmel_stats(tr)
-    g = lambda k: torch.from_numpy(arrays[k]).to(device) if k in arrays else None  # noqa: E731
-    return ModalityData(tr, g("train_y"), te, g("test_y"), list(arrays["classes"]), mean, std,
-                        g("train_group"), g("test_group"))
-
-
-def load_named(cfg: DataConfig, device, progress: bool = True) -> dict[str, ModalityData]:
-    """data.dataset = IMAGE+AUDIO (e.g. cifar10+esc50) or a paired dataset (vggsound)."""
-    out = {}
-    audio_params = {"sr": cfg.sample_rate, "clip": cfg.clip_seconds, "fold": cfg.test_fold, "seed": cfg.build_seed}
-    if cfg.dataset in PAIRED_DATASETS:
-        root = Path(cfg.root) if cfg.root else default_root(cfg.dataset)
-        def build(bad):  # one flat dict of arrays for the cache: image_*, audio_*, classes
-            image, audio = read_vggsound(root, cfg, bad)
-            flat = {f"image_{k}": v for k, v in image.items() if k != "classes"}
-            return flat | {f"audio_{k}": v for k, v in audio.items() if k != "classes"} | {"classes": image["classes"]}
-        both = _cached("paired", cfg.dataset, root, cfg, {**audio_params, "size": cfg.image_size}, build)
-        split = {m: {k[len(m) + 1:]: v for k, v in both.items() if k.startswith(m + "_")} | {"classes": both["classes"]}
-                 for m in ("image", "audio")}
-        if "image" in cfg.modalities:
-            out["image"] = image_modality(split["image"], cfg, device)
-        if "audio" in cfg.modalities:
-            out["audio"] = audio_modality(split["audio"], cfg, device)
-        return out
-    image_name, audio_name = cfg.dataset.split("+")
-    if "image" in cfg.modalities:
-        root = Path(cfg.image_root) if cfg.image_root else default_root(image_name)
-        arrays = _cached("image", image_name, root, cfg, {"size": cfg.image_size},
-                         lambda bad: _finish_images(image_name, root, cfg, bad))
-        out["image"] = image_modality(arrays, cfg, device)
-    if "audio" in cfg.modalities:
-        root = Path(cfg.audio_root) if cfg.audio_root else default_root(audio_name)
-        arrays = _cached("audio", audio_name, root, cfg, audio_params,
-                         lambda bad: read_audio_dataset(audio_name, root, cfg, bad))
-        out["audio"] = audio_modality(arrays, cfg, device)
-    return out
-
-
-def _finish_images(name: str, root: Path, cfg: DataConfig, bad: BadFiles) -> dict:
-    if cfg.download and name in ("cifar10", "cifar100", "stl10"):
-        download(name, root)
-    arrays = IMAGE_READERS[name](root, cfg, bad)
-    bad.finish(len(arrays["train_y"]) + len(arrays["test_y"]) + len(bad.bad))
-    return arrays
-
-
-def download(name: str, root: Path) -> None:
-    """Fetch a dataset torchvision knows how to download (needs internet), into `root`."""
-    import torchvision
-    cls = {"cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100}.get(name)
-    if cls is not None:
-        cls(str(root), train=True, download=True)
-    elif name == "stl10":
-        torchvision.datasets.STL10(str(root), split="train", download=True)
-
-
-if __name__ == "__main__":
-    if len(sys.argv) != 3:
-        sys.exit("usage: python readers.py NAME ROOT   (NAME: " + ", ".join(IMAGE_DATASETS + AUDIO_DATASETS + PAIRED_DATASETS) + ")")
-    name, root = sys.argv[1], sys.argv[2]
-    if name in PAIRED_DATASETS:
-        cfg = DataConfig(dataset=name, root=root)
-    elif name in IMAGE_DATASETS:
-        cfg = DataConfig(dataset=f"{name}+esc50", image_root=root, modalities=("image",))
-    else:
-        cfg = DataConfig(dataset=f"cifar10+{name}", audio_root=root, modalities=("audio",))
-    for m, md in load_named(cfg, "cpu").items():
-        print(f"{m}: train {tuple(md.train_x.shape)}, test {tuple(md.test_x.shape)}, {len(md.classes)} classes")
-
-
-def load_data(cfg: DataConfig, device, progress: bool = True) -> dict[str, ModalityData]:
-    """The configured dataset as {modality: ModalityData} on `device`, for the configured modalities: AV-Fashion
-    (built by data.py) or a dataset read here. The one entry point every stage loads data through."""
-    data = load_avfashion(cfg, device, progress=progress) if cfg.dataset == "avfashion" else \
-        load_named(cfg, device, progress=progress)
-    for m, md in data.items():
-        found = torch.unique(md.train_y).numel()
-        if found < 2:
-            raise DataError(f"{cfg.dataset}: the {m} training split has {found} class; contrastive pretraining and "
-                            f"its evaluation need at least two labelled classes")
-    return data
+def torchvision_download(name: str) -> Callable:
+    """A downloader (root) -> None for a dataset torchvision fetches (needs internet)."""
+    def fetch(root: Path) -> None:
+        import torchvision
+        if name == "stl10":
+            torchvision.datasets.STL10(str(root), split="train", download=True)
+        else:
+            {"cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100}[name](
+                str(root), train=True, download=True)
+    return fetch

@@ -55,7 +55,7 @@ job=${1:-pretrain}
 [ $# -gt 0 ] && shift
 case "$job" in
   pretrain)
-    "$PYBIN" data.py
+    "$PYBIN" avfashion.py
     "$PYBIN" pretrain.py "$@"
     ;;
   test)

@@ -28,7 +28,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import runtime  # noqa: E402
+from settings import split_overrides  # noqa: E402
 
 
 def command(config: str, out_dir: Path, rounds: int, extra: list[str]) -> list[str]:
@@ -101,7 +101,7 @@ def main(argv=None) -> tuple[int, int]:
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--seed", type=int, default=0, help="seed of the kill times")
     p.add_argument("--workdir", default=None)
-    argv, extra = runtime.split_overrides(list(sys.argv[1:] if argv is None else argv))
+    argv, extra = split_overrides(list(sys.argv[1:] if argv is None else argv))
     args = p.parse_args(argv)
     args.extra = extra
     rng = random.Random(args.seed)

@@ -1,33 +1,21 @@
-"""Shared fixtures: the repo on sys.path, a tiny AV-Fashion cache (12 voices) built once per session."""
+"""Shared fixtures: the working directory at the repository root, and a private AV-Fashion cache (12 voices) built
+once per session."""
 import os
-import shutil
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-TINY_DATA = ["--data.n_voices=12", "--data.max_train_images=512", "--data.knn_bank=256", "--data.knn_queries=128",
-             "--data.n_mels=32", "--data.win_ms=40.0", "--data.hop_ms=20.0"]
+from helpers import have_default_data
 
 
-def smoke_args(out, cache_dir, *extra) -> list[str]:
-    """pretrain.py's argv for a tiny configs/smoke.yaml run into `out` on the session's private data cache."""
-    return ["configs/smoke.yaml", f"--run.out_dir={out}", f"--data.cache_dir={cache_dir}", "--run.progress=false",
-            *TINY_DATA, *extra]
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: takes more than a few seconds (engines, full runs); CI runs these too")
 
 
 @pytest.fixture
 def in_root(monkeypatch):
     """Run the test from the repository root, where the configs' relative paths resolve."""
+    from helpers import ROOT
     monkeypatch.chdir(ROOT)
-
-
-def have_default_data() -> bool:
-    from data import FASHION_MNIST_DIR
-    return shutil.which("espeak-ng") is not None and Path(FASHION_MNIST_DIR).is_dir()
 
 
 @pytest.fixture(scope="session")
@@ -44,7 +32,7 @@ def cache_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_data(cache_dir):
     import torch
+    from catalog import load_data
     from data import DataConfig
-    from readers import load_data
     cfg = DataConfig(n_voices=12, max_train_images=512, n_mels=32, win_ms=40.0, hop_ms=20.0, cache_dir=str(cache_dir))
     return cfg, load_data(cfg, torch.device("cpu"), progress=False)

@@ -4,7 +4,7 @@ import json
 import torch
 
 import bench
-from conftest import ROOT, TINY_DATA
+from helpers import ROOT, TINY_DATA
 
 
 def test_bench_reports_all_sections(tmp_path, cache_dir, monkeypatch):
@@ -25,7 +25,7 @@ def test_bench_reports_all_sections(tmp_path, cache_dir, monkeypatch):
 
 def test_standard_audio_views_are_normalised_log_mels(tiny_data):
     cfg, data = tiny_data
-    from pretrain import PretrainConfig
+    from engine import PretrainConfig
     pc = PretrainConfig(data=cfg)
     import numpy as np
     ds = bench.StandardAudio(np.random.default_rng(0).integers(-3000, 3000, (4, 16000)).astype(np.int16), pc, 0.0, 1.0)

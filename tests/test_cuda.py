@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import pretrain
-from conftest import ROOT, TINY_DATA
+from helpers import ROOT, TINY_DATA
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -19,7 +19,7 @@ def test_pretrain_on_cuda(tmp_path, cache_dir, monkeypatch, amp):
 
 
 def test_augmentation_on_cuda_matches_generator_determinism(tiny_data):
-    from data import augment
+    from modality_specs import augment
     cfg, data = tiny_data
     md = data["image"].to("cuda")
     x = md.train_x[:16]
@@ -45,7 +45,8 @@ def test_bf16_training_steps_do_not_sync_the_device():
     from models import ModelConfig, build_model
     data = {m: md.to("cuda") for m, md in t._data().items()}
     model = build_model(ModelConfig(arch="resnet_tiny", width=8), t.SHAPES).cuda()
-    from federation import FedConfig, OptimConfig, local_ssl_update, make_optimizer
+    from federation import FedConfig
+    from local_update import OptimConfig, local_ssl_update, make_optimizer
     import runtime
     from data import DataConfig
     opt = make_optimizer(model, OptimConfig(batch_size=8))

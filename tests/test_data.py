@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from data import (AudioAugConfig, DataConfig, DataError, ImageAugConfig, ModalityData, assign_modalities,
-                  augment_audio, augment_image, color_jitter, dirichlet_partition, group_partition, iid_partition,
-                  partition, random_resized_crop, read_idx, trim_and_centre, wav_bytes_to_array)
-from runtime import ConfigError
+from augment import AudioAugConfig, ImageAugConfig, augment_audio, augment_image, color_jitter, random_resized_crop
+from data import DataConfig, DataError, ModalityData
+from partition import assign_modalities, dirichlet_partition, group_partition, iid_partition, partition
+from avfashion import read_idx, trim_and_centre, wav_bytes_to_array
+from settings import ConfigError
 
 
 # ----------------------------------------------------------------------------- file formats
@@ -40,7 +41,7 @@ def test_read_idx_truncated_is_a_clear_error(tmp_path):
 
 
 def test_missing_fashion_mnist_names_the_package(tmp_path):
-    from data import load_fashion_mnist
+    from avfashion import load_fashion_mnist
     with pytest.raises(DataError, match="dataset-fashion-mnist"):
         load_fashion_mnist(tmp_path)
 
@@ -196,7 +197,7 @@ def test_avfashion_build(tiny_data):
 
 
 def test_avfashion_clips_are_distinct_and_build_is_cached(tiny_data):
-    from data import build_avfashion
+    from avfashion import build_avfashion
     cfg, _ = tiny_data
     path = build_avfashion(cfg, progress=False)
     z = np.load(path)
@@ -236,7 +237,7 @@ def test_stratified_subset_covers_every_class_in_proportion_on_a_class_sorted_li
 
 
 def test_knn_bank_and_queries_are_stratified(tiny_data):
-    from finetune import extract_features
+    from evaluation import extract_features
     cfg, data = tiny_data
     md = data["audio"]
     order = torch.argsort(md.train_y, stable=True)  # a class-sorted copy of the training split

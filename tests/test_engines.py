@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, TINY_DATA
+from helpers import ROOT, TINY_DATA
 
 RUN = ["configs/smoke.yaml", "--fed.clients=4", "--fed.clients_per_round=3", "--fed.modality_fractions=[0.4,0.4,0.2]",
        "--optim.batch_size=32", "--run.threads=1", "--run.deterministic=true", "--run.progress=false",
@@ -107,10 +107,10 @@ def test_torchrun_two_gloo_ranks_equal_in_process(reference, tmp_path, cache_dir
 
 
 def test_server_state_strategy_on_torchrun_equals_in_process(tmp_path, cache_dir):
-    """FedAvgM keeps server momentum: every rank steps its own copy with the same folded updates; FedProx's
-    proximal term runs in the client function; with fed.share_head=false each client's own head, trained on
-    whichever rank, reaches every rank's client_state. All reach the same bits as in process."""
-    extra = ["--fed.aggregation=fedavgm", "--fed.server_momentum=0.9", "--fed.prox_mu=0.01", "--fed.share_head=false"]
+    """FedAvgM keeps server momentum: every rank steps its own copy with the same folded updates; with
+    fed.share_head=false each client's own head, trained on whichever rank, reaches every rank's client_state.
+    All reach the same bits as in process. (FedProx's client-side term equals in process through the digests.)"""
+    extra = ["--fed.aggregation=fedavgm", "--fed.server_momentum=0.9", "--fed.share_head=false"]
     a, b = tmp_path / "inprocess", tmp_path / "torchrun"
     _run([sys.executable, "pretrain.py", *_args(a, cache_dir), *extra], tmp_path / "a.log")
     _run(_torchrun(*_args(b, cache_dir), *extra), tmp_path / "b.log")
@@ -154,7 +154,7 @@ def test_flower_simulation_equals_in_process(reference, tmp_path, cache_dir):
     _same(reference, out)
     text = (tmp_path / "sim.log").read_text()
     assert "engine FlowerEngine" in text
-    # the run directory is pretrain.py's: finetune.py and tables.py read it unchanged
+    # the run directory is pretrain.py's: finetune.py and paper_tables.py read it unchanged
     assert (out / "config.yaml").exists() and (out / "log.jsonl").read_text().count("\n") == 3
 
 

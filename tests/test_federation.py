@@ -3,9 +3,10 @@ import math
 import pytest
 import torch
 
-from federation import (ClientUpdate, FedConfig, OptimConfig, batch_schedule, fedavg, is_shared, lr_at, run_round,
-                        sample_clients)
-from runtime import ConfigError
+from federation import ClientUpdate, FedConfig, is_shared, run_round, sample_clients
+from local_update import OptimConfig, batch_schedule, lr_at
+from strategies import fedavg
+from settings import ConfigError
 
 
 def test_fedavg_matches_hand_computed_average():
@@ -113,7 +114,7 @@ def test_modality_weighting_ignores_untouched_keys():
 
 
 def test_coordinate_median_and_trimmed_mean_by_hand():
-    from federation import CoordinateRobust
+    from strategies import CoordinateRobust
     vals = [[1.0, 10.0], [2.0, -5.0], [100.0, 0.0], [3.0, 1.0], [4.0, 2.0]]  # client 2 is an outlier in coord 0
     states = [{"w": torch.tensor(v), "n": torch.tensor(i)} for i, v in enumerate(vals)]
     med = CoordinateRobust("median")
@@ -132,7 +133,7 @@ def test_coordinate_median_and_trimmed_mean_by_hand():
 
 
 def test_robust_round_resists_a_poisoned_client():
-    from federation import make_strategy
+    from strategies import make_strategy
     g = {"w": torch.tensor([0.0]), "heads.shared.w": torch.tensor([0.0])}
     upd = _dummy_update({0: 1.0, 1: 1.1, 2: 1e6})                  # client 2 sends a huge but finite update
     fedavg_w = run_round(g, [0, 1, 2], upd)[0]["w"].item()

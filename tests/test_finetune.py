@@ -4,11 +4,12 @@ import json
 import pytest
 import torch
 
+import downstream
 import finetune
 import pretrain
-from conftest import ROOT, TINY_DATA
-from finetune import (EvalConfig, fuse, knn_predict, label_subset, linear_probe, load_backbone, make_pairs)
-from runtime import CheckpointError
+from helpers import ROOT, TINY_DATA
+from evaluation import fuse, knn_predict, label_subset, linear_probe, load_backbone, make_pairs
+from checkpoints import CheckpointError
 
 
 def test_linear_probe_recovers_a_linearly_separable_problem():
@@ -18,9 +19,9 @@ def test_linear_probe_recovers_a_linearly_separable_problem():
     y = (x @ w.t()).argmax(1)                 # separable by construction
     xt = torch.randn(300, 16, generator=g)
     yt = (xt @ w.t()).argmax(1)
-    res = linear_probe(x, y, xt, yt, 3, EvalConfig(wd_grid=(1e-5, 1e-2)), seed=0)
+    res = linear_probe(x, y, xt, yt, 3, seed=0, wd_grid=(1e-5, 1e-2))
     assert res["acc"] > 97 and res["wd"] in (1e-5, 1e-2)
-    noise = linear_probe(x, torch.randint(0, 3, (600,), generator=g), xt, yt, 3, EvalConfig(), seed=0)
+    noise = linear_probe(x, torch.randint(0, 3, (600,), generator=g), xt, yt, 3, seed=0)
     assert noise["acc"] < 60                  # random labels: near chance
 
 
@@ -78,13 +79,13 @@ def test_finetune_end_to_end_and_backbone_unchanged(pretrained, tmp_path, monkey
     monkeypatch.chdir(ROOT)
     before = {k: v.clone() for k, v in load_backbone(pretrained)[0].state_dict().items()}
     captured = {}
-    real_evaluate = finetune.evaluate
+    real_evaluate = downstream.evaluate_tasks
 
     def spy(model, *a, **kw):
         rows = real_evaluate(model, *a, **kw)
         captured["after"] = {k: v.clone() for k, v in model.state_dict().items()}
         return rows
-    monkeypatch.setattr(finetune, "evaluate", spy)
+    monkeypatch.setattr(downstream, "evaluate_tasks", spy)
     res = finetune.main(["--ckpt", str(pretrained.parent), f"--run.out_dir={tmp_path}", "--run.progress=false",
                          "--eval.label_fractions=[0.1, 1.0]", "--eval.protocols=[linear, knn, finetune]",
                          "--eval.finetune_epochs=1", "--eval.max_train_images=300", "--eval.wd_grid=[1e-4, 1e-2]"])

@@ -2,8 +2,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models import ModelConfig, build_model, count_params, nt_xent
-from runtime import ConfigError
+from models import ModelConfig, build_model, count_params
+from losses import nt_xent
+from settings import ConfigError
 
 SHAPES = {"image": (3, 16, 16), "audio": (1, 16, 24)}
 

@@ -2,11 +2,12 @@
 import json
 
 import pytest
+import models
 import torch
 import yaml
 
 import pretrain
-from conftest import TINY_DATA
+from helpers import TINY_DATA
 
 
 def run(tmp_path, cache_dir, *extra, name="run"):
@@ -28,7 +29,7 @@ def test_smoke_run_writes_config_log_and_checkpoint(tmp_path, cache_dir):
     assert {"loss_image", "loss_audio", "lr", "seconds", "clients", "knn_image", "knn_audio"} <= set(lines[1])
     ck = torch.load(out / "last.pt", weights_only=True)
     assert ck["round"] == 1 and ck["config"] == cfg
-    model = pretrain.build_model(pretrain.ModelConfig(**{k: (tuple(v) if isinstance(v, list) else v)
+    model = models.build_model(models.ModelConfig(**{k: (tuple(v) if isinstance(v, list) else v)
                                                          for k, v in cfg["model"].items()}),
                                  {m: tuple(s) for m, s in ck["input_shapes"].items()})
     model.load_state_dict(ck["model"])  # strict: the checkpoint holds exactly the model's keys

@@ -7,38 +7,39 @@ import pytest
 import soundfile as sf
 import torch
 
-import fixtures
+import layouts
 import pretrain
-from conftest import ROOT
+from helpers import ROOT
 from data import DataConfig, DataError
-from readers import BadFiles, load_named, read_audio, read_image, render_fluidr3, FLUIDR3_SF2, write_midi
+from readers import BadFiles, read_audio, read_image, render_fluidr3, FLUIDR3_SF2, write_midi
+from catalog import load_data
 
 
 def load(tmp_path, dataset, modality, **kw):
     cfg = DataConfig(dataset=dataset, modalities=(modality,), cache_dir=str(tmp_path / "cache"), **kw)
-    return load_named(cfg, torch.device("cpu"))[modality]
+    return load_data(cfg, torch.device("cpu"))[modality]
 
 
 def test_cifar10_official_batches(tmp_path):
-    md = load(tmp_path, "cifar10+esc50", "image", image_root=str(fixtures.write_cifar10(tmp_path / "c10")))
+    md = load(tmp_path, "cifar10+esc50", "image", image_root=str(layouts.write_cifar10(tmp_path / "c10")))
     assert md.train_x.shape == (100, 3, 32, 32) and md.test_x.shape == (20, 3, 32, 32)  # 5 batches / test_batch
     assert md.classes == [f"c{i}" for i in range(10)] and md.train_x.dtype == torch.uint8
 
 
 def test_cifar100_fine_labels(tmp_path):
-    md = load(tmp_path, "cifar100+esc50", "image", image_root=str(fixtures.write_cifar100(tmp_path / "c100")))
+    md = load(tmp_path, "cifar100+esc50", "image", image_root=str(layouts.write_cifar100(tmp_path / "c100")))
     assert len(md.classes) == 100 and md.train_y.max().item() == 99 and len(md.test_y) == 200
 
 
 def test_stl10_column_major_binary(tmp_path):
-    imgs = fixtures.write_stl10(tmp_path / "stl")
+    imgs = layouts.write_stl10(tmp_path / "stl")
     md = load(tmp_path, "stl10+esc50", "image", image_root=str(tmp_path / "stl"))
     assert torch.equal(md.train_x, torch.from_numpy(imgs))  # transposed back to (N, C, H, W)
     assert md.train_y.tolist() == [i % 10 for i in range(10)]  # labels 1..10 on disk
 
 
 def test_tinyimagenet_val_annotations(tmp_path):
-    md = load(tmp_path, "tinyimagenet+esc50", "image", image_root=str(fixtures.write_tinyimagenet(tmp_path / "tin")))
+    md = load(tmp_path, "tinyimagenet+esc50", "image", image_root=str(layouts.write_tinyimagenet(tmp_path / "tin")))
     assert md.train_x.shape == (12, 3, 64, 64) and len(md.test_y) == 6
     assert md.test_y.tolist() == [0, 1, 2, 0, 1, 2]  # labels come from val_annotations.txt
     assert md.classes == ["thing n01", "thing n02", "thing n03"]
@@ -47,13 +48,13 @@ def test_tinyimagenet_val_annotations(tmp_path):
 def test_imagefolder_resizes_and_converts(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        md = load(tmp_path, "imagefolder+esc50", "image", image_root=str(fixtures.write_imagefolder(tmp_path / "if")),
+        md = load(tmp_path, "imagefolder+esc50", "image", image_root=str(layouts.write_imagefolder(tmp_path / "if")),
                   image_size=32)
     assert md.train_x.shape == (8, 3, 32, 32) and md.classes == ["cat", "dog"] and len(md.test_y) == 6
 
 
 def test_esc50_official_folds(tmp_path):
-    root = fixtures.write_esc50(tmp_path / "esc")
+    root = layouts.write_esc50(tmp_path / "esc")
     md = load(tmp_path, "cifar10+esc50", "audio", audio_root=str(root), test_fold=2, clip_seconds=1.0, n_mels=32)
     assert len(md.train_y) == 16 and len(md.test_y) == 4  # fold 2 held out, never a random split
     assert md.train_x.shape[1:] == (1, 32, 101) and md.classes == [f"cat{i}" for i in range(5)]
@@ -62,7 +63,7 @@ def test_esc50_official_folds(tmp_path):
 
 
 def test_speechcommands_official_lists(tmp_path):
-    root = fixtures.write_speechcommands(tmp_path / "sc")
+    root = layouts.write_speechcommands(tmp_path / "sc")
     md = load(tmp_path, "cifar10+speechcommands", "audio", audio_root=str(root), n_mels=32)
     # per word: speaker 0 in testing_list, speaker 1 in validation_list (left out), 2 and 3 train
     assert len(md.train_y) == 6 and len(md.test_y) == 3 and md.classes == ["no", "up", "yes"]
@@ -70,24 +71,24 @@ def test_speechcommands_official_lists(tmp_path):
 
 
 def test_urbansound8k_folds_stereo_and_resampling(tmp_path, capsys):
-    root = fixtures.write_urbansound8k(tmp_path / "us")
+    root = layouts.write_urbansound8k(tmp_path / "us")
     md = load(tmp_path, "cifar10+urbansound8k", "audio", audio_root=str(root), test_fold=10, n_mels=32)
     assert len(md.train_y) == 18 and len(md.test_y) == 2
     assert "20 file(s) resampled from 22050 Hz to 16000 Hz" in capsys.readouterr().out
 
 
 def test_audiofolder_csv(tmp_path):
-    md = load(tmp_path, "cifar10+audiofolder", "audio", audio_root=str(fixtures.write_audiofolder(tmp_path / "af")),
+    md = load(tmp_path, "cifar10+audiofolder", "audio", audio_root=str(layouts.write_audiofolder(tmp_path / "af")),
               n_mels=32)
     assert len(md.train_y) == 6 and len(md.test_y) == 2 and md.classes == ["a", "b"]
 
 
 def test_vggsound_pairs_stay_aligned_and_bad_clips_drop_together(tmp_path):
-    root = fixtures.write_vggsound(tmp_path / "vgg")
+    root = layouts.write_vggsound(tmp_path / "vgg")
     (root / "audio" / "vid005_000150.flac").write_bytes(b"")  # an empty audio file: the clip goes, frame too
     cfg = DataConfig(dataset="vggsound", root=str(root), cache_dir=str(tmp_path / "cache"), n_mels=32, max_bad_frac=0.2)
     with pytest.warns(UserWarning, match="vid005_000150.flac"):
-        data = load_named(cfg, torch.device("cpu"))
+        data = load_data(cfg, torch.device("cpu"))
     img, aud = data["image"], data["audio"]
     assert torch.equal(img.train_y, aud.train_y) and torch.equal(img.test_y, aud.test_y)
     assert len(img.train_y) + len(img.test_y) == 11 and img.train_x.shape[1:] == (3, 64, 64)
@@ -114,8 +115,8 @@ def test_bad_audio_files_are_skipped_with_names_then_fatal_above_the_limit(tmp_p
 
 def test_images_converted_or_skipped(tmp_path):
     bad = BadFiles("t", max_frac=1.0)
-    fixtures.jpeg(tmp_path / "g.png", mode="L")
-    fixtures.jpeg(tmp_path / "a.png", mode="RGBA")
+    layouts.jpeg(tmp_path / "g.png", mode="L")
+    layouts.jpeg(tmp_path / "a.png", mode="RGBA")
     (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
     assert read_image(tmp_path / "g.png", 16, bad).shape == (3, 16, 16)
     assert read_image(tmp_path / "a.png", 16, bad).shape == (3, 16, 16)
@@ -132,13 +133,15 @@ def test_missing_dataset_says_what_goes_where(tmp_path):
 
 
 def test_decoded_once_then_cached(tmp_path, monkeypatch):
-    import readers
-    root = fixtures.write_cifar10(tmp_path / "c10")
+    import dataclasses
+
+    import catalog
+    root = layouts.write_cifar10(tmp_path / "c10")
     load(tmp_path, "cifar10+esc50", "image", image_root=str(root))
 
     def no_decode(*a, **kw):
         raise AssertionError("decoded again although the source did not change")
-    monkeypatch.setitem(readers.IMAGE_READERS, "cifar10", no_decode)
+    monkeypatch.setitem(catalog.DATASETS, "cifar10", dataclasses.replace(catalog.DATASETS["cifar10"], read=no_decode))
     assert len(load(tmp_path, "cifar10+esc50", "image", image_root=str(root)).train_y) == 100  # served by the cache
 
 
@@ -165,10 +168,10 @@ TINY_FED = ["--fed.clients=4", "--fed.clients_per_round=2", "--optim.batch_size=
 
 
 @pytest.mark.parametrize("config, writers", [
-    ("configs/cifar10_esc50_resnet18.yaml", {"image_root": fixtures.write_cifar10, "audio_root": fixtures.write_esc50}),
+    ("configs/cifar10_esc50_resnet18.yaml", {"image_root": layouts.write_cifar10, "audio_root": layouts.write_esc50}),
     ("configs/tinyimagenet_speechcommands_vits.yaml",
-     {"image_root": fixtures.write_tinyimagenet, "audio_root": fixtures.write_speechcommands}),
-    ("configs/vggsound_resnet18.yaml", {"root": lambda p: fixtures.write_vggsound(p, n=24)}),
+     {"image_root": layouts.write_tinyimagenet, "audio_root": layouts.write_speechcommands}),
+    ("configs/vggsound_resnet18.yaml", {"root": lambda p: layouts.write_vggsound(p, n=24)}),
 ])
 def test_paper_config_dry_run(tmp_path, monkeypatch, config, writers):
     monkeypatch.chdir(ROOT)
@@ -182,7 +185,7 @@ def test_paper_config_dry_run(tmp_path, monkeypatch, config, writers):
 def test_logmel_statistics_come_from_the_runs_own_training_split(tmp_path):
     """Changing the held-out fold changes the training split and so the normalising statistics, which equal
     the mean/std of exactly that split's log-mels (no statistics cache shared across folds)."""
-    root = fixtures.write_esc50(tmp_path / "esc")
+    root = layouts.write_esc50(tmp_path / "esc")
     stats = []
     for fold in (1, 2):
         md = load(tmp_path, "cifar10+esc50", "audio", audio_root=str(root), test_fold=fold, clip_seconds=1.0, n_mels=32)

@@ -8,13 +8,16 @@ import threading
 
 import numpy as np
 import pytest
+import avfashion
+import engine
+import local_update
+import checkpoints
 import torch
 
 import finetune
-import fixtures
+import layouts
 import pretrain
-import runtime
-from conftest import ROOT, smoke_args
+from helpers import ROOT, smoke_args
 
 
 pytestmark = pytest.mark.usefixtures("in_root")
@@ -39,12 +42,12 @@ def _rounds(out):
 # ----------------------------------------------------------------------------- diverged runs
 
 def test_a_diverged_round_ends_the_run_non_zero_and_saves_nothing_as_trained(tmp_path, cache_dir, monkeypatch):
-    real = pretrain.local_ssl_update
-    monkeypatch.setattr(pretrain, "local_ssl_update", lambda *a, **kw: {**real(*a, **kw), "loss_audio": float("nan")})
+    real = local_update.local_ssl_update
+    monkeypatch.setattr(engine, "local_ssl_update", lambda *a, **kw: {**real(*a, **kw), "loss_audio": float("nan")})
     out = tmp_path / "run"
     msg = one_line_error(pretrain.main, _args(out, cache_dir, "--fed.rounds=3"))
     assert "round 1: every sampled client's update was non-finite" in msg and "last.pt holds round 0" in msg
-    ck = runtime.load_checkpoint(out / "last.pt")
+    ck = checkpoints.load_checkpoint(out / "last.pt")
     assert ck["round"] == 0  # never claims a training round that did not happen
     assert _rounds(out) == [0, 1] and json.loads((out / "log.jsonl").read_text().splitlines()[1])["diverged"]
 
@@ -107,7 +110,7 @@ def test_a_second_run_in_the_same_directory_is_refused_then_moved_aside(tmp_path
 def test_a_directory_in_use_is_locked(tmp_path, cache_dir):
     out = tmp_path / "run"
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; sys.path.insert(0, '.'); import runtime; d = runtime.RunDir(sys.argv[1]); "
+        "import sys, time; sys.path.insert(0, '.'); import checkpoints; d = checkpoints.RunDir(sys.argv[1]); "
         "d.prepare(resume=False, overwrite=False); print('locked', flush=True); time.sleep(60)"), str(out)],
         cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
@@ -142,10 +145,10 @@ def test_resume_edge_cases(tmp_path, cache_dir, capsys):
         r0 = torch.load(out / "last.pt.prev", weights_only=True)  # round 2
         r0 = {k: v for k, v in r0.items() if k not in ("sha256", "digest")}
         r0.update(round=0, evals=r0["evals"][:1])
-        runtime.save_checkpoint(r0, zero / "last.pt", keep_previous=False)
+        checkpoints.save_checkpoint(r0, zero / "last.pt", keep_previous=False)
         (zero / "log.jsonl").write_text(json.dumps({"round": 0}) + "\n")
         pretrain.main(["--resume", str(zero), "--run.progress=false", "--fed.rounds=1"])
-    assert _rounds(zero) == [0, 1] and len(runtime.load_checkpoint(zero / "last.pt")["evals"]) == 2
+    assert _rounds(zero) == [0, 1] and len(checkpoints.load_checkpoint(zero / "last.pt")["evals"]) == 2
     # fed.rounds below the completed rounds: refused, config.yaml untouched
     before = (out / "config.yaml").read_text()
     assert "fed.rounds=2 is below the 3 rounds" in one_line_error(
@@ -154,7 +157,7 @@ def test_resume_edge_cases(tmp_path, cache_dir, capsys):
     # --resume RUN/last.pt.prev loads exactly that file (round 2) and redoes round 3
     pretrain.main(["--resume", str(out / "last.pt.prev"), "--run.progress=false"])
     assert "resuming" in capsys.readouterr().out
-    assert torch.equal(runtime.load_checkpoint(out / "last.pt")["model"]["trunk.layers.0.conv1.weight"],
+    assert torch.equal(checkpoints.load_checkpoint(out / "last.pt")["model"]["trunk.layers.0.conv1.weight"],
                        ck["model"]["trunk.layers.0.conv1.weight"])
     assert _rounds(out) == [0, 1, 2, 3]
     # an edited round is caught by the digest; the fallback keeps the good previous copy (round 3 since the redo)
@@ -162,11 +165,11 @@ def test_resume_edge_cases(tmp_path, cache_dir, capsys):
     bad["round"] = 99
     torch.save(bad, out / "last.pt")
     good_prev = (out / "last.pt.prev").read_bytes()
-    found, path = runtime.load_latest_checkpoint(out, warn=lambda m: None)
+    found, path = checkpoints.load_latest_checkpoint(out, warn=lambda m: None)
     assert path.name == "last.pt.prev" and found["round"] == 3
     assert (out / "last.pt.corrupt").exists() and (out / "last.pt.prev").read_bytes() == good_prev
     pretrain.main(["--resume", str(out), "--run.progress=false", "--fed.rounds=4"])
-    assert runtime.load_checkpoint(out / "last.pt")["round"] == 4
+    assert checkpoints.load_checkpoint(out / "last.pt")["round"] == 4
     assert (out / "last.pt.prev").read_bytes() == good_prev  # the tampered file was not rotated over it
     assert _rounds(out) == [0, 1, 2, 3, 4]
 
@@ -180,8 +183,8 @@ def test_refusals_never_suggest_the_unsafe_load(tmp_path):
     torch.save({"format": 1, "x": Evil()}, tmp_path / "evil.pt")
     (tmp_path / "text.pt").write_text("not a checkpoint")
     for name, expect in (("evil.pt", "refusing"), ("text.pt", "unreadable")):
-        with pytest.raises(runtime.CheckpointError) as e:
-            runtime.load_checkpoint(tmp_path / name)
+        with pytest.raises(checkpoints.CheckpointError) as e:
+            checkpoints.load_checkpoint(tmp_path / name)
         assert expect in str(e.value) and "weights_only" not in str(e.value) and "safe_globals" not in str(e.value)
     msg = one_line_error(finetune.main, ["--ckpt", str(tmp_path / "evil.pt")])
     assert "could run arbitrary code" in msg and "weights_only=False" not in msg
@@ -218,7 +221,7 @@ def test_finetune_width_mismatch_is_one_line(pretrained, tmp_path):
     ck = torch.load(pretrained, weights_only=True)
     ck = {k: v for k, v in ck.items() if k not in ("sha256", "digest")}
     ck["config"]["model"]["width"] = 16  # a config edited after training: the weights are width 8
-    runtime.save_checkpoint(ck, tmp_path / "edited.pt", keep_previous=False)
+    checkpoints.save_checkpoint(ck, tmp_path / "edited.pt", keep_previous=False)
     assert "tensor shapes do not match" in one_line_error(finetune.main, ["--ckpt", str(tmp_path / "edited.pt")])
 
 
@@ -226,16 +229,16 @@ def test_finetune_width_mismatch_is_one_line(pretrained, tmp_path):
 
 def _audiofolder(root, rows):
     for r in rows:
-        fixtures.noise_wav(root / r["file"], seconds=0.3)
-    fixtures.write_csv(root / "labels.csv", rows)
+        layouts.noise_wav(root / r["file"], seconds=0.3)
+    layouts.write_csv(root / "labels.csv", rows)
 
 
 def _load_audiofolder(tmp_path, root):
     from data import DataConfig
-    from readers import load_named
+    from catalog import load_data
     cfg = DataConfig(dataset="cifar10+audiofolder", modalities=("audio",), audio_root=str(root),
                      cache_dir=str(tmp_path / "cache"), n_mels=16, clip_seconds=0.3)
-    return load_named(cfg, torch.device("cpu"))["audio"]
+    return load_data(cfg, torch.device("cpu"))["audio"]
 
 
 def test_dataset_cache_follows_the_content_it_was_built_from(tmp_path):
@@ -245,7 +248,7 @@ def test_dataset_cache_follows_the_content_it_was_built_from(tmp_path):
     assert _load_audiofolder(tmp_path, root).classes == ["a", "b"]
     for r in rows:  # rename the classes in labels.csv: the cache must not hand back the old ones
         r["label"] = {"a": "yes", "b": "no"}[r["label"]]
-    fixtures.write_csv(root / "labels.csv", rows)
+    layouts.write_csv(root / "labels.csv", rows)
     md = _load_audiofolder(tmp_path, root)
     assert md.classes == ["no", "yes"] and len(list((tmp_path / "cache").glob("*.npz"))) == 2
 
@@ -262,7 +265,8 @@ def test_corrupt_dataset_cache_is_named_and_rebuilt(tmp_path, capsys):
 
 
 def test_corrupt_avfashion_cache_is_rebuilt(tmp_path, capsys):
-    from data import DataConfig, build_avfashion
+    from data import DataConfig
+    from avfashion import build_avfashion
     cfg = DataConfig(n_voices=4, cache_dir=str(tmp_path))
     path = build_avfashion(cfg, progress=False)
     path.write_bytes(b"PK\x03\x04 broken")
@@ -297,7 +301,7 @@ def test_two_cache_writes_at_once_do_not_collide(tmp_path):
 def test_degenerate_labels(tmp_path, cache_dir, rows, message):
     root = tmp_path / "af"
     _audiofolder(root, [r for r in rows if r["file"]] or rows)
-    fixtures.write_csv(root / "labels.csv", rows)
+    layouts.write_csv(root / "labels.csv", rows)
     args = ["configs/smoke.yaml", f"--run.out_dir={tmp_path / 'run'}", f"--data.cache_dir={cache_dir}",
             "--data.dataset=cifar10+audiofolder", "--data.modalities=[audio]", f"--data.audio_root={root}",
             "--data.clip_seconds=0.3", "--data.n_mels=16", "--fed.federation=single"]
@@ -305,14 +309,14 @@ def test_degenerate_labels(tmp_path, cache_dir, rows, message):
 
 
 def test_avfashion_cache_loads_without_espeak_and_follows_its_version(tmp_path, monkeypatch, capsys):
-    import data
-    from data import DataConfig, build_avfashion
+    from data import DataConfig
+    from avfashion import build_avfashion
     cfg = DataConfig(n_voices=3, cache_dir=str(tmp_path))
     path = build_avfashion(cfg, progress=False)
-    real_which = data.shutil.which
-    monkeypatch.setattr(data.shutil, "which", lambda name: None if name == "espeak-ng" else real_which(name))
+    real_which = avfashion.shutil.which
+    monkeypatch.setattr(avfashion.shutil, "which", lambda name: None if name == "espeak-ng" else real_which(name))
     assert build_avfashion(cfg, progress=False) == path  # no espeak-ng here: the cache is used as it is
-    monkeypatch.setattr(data.shutil, "which", real_which)
+    monkeypatch.setattr(avfashion.shutil, "which", real_which)
     z = dict(np.load(path))
     z["espeak"] = np.asarray("eSpeak NG text-to-speech: 0.0")  # built by another espeak-ng
     np.savez(path, **z)

@@ -7,11 +7,13 @@ import sys
 import time
 
 import pytest
+import engine
+import local_update
+import checkpoints
 import torch
 
 import pretrain
-import runtime
-from conftest import ROOT, TINY_DATA, smoke_args
+from helpers import ROOT, TINY_DATA, smoke_args
 
 sys.path.insert(0, str(ROOT / "scripts"))
 import kill_resume  # noqa: E402
@@ -45,7 +47,7 @@ def test_sigterm_finishes_the_step_and_says_how_to_resume(tmp_path, cache_dir):
         pytest.skip("the run finished before SIGTERM arrived")
     assert proc.returncode == 128 + signal.SIGTERM
     assert "SIGTERM" in err and f"Resume with: python pretrain.py --resume {run}" in err
-    done = runtime.load_checkpoint(run / "last.pt")["round"]
+    done = checkpoints.load_checkpoint(run / "last.pt")["round"]
     assert done >= 1
     pretrain.main(["--resume", str(run), "--run.progress=false"])
     a = torch.load(ref / "last.pt", weights_only=True)["model"]
@@ -62,20 +64,20 @@ def test_corrupted_or_truncated_checkpoint_falls_back_to_previous(tmp_path, cach
     k = next(iter(ck["model"]))
     ck["model"][k] = ck["model"][k] + 1
     torch.save(ck, out / "last.pt")
-    with pytest.raises(runtime.CheckpointError, match="corrupted"):
-        runtime.load_checkpoint(out / "last.pt")
-    found, path = runtime.load_latest_checkpoint(out)
+    with pytest.raises(checkpoints.CheckpointError, match="corrupted"):
+        checkpoints.load_checkpoint(out / "last.pt")
+    found, path = checkpoints.load_latest_checkpoint(out)
     assert path.name == "last.pt.prev" and found["round"] == 1
     assert "last.pt is corrupted" in capsys.readouterr().out
     (out / "last.pt").write_bytes(good[: len(good) // 2])  # truncated
-    with pytest.raises(runtime.CheckpointError, match="unreadable"):
-        runtime.load_checkpoint(out / "last.pt")
+    with pytest.raises(checkpoints.CheckpointError, match="unreadable"):
+        checkpoints.load_checkpoint(out / "last.pt")
     pretrain.main(["--resume", str(out), "--run.progress=false"])  # redoes round 2 from the round-1 checkpoint
-    assert runtime.load_checkpoint(out / "last.pt")["round"] == 2
+    assert checkpoints.load_checkpoint(out / "last.pt")["round"] == 2
 
 
 def test_poisoned_client_is_rejected_and_logged(tmp_path, cache_dir, monkeypatch):
-    real = pretrain.local_ssl_update
+    real = local_update.local_ssl_update
 
     def poisoned(model, *a, **kw):
         metrics = real(model, *a, **kw)
@@ -85,7 +87,7 @@ def test_poisoned_client_is_rejected_and_logged(tmp_path, cache_dir, monkeypatch
         poisoned.calls += 1
         return metrics
     poisoned.calls = 0
-    monkeypatch.setattr(pretrain, "local_ssl_update", poisoned)
+    monkeypatch.setattr(engine, "local_ssl_update", poisoned)
     out = tmp_path / "run"
     pretrain.main(_args(out, cache_dir))
     rec = [json.loads(ln) for ln in (out / "log.jsonl").read_text().splitlines()][1]
@@ -95,11 +97,11 @@ def test_poisoned_client_is_rejected_and_logged(tmp_path, cache_dir, monkeypatch
 
 
 def test_all_clients_rejected_keeps_the_global_model_and_fails_the_run(tmp_path, cache_dir, monkeypatch):
-    real = pretrain.local_ssl_update
+    real = local_update.local_ssl_update
 
     def nan_loss(*a, **kw):
         return {**real(*a, **kw), "loss_image": float("nan")}
-    monkeypatch.setattr(pretrain, "local_ssl_update", nan_loss)
+    monkeypatch.setattr(engine, "local_ssl_update", nan_loss)
     out = tmp_path / "run"
     with pytest.raises(SystemExit, match="round 1: every sampled client's update was non-finite"):
         pretrain.main(_args(out, cache_dir))
@@ -120,7 +122,7 @@ def test_disk_full_while_saving_is_a_clear_error_and_keeps_the_previous(tmp_path
     out = tmp_path / "run"
     with pytest.raises(SystemExit, match=r"could not write checkpoint .*last.pt: No space left on device"):
         pretrain.main(_args(out, cache_dir))
-    assert runtime.load_checkpoint(out / "last.pt")["round"] == 0
+    assert checkpoints.load_checkpoint(out / "last.pt")["round"] == 0
     assert not (out / "last.pt.tmp").exists()
 
 

@@ -1,10 +1,13 @@
 from dataclasses import dataclass, field
 
 import pytest
+import settings
+import checkpoints
 import torch
 
 import runtime
-from runtime import CheckpointError, ConfigError
+from checkpoints import CheckpointError
+from settings import ConfigError
 
 
 @dataclass
@@ -23,27 +26,27 @@ class Outer:
 
 def test_unknown_key_and_wrong_type_name_the_key(tmp_path):
     with pytest.raises(ConfigError, match=r"unknown config key 'inner\.m'"):
-        runtime.build_dataclass(Outer, {"inner": {"m": 1}})
+        settings.build_dataclass(Outer, {"inner": {"m": 1}})
     with pytest.raises(ConfigError, match=r"inner\.n='3': expected an integer"):
-        runtime.build_dataclass(Outer, {"inner": {"n": "3"}})
+        settings.build_dataclass(Outer, {"inner": {"n": "3"}})
     with pytest.raises(ConfigError, match=r"inner\.flag=1: expected true or false"):
-        runtime.build_dataclass(Outer, {"inner": {"flag": 1}})
+        settings.build_dataclass(Outer, {"inner": {"flag": 1}})
     with pytest.raises(ConfigError, match=r"inner\.pair\[1\]"):
-        runtime.build_dataclass(Outer, {"inner": {"pair": [0.1, "x"]}})
+        settings.build_dataclass(Outer, {"inner": {"pair": [0.1, "x"]}})
     with pytest.raises(ConfigError, match="config file not found"):
-        runtime.load_config(Outer, tmp_path / "nope.yaml")
+        settings.load_config(Outer, tmp_path / "nope.yaml")
 
 
 def test_overrides_are_typed_literals(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text("inner:\n  n: 2\nname: b\n")
-    cfg = runtime.load_config(Outer, p, ["--inner.flag=False", "--inner.x=3", "--inner.pair=[0.2, 0.9]", "--name=c"])
+    cfg = settings.load_config(Outer, p, ["--inner.flag=False", "--inner.x=3", "--inner.pair=[0.2, 0.9]", "--name=c"])
     assert cfg.inner.n == 2 and cfg.inner.flag is False and cfg.inner.x == 3.0 and isinstance(cfg.inner.x, float)
     assert cfg.inner.pair == (0.2, 0.9) and cfg.name == "c"
-    assert runtime.load_config(Outer, None, ["--inner.flag=true"]).inner.flag is True
-    assert runtime.parse_value("[image, audio]") == ["image", "audio"] and runtime.parse_value("1e-3") == 1e-3
+    assert settings.load_config(Outer, None, ["--inner.flag=true"]).inner.flag is True
+    assert settings.parse_value("[image, audio]") == ["image", "audio"] and settings.parse_value("1e-3") == 1e-3
     with pytest.raises(ConfigError, match="--section.key=value"):
-        runtime.apply_overrides({}, ["--inner.n"])
+        settings.apply_overrides({}, ["--inner.n"])
 
 
 def test_derived_seeds_are_stable_and_distinct():
@@ -55,13 +58,13 @@ def test_derived_seeds_are_stable_and_distinct():
 
 def test_checkpoint_round_trip_and_previous_kept(tmp_path):
     path = tmp_path / "run" / "last.pt"
-    obj = {"format": runtime.CKPT_FORMAT, "round": 3, "model": {"w": torch.randn(3)}, "config": {"a": [1, 2]},
+    obj = {"format": checkpoints.CKPT_FORMAT, "round": 3, "model": {"w": torch.randn(3)}, "config": {"a": [1, 2]},
            "rng": runtime.rng_state()}
-    runtime.save_checkpoint(obj, path)
-    runtime.save_checkpoint({**obj, "round": 4}, path)
-    back = runtime.load_checkpoint(path)
+    checkpoints.save_checkpoint(obj, path)
+    checkpoints.save_checkpoint({**obj, "round": 4}, path)
+    back = checkpoints.load_checkpoint(path)
     assert back["round"] == 4 and torch.equal(back["model"]["w"], obj["model"]["w"]) and back["config"] == {"a": [1, 2]}
-    assert runtime.load_checkpoint(path.with_name("last.pt.prev"))["round"] == 3
+    assert checkpoints.load_checkpoint(path.with_name("last.pt.prev"))["round"] == 3
     assert not list(path.parent.glob("*.tmp"))
     runtime.set_rng_state(back["rng"])  # RNG states survive weights_only loading
 
@@ -73,15 +76,15 @@ class Evil:
 
 def test_checkpoint_refuses_arbitrary_pickles_and_garbage(tmp_path):
     p = tmp_path / "evil.pt"
-    torch.save({"format": runtime.CKPT_FORMAT, "x": Evil()}, p)
+    torch.save({"format": checkpoints.CKPT_FORMAT, "x": Evil()}, p)
     with pytest.raises(CheckpointError, match=r"refusing .*evil.pt: .*\(print\); loading it could run arbitrary code") as e:
-        runtime.load_checkpoint(p)
+        checkpoints.load_checkpoint(p)
     assert "weights_only" not in str(e.value) and "safe_globals" not in str(e.value)  # no unsafe advice passed on
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="junk.pt"):
-        runtime.load_checkpoint(tmp_path / "junk.pt")
+        checkpoints.load_checkpoint(tmp_path / "junk.pt")
     with pytest.raises(CheckpointError, match="not found"):
-        runtime.load_checkpoint(tmp_path / "missing.pt")
+        checkpoints.load_checkpoint(tmp_path / "missing.pt")
     torch.save({"model": {}}, tmp_path / "other.pt")
     with pytest.raises(CheckpointError, match="not an FSSUAVL checkpoint"):
-        runtime.load_checkpoint(tmp_path / "other.pt")
+        checkpoints.load_checkpoint(tmp_path / "other.pt")

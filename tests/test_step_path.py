@@ -4,23 +4,13 @@ compiles once per modality and stays compiled, and the AMP state that exact resu
 import pytest
 import torch
 
+import checkpoints
 import runtime
-from data import DataConfig, ModalityData
-from federation import FedConfig, OptimConfig, local_ssl_update, make_optimizer
+from data import DataConfig
+from helpers import SHAPES, tiny_modalities
+from local_update import LocalSettings, OptimConfig, local_ssl_update, make_optimizer
+from losses import LossConfig
 from models import BatchNorm, ModelConfig, build_model
-
-SHAPES = {"image": (1, 16, 16), "audio": (1, 16, 20)}
-
-
-def _data(n=48):
-    g = torch.Generator().manual_seed(0)
-    img = ModalityData(torch.randint(0, 256, (n, *SHAPES["image"]), generator=g, dtype=torch.uint8),
-                       torch.arange(n) % 4, torch.zeros(2, *SHAPES["image"], dtype=torch.uint8), torch.zeros(2, dtype=torch.long),
-                       list("abcd"), torch.tensor([0.5]), torch.tensor([0.25]))
-    aud = ModalityData(torch.randn(n, *SHAPES["audio"], generator=g).half(), torch.arange(n) % 4,
-                       torch.zeros(2, *SHAPES["audio"]).half(), torch.zeros(2, dtype=torch.long), list("abcd"),
-                       torch.tensor([0.0]), torch.tensor([1.0]))
-    return {"image": img, "audio": aud}
 
 
 def _update(model, data, steps, seed=0, amp="fp32"):
@@ -28,8 +18,8 @@ def _update(model, data, steps, seed=0, amp="fp32"):
     scaler = runtime.make_scaler(torch.device("cpu"), amp)
     idx = {m: torch.arange(len(md.train_x)) for m, md in data.items()}
     g = torch.Generator().manual_seed(seed)
-    return local_ssl_update(model, opt, scaler, data, idx, DataConfig(), FedConfig(), OptimConfig(batch_size=8), 0.2,
-                            0.05, g, amp, max_steps=steps)
+    return local_ssl_update(model, opt, scaler, data, idx, LocalSettings(DataConfig(), OptimConfig(batch_size=8),
+                                                                        LossConfig(), amp=amp), 0.05, g, max_steps=steps)
 
 
 class SyncCounter:
@@ -53,7 +43,7 @@ def test_training_steps_never_read_a_device_value(monkeypatch):
         model = build_model(ModelConfig(arch="resnet_tiny", width=8), SHAPES)
         with monkeypatch.context() as mp:
             counter = SyncCounter(mp)
-            _update(model, _data(), steps)
+            _update(model, tiny_modalities(), steps)
         counts[steps] = counter.n
     # the only reads are the per-modality loss means after the last step: none per step
     assert counts[2] == counts[6] == 2
@@ -81,7 +71,7 @@ def test_our_batchnorm_equals_stock_batchnorm():
 def test_compile_compiles_once_per_modality_then_stays_compiled():
     from torch._dynamo.utils import counters
     torch._dynamo.reset()
-    data = _data()
+    data = tiny_modalities()
     eager = build_model(ModelConfig(arch="resnet_tiny", width=8), SHAPES)
     compiled = build_model(ModelConfig(arch="resnet_tiny", width=8), SHAPES)
     compiled.load_state_dict(eager.state_dict())
@@ -101,7 +91,7 @@ def test_compile_compiles_once_per_modality_then_stays_compiled():
 def test_grad_scaler_state_round_trips_through_a_checkpoint(tmp_path):
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=7)
     state = scaler.state_dict()
-    runtime.save_checkpoint({"format": runtime.CKPT_FORMAT, "scaler": state}, tmp_path / "c.pt")
+    checkpoints.save_checkpoint({"format": checkpoints.CKPT_FORMAT, "scaler": state}, tmp_path / "c.pt")
     back = torch.amp.GradScaler("cpu")
-    back.load_state_dict(runtime.load_checkpoint(tmp_path / "c.pt")["scaler"])
+    back.load_state_dict(checkpoints.load_checkpoint(tmp_path / "c.pt")["scaler"])
     assert back.state_dict() == state and back.get_scale() == 1024.0

@@ -8,8 +8,15 @@ import pytest
 import torch
 
 import pretrain
-from conftest import smoke_args
-from federation import STRATEGIES, ClientUpdate, FedConfig, make_strategy, run_round
+import runtime
+from data import DataConfig
+from federation import ClientUpdate, FedConfig, run_round
+from helpers import SHAPES, smoke_args, tiny_modalities
+from local_update import LocalSettings, OptimConfig, local_ssl_update, make_optimizer
+from losses import LossConfig
+from models import ModelConfig, build_model
+from settings import ConfigError
+from strategies import STRATEGIES, ProximalTerm, make_strategy
 
 
 def _round(strategy, global_state, client_states, samples=None, weighting="total"):
@@ -22,7 +29,8 @@ def test_every_registered_strategy_runs_a_round():
     g = {"w": torch.tensor([1.0, 2.0]), "bn.running_mean": torch.tensor([0.5]), "bn.num_batches_tracked": torch.tensor(3)}
     clients = [{k: v + i if v.is_floating_point() else v for k, v in g.items()} for i in range(3)]
     for name in STRATEGIES:
-        out = _round(make_strategy(FedConfig(aggregation=name), {"w"}), g, clients)
+        fed = FedConfig(aggregation=name, prox_mu=0.01 if name == "fedprox" else 0.0)
+        out = _round(make_strategy(fed, {"w"}), g, clients)
         assert out.keys() == g.keys() and out["bn.num_batches_tracked"].item() == 3, name
 
 
@@ -46,7 +54,7 @@ def test_fedavgm_without_momentum_and_fedprox_server_equal_fedavg_bit_for_bit():
     clients = [{k: v + 0.1 * torch.randn(v.shape, generator=gen) for k, v in g.items()} for _ in range(4)]
     samples = [{"image": n} for n in (3, 7, 1, 5)]
     ref = _round(make_strategy(FedConfig()), g, clients, samples)
-    for fed in (FedConfig(aggregation="fedavgm", server_momentum=0.0, server_lr=1.0), FedConfig(aggregation="fedprox")):
+    for fed in (FedConfig(aggregation="fedavgm", server_momentum=0.0, server_lr=1.0), FedConfig(aggregation="fedprox", prox_mu=0.01)):
         out = _round(make_strategy(fed, {"a", "b"}), g, clients, samples)
         assert all(torch.equal(out[k], ref[k]) for k in g)
 
@@ -84,34 +92,35 @@ def _args(out, cache_dir, *extra):
     return smoke_args(out, cache_dir, "--run.deterministic=true", "--run.final_probe=false", "--run.eval_every=0", *extra)
 
 
-def test_fedprox_with_mu_zero_is_fedavg(tmp_path, cache_dir):
-    pretrain.main(_args(tmp_path / "avg", cache_dir, "--fed.rounds=2"))
-    pretrain.main(_args(tmp_path / "prox0", cache_dir, "--fed.rounds=2", "--fed.aggregation=fedprox", "--fed.prox_mu=0"))
-    a, b = (torch.load(tmp_path / n / "last.pt", weights_only=True)["model"] for n in ("avg", "prox0"))
-    assert all(torch.equal(a[k], b[k]) for k in a)
+def test_fedprox_is_switched_by_its_strategy_and_a_term_that_does_nothing_is_refused():
+    """fed.aggregation=fedprox turns the proximal term on; FedProx with mu = 0 (plain FedAvg) and mu under another
+    strategy (FedProx logged as that strategy) are errors that name the fix."""
+    assert isinstance(STRATEGIES["fedprox"].client_hook(FedConfig(aggregation="fedprox", prox_mu=0.5)), ProximalTerm)
+    assert all(STRATEGIES[n].client_hook(FedConfig(aggregation=n)) is None for n in STRATEGIES if n != "fedprox")
+    with pytest.raises(ConfigError, match=r"fedprox with fed.prox_mu=0 is plain FedAvg: give fed.prox_mu > 0"):
+        FedConfig(aggregation="fedprox")
+    with pytest.raises(ConfigError, match=r"fed.prox_mu=0.01 acts only under FedProx.*set fed.aggregation=fedprox"):
+        FedConfig(aggregation="fedavgm", prox_mu=0.01)
 
 
 def test_fedprox_term_keeps_a_client_near_the_global_weights():
     """One client, the same start, data and random stream: the proximal term shortens the distance travelled."""
-    import runtime
-    from data import DataConfig
-    from federation import OptimConfig, local_ssl_update, make_optimizer
-    from models import ModelConfig, build_model
-    from test_step_path import SHAPES, _data
-    data = _data()
+    data = tiny_modalities()
     moved = {}
-    for mu in (0.0, 20.0):
+    for hook in (None, ProximalTerm(20.0)):
         torch.manual_seed(0)
         model = build_model(ModelConfig(arch="resnet_tiny", width=8), SHAPES)
         start = [p.detach().clone() for p in model.parameters()]
         optim = OptimConfig(batch_size=8, lr=0.2, momentum=0.0)
         local_ssl_update(model, make_optimizer(model, optim), runtime.make_scaler(torch.device("cpu"), "fp32"), data,
-                         {m: torch.arange(len(md.train_x)) for m, md in data.items()}, DataConfig(),
-                         FedConfig(prox_mu=mu), optim, 0.2, optim.peak_lr, torch.Generator().manual_seed(0), max_steps=8)
-        moved[mu] = math.sqrt(sum((p.detach() - p0).pow(2).sum().item() for p, p0 in zip(model.parameters(), start)))
-    assert moved[20.0] < 0.9 * moved[0.0]
+                         {m: torch.arange(len(md.train_x)) for m, md in data.items()},
+                         LocalSettings(DataConfig(), optim, LossConfig(), hook=hook), optim.peak_lr,
+                         torch.Generator().manual_seed(0), max_steps=8)
+        moved[hook is None] = math.sqrt(sum((p.detach() - p0).pow(2).sum().item() for p, p0 in zip(model.parameters(), start)))
+    assert moved[False] < 0.9 * moved[True]
 
 
+@pytest.mark.slow
 def test_fedavgm_kill_and_resume_is_bit_identical(tmp_path, cache_dir):
     common = ["--fed.rounds=3", "--fed.aggregation=fedavgm", "--fed.server_momentum=0.9"]
     pretrain.main(_args(tmp_path / "full", cache_dir, *common))

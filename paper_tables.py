@@ -1,11 +1,11 @@
 """The paper's comparison tables on the default data, over several seeds, from one command.
 
-    python tables.py                                   # configs/tables_cpu.yaml, seeds 0 1 2 -> results/tables/
-    python tables.py --ablations                       # also Table 5: each of our additions toggled alone
-    python tables.py --config configs/default.yaml --seeds 0 1 2 --out results/default_tables
+    python paper_tables.py                                   # configs/tables_cpu.yaml, seeds 0 1 2 -> results/tables/
+    python paper_tables.py --ablations                       # also Table 5: each of our additions toggled alone
+    python paper_tables.py --config configs/default.yaml --seeds 0 1 2 --out results/default_tables
 
 For each seed it pretrains FSSUAVL (one model, both modalities) and the two separate models, evaluates each
-with finetune.py, and evaluates the random-init network. "Two separate models" means: the image-only and the
+with downstream.evaluate_checkpoint (what finetune.py runs), and evaluates the random-init network. "Two separate models" means: the image-only and the
 audio-only model train on exactly FSSUAVL's federation (fed.federation=joint): the same partition, and in
 each round the same sampled client ids; a client's image data trains the image model and its audio data the
 audio model, and a sampled client without that modality sits the round out. The only difference from FSSUAVL
@@ -22,24 +22,44 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import math
 import statistics
 import sys
 from pathlib import Path
 
 import torch
+import yaml
 
-import finetune
-import pretrain
 import runtime
-from models import build_model, count_params
+from checkpoints import load_checkpoint
+from downstream import evaluate_checkpoint
+from engine import PretrainConfig
+from models import ModelConfig, build_model, count_params
+from pretraining import pretrain
+from settings import build_dataclass, load_config, split_overrides
+from significance import finding, mean_std, multiple_comparisons, welch
 
 VARIANTS = {"fssuavl": ["image", "audio"], "image_only": ["image"], "audio_only": ["audio"]}
 LABELS = {"fssuavl": "FSSUAVL (one model)", "image_only": "image-only model", "audio_only": "audio-only model",
           "random_init": "random init"}
 EVAL_ARGS = ["--eval.protocols=[linear, knn]", "--eval.label_fractions=[0.01, 0.1, 1.0]"]
-# the paper's plain recipe (configs/paper_plain.yaml): plain FedAvg weighting, ordinary shared BN with EMA statistics
-PAPER_PLAIN = ["--fed.weighting=total", "--model.bn_stats=shared", "--model.bn_momentum=0.1"]
+
+
+def variant_overrides(path: str | Path) -> list[str]:
+    """The dotted overrides a variant config makes to its `base:` (its own lines, less base and run), so a table's
+    variant and the config file a user runs can never drift apart."""
+    raw = yaml.safe_load(Path(path).read_text()) or {}
+
+    def flat(d, prefix=""):
+        for k, v in d.items():
+            if isinstance(v, dict):
+                yield from flat(v, f"{prefix}{k}.")
+            else:
+                yield f"--{prefix}{k}={json.dumps(v) if isinstance(v, (list, bool)) or v is None else v}"
+    return list(flat({k: v for k, v in raw.items() if k not in ("base", "run")}))
+
+
+# the paper's plain recipe: plain FedAvg weighting, ordinary shared BN with EMA statistics
+PAPER_PLAIN = variant_overrides(Path(__file__).parent / "configs" / "paper_plain.yaml")
 # Table 5: each of our additions toggled alone against the default (name, label, overrides)
 ABLATIONS = [
     ("paper_plain", "paper's plain recipe (all three additions off)", PAPER_PLAIN),
@@ -51,6 +71,7 @@ ABLATIONS = [
      ["--fed.order=sum", "--fed.cross_modal_negatives=true"]),
     ("shared_stem", "one shared stem (audio repeated to image channels)", ["--model.input_sharing=shared"]),
     ("head_per_modality", "a projection head per modality", ["--model.head=per_modality"]),
+    ("vicreg", "VICReg objective instead of NT-Xent (losses.py)", ["--loss.name=vicreg"]),
 ]
 ABLATION_EVAL = ["--eval.protocols=[linear]", "--eval.label_fractions=[1.0]", "--eval.tasks=[image, audio]"]
 # --strategies: FSSUAVL under each server strategy against FedAvg (the default runs), same clients and budget
@@ -62,13 +83,6 @@ STRATEGY_RUNS = [
 ]
 
 
-def mean_std(values: list[float]) -> str:
-    """'mean ± std' with the sample standard deviation (n-1); a single value is marked n=1."""
-    if len(values) == 1:
-        return f"{values[0]:.2f} (n=1)"
-    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
-
-
 # ----------------------------------------------------------------------------- running the grid
 
 def ensure_pretrained(config: str, run_dir: Path, seed: int, modalities: list[str], extra: list[str]) -> Path:
@@ -76,10 +90,10 @@ def ensure_pretrained(config: str, run_dir: Path, seed: int, modalities: list[st
     from the last completed round otherwise; a finished run is reused as it is."""
     ckpt = run_dir / "last.pt"
     args = [config, f"--run.out_dir={run_dir}", f"--run.seed={seed}", f"--data.modalities={modalities}", *extra]
-    cfg = runtime.load_config(pretrain.PretrainConfig, config, args[1:])
-    if ckpt.exists() and runtime.load_checkpoint(ckpt)["round"] >= cfg.fed.rounds:
+    cfg = load_config(PretrainConfig, config, args[1:])
+    if ckpt.exists() and load_checkpoint(ckpt)["round"] >= cfg.fed.rounds:
         return ckpt
-    pretrain.main([config, "--resume", *args[1:]])  # after the config: --resume takes an optional RUN_DIR
+    pretrain(config, args[1:], resume=True)
     return ckpt
 
 
@@ -87,8 +101,8 @@ def ensure_evaluated(ckpt: Path, out_dir: Path, seed: int, random_init: bool, ex
     path = out_dir / ("results_random_init.json" if random_init else "results.json")
     if path.exists():
         return json.loads(path.read_text())
-    args = ["--ckpt", str(ckpt), f"--run.out_dir={out_dir}", f"--run.seed={seed}", *EVAL_ARGS, *extra]
-    return finetune.main(args + (["--random-init"] if random_init else []))
+    overrides = [f"--run.out_dir={out_dir}", f"--run.seed={seed}", *EVAL_ARGS, *extra]
+    return evaluate_checkpoint(ckpt, None, overrides, random_init)
 
 
 # ----------------------------------------------------------------------------- tables
@@ -138,67 +152,6 @@ def accs(per_seed: list[dict], task: str, features: str, protocol: str, frac: fl
             and x["protocol"] == protocol and x["label_frac"] == frac]
 
 
-# ----------------------------------------------------------------------------- significance
-
-def _betacf(a: float, b: float, x: float) -> float:
-    """Continued fraction of the regularised incomplete beta function (modified Lentz)."""
-    tiny, c, d = 1e-300, 1.0, 1.0 - (a + b) * x / (a + 1.0)
-    d = 1.0 / (d if abs(d) > tiny else tiny)
-    h = d
-    for m in range(1, 300):
-        for num in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
-                    -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
-            d = 1.0 + num * d
-            d = 1.0 / (d if abs(d) > tiny else tiny)
-            c = 1.0 + num / c
-            c = c if abs(c) > tiny else tiny
-            h *= d * c
-        if abs(d * c - 1.0) < 1e-14:
-            break
-    return h
-
-
-def betainc(a: float, b: float, x: float) -> float:
-    """Regularised incomplete beta I_x(a, b)."""
-    if x <= 0.0:
-        return 0.0
-    if x >= 1.0:
-        return 1.0
-    lbeta = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
-    if x < (a + 1.0) / (a + b + 2.0):
-        return math.exp(lbeta) * _betacf(a, b, x) / a
-    return 1.0 - math.exp(lbeta) * _betacf(b, a, 1.0 - x) / b
-
-
-def welch(a: list[float], b: list[float]) -> tuple[float, float, float]:
-    """Welch's unequal-variance t-test: (t, degrees of freedom, two-sided p). Needs two values per side."""
-    if len(a) < 2 or len(b) < 2:
-        raise ValueError("Welch's t-test needs at least two seeds per side")
-    va, vb = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
-    diff = statistics.mean(a) - statistics.mean(b)
-    if va + vb == 0:
-        return (0.0 if diff == 0 else math.copysign(math.inf, diff)), float(len(a) + len(b) - 2), (1.0 if diff == 0 else 0.0)
-    t = diff / math.sqrt(va + vb)
-    df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
-    return t, df, betainc(df / 2, 0.5, df / (df + t * t))
-
-
-def finding(what: str, name_a: str, a: list[float], name_b: str, b: list[float], alpha: float = 0.05) -> str:
-    """One sentence on a comparison, written from the numbers: a win or a loss only when Welch's t-test over
-    seeds gives p < alpha, otherwise no significant difference."""
-    if not a or not b:
-        return f"{what}: {name_a} vs {name_b}: not measured."
-    nums = f"{statistics.mean(a):.2f} vs {statistics.mean(b):.2f} (n = {len(a)}, {len(b)})"
-    if len(a) < 2 or len(b) < 2:
-        return f"{what}: {name_a} vs {name_b}: {nums}; one seed per side, no test."
-    t, df, pv = welch(a, b)
-    if pv < alpha:
-        verdict = f"**{name_a} {'beats' if t > 0 else 'is below'} {name_b}**"
-    else:
-        verdict = f"no significant difference between {name_a} and {name_b}"
-    return f"{what}: {verdict}, {nums}, Welch p = {pv:.3g}."
-
-
 # ----------------------------------------------------------------------------- measured costs
 
 def run_costs(run_dir: Path) -> dict:
@@ -221,9 +174,9 @@ def efficiency_table(run_dirs: dict[str, list[Path]]) -> tuple[list[dict], dict]
         if not dirs:
             continue
         costs = [run_costs(d) for d in dirs]
-        ck = runtime.load_checkpoint(dirs[0] / "last.pt")
+        ck = load_checkpoint(dirs[0] / "last.pt")
         shapes = {m: tuple(sh) for m, sh in ck["input_shapes"].items()}
-        mcfg = runtime.build_dataclass(pretrain.ModelConfig, ck["config"]["model"], "model.")
+        mcfg = build_dataclass(ModelConfig, ck["config"]["model"], "model.")
         per[v] = {"parameters": count_params(build_model(mcfg, shapes)),
                   "GFLOPs/image": ck.get("forward_flops", {}).get("image", 0) / 1e9,
                   "GFLOPs/clip": ck.get("forward_flops", {}).get("audio", 0) / 1e9,
@@ -317,10 +270,11 @@ def plot_partition(config: str, seed: int, overrides: list[str], path: Path) -> 
         print("matplotlib not installed: skipping partition.png")
         return False
     import numpy as np
-    from readers import load_data
-    cfg = runtime.load_config(pretrain.PretrainConfig, config, [*overrides, f"--run.seed={seed}"])
+    from catalog import load_data
+    from engine import make_clients
+    cfg = load_config(PretrainConfig, config, [*overrides, f"--run.seed={seed}"])
     data = load_data(cfg.data, torch.device("cpu"), progress=False)
-    clients = pretrain.make_clients(cfg, data)
+    clients = make_clients(cfg, data)
     fig, axes = plt.subplots(2, 1, figsize=(12, 7), sharex=True)
     for ax, (m, md) in zip(axes, data.items()):
         y = md.train_y.numpy()
@@ -407,16 +361,9 @@ def findings(results: dict[str, list[dict]], ablations: dict[str, list[dict]], c
     return lines
 
 
-def multiple_comparisons(kinds: str, n: int, passed: int, alpha: float = 0.05) -> str:
-    """The caution a block of uncorrected tests needs: how many would pass by chance alone if nothing differed."""
-    return (f"{kinds}: {n} comparisons, each at p < {alpha:g} without correction for multiple comparisons, so about "
-            f"{n * alpha:.1f} would pass by chance alone if nothing differed; {passed} passed. Read a lone pass with "
-            f"a small effect as a lead to re-run with more seeds, not as a result.")
-
-
 # ----------------------------------------------------------------------------- main
 
-def main(argv=None) -> dict:
+def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="configs/tables_cpu.yaml", help="pretraining config for every run")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -425,39 +372,44 @@ def main(argv=None) -> dict:
     p.add_argument("--strategies", action="store_true", help="also Table 6: FSSUAVL under each server strategy vs FedAvg")
     p.add_argument("--eval", nargs="*", default=[], metavar="--eval.key=value",
                    help="extra finetune.py overrides, e.g. --eval --eval.probe_iters=50")
-    argv, overrides = runtime.split_overrides(list(sys.argv[1:] if argv is None else argv))
+    argv, overrides = split_overrides(list(sys.argv[1:] if argv is None else argv))
     args = p.parse_args(argv)
     if len(args.seeds) != len(set(args.seeds)):
         p.error(f"--seeds {args.seeds}: each seed once")
-    eval_extra = [o for o in overrides if o.startswith(("--eval.", "--data."))] + args.eval
-    pre_extra = [o for o in overrides if not o.startswith("--eval.")]
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    t = runtime.Timer()
-    config_name = Path(args.config).name
+    args.eval_extra = [o for o in overrides if o.startswith(("--eval.", "--data."))] + args.eval
+    args.pre_extra = [o for o in overrides if not o.startswith("--eval.")]
+    return args
 
+
+def run_grid(args, out: Path) -> tuple[dict, dict, dict]:
+    """Every run and evaluation behind the tables (reused where finished): the three variants and random init per
+    seed, then the ablation and strategy runs asked for. Returns (results, run_dirs, {kind: {name: results}})."""
+    config_name = Path(args.config).name
     results: dict[str, list[dict]] = {v: [] for v in [*VARIANTS, "random_init"]}
     run_dirs: dict[str, list[Path]] = {v: [] for v in VARIANTS}
     for seed in args.seeds:
         for v, mods in VARIANTS.items():
             rd = out / "runs" / f"{v}_seed{seed}"
-            ckpt = ensure_pretrained(args.config, rd, seed, mods, pre_extra)
-            res = ensure_evaluated(ckpt, rd, seed, False, eval_extra)
+            ckpt = ensure_pretrained(args.config, rd, seed, mods, args.pre_extra)
+            res = ensure_evaluated(ckpt, rd, seed, False, args.eval_extra)
             results[v].append({**res, "config_name": config_name})
             run_dirs[v].append(rd)
         rd = out / "runs" / f"random_init_seed{seed}"
-        res = ensure_evaluated(out / "runs" / f"fssuavl_seed{seed}" / "last.pt", rd, seed, True, eval_extra)
+        res = ensure_evaluated(out / "runs" / f"fssuavl_seed{seed}" / "last.pt", rd, seed, True, args.eval_extra)
         results["random_init"].append({**res, "config_name": config_name})
     extra_runs: dict[str, dict[str, list[dict]]] = {"ablation": {}, "strategy": {}}
     for kind, wanted, spec in (("ablation", args.ablations, ABLATIONS), ("strategy", args.strategies, STRATEGY_RUNS)):
         for seed in args.seeds if wanted else []:
             for name, _, over in spec:
                 rd = out / "runs" / f"{kind}_{name}_seed{seed}"
-                ckpt = ensure_pretrained(args.config, rd, seed, VARIANTS["fssuavl"], [*pre_extra, *over])
-                res = ensure_evaluated(ckpt, rd, seed, False, [*eval_extra, *ABLATION_EVAL])
+                ckpt = ensure_pretrained(args.config, rd, seed, VARIANTS["fssuavl"], [*args.pre_extra, *over])
+                res = ensure_evaluated(ckpt, rd, seed, False, [*args.eval_extra, *ABLATION_EVAL])
                 extra_runs[kind].setdefault(name, []).append(res)
-    ablations, strategies = extra_runs["ablation"], extra_runs["strategy"]
+    return results, run_dirs, extra_runs
 
+
+def build_tables(args, results, run_dirs, extra_runs) -> tuple[dict, dict]:
+    """{csv name: (title, rows)} for Tables 1-4 (and 5, 6 when asked), and the measured costs behind Table 4."""
     n = len(args.seeds)
     eff_rows, costs = efficiency_table(run_dirs)
     tables = {
@@ -476,32 +428,44 @@ def main(argv=None) -> dict:
         tables["table5_ablations"] = (f"Table 5: ablations, FSSUAVL with each of our additions toggled alone, linear "
                                       f"probe %, mean ± std over {n} seeds; p = Welch's t-test against the default "
                                       f"(cross-modal negatives need order=sum: compare that row with the order=sum row)",
-                                      ablation_table(results["fssuavl"], ablations))
+                                      ablation_table(results["fssuavl"], extra_runs["ablation"]))
     if args.strategies:
         tables["table6_strategies"] = (f"Table 6: server strategies, FSSUAVL on the same clients and budget, linear probe %, "
                                        f"mean ± std over {n} seeds; p = Welch's t-test against FedAvg",
-                                       ablation_table(results["fssuavl"], strategies, STRATEGY_RUNS, "FedAvg (the default)"))
-    lines = findings(results, ablations, costs, strategies)
+                                       ablation_table(results["fssuavl"], extra_runs["strategy"], STRATEGY_RUNS,
+                                                      "FedAvg (the default)"))
+    return tables, costs
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t = runtime.Timer()
+    results, run_dirs, extra_runs = run_grid(args, out)
+    tables, costs = build_tables(args, results, run_dirs, extra_runs)
+    lines = findings(results, extra_runs["ablation"], costs, extra_runs["strategy"])
     md = [f"# FSSUAVL comparison tables\n\nConfig `{args.config}`, seeds {args.seeds}, "
-          f"probe: {', '.join(EVAL_ARGS)}. Generated by `python tables.py --config {args.config} "
+          f"probe: {', '.join(EVAL_ARGS)}. Generated by `python paper_tables.py --config {args.config} "
           f"--seeds {' '.join(map(str, args.seeds))}{' --ablations' if args.ablations else ''}"
           f"{' --strategies' if args.strategies else ''}`.\n"]
     for name, (title, rows) in tables.items():
         for r in rows:
-            r.setdefault("config", config_name)
+            r.setdefault("config", Path(args.config).name)
         to_csv(rows, out / f"{name}.csv")
         md.append(to_markdown(rows, title))
     md.append("### What these numbers say (computed; a win needs Welch's t-test p < 0.05 over seeds)\n\n"
               + "\n".join(f"- {ln}" for ln in lines) + "\n")
     plot_knn_curves(run_dirs, out / "knn_curves.png")
-    plot_partition(args.config, args.seeds[0], pre_extra, out / "partition.png")
+    plot_partition(args.config, args.seeds[0], args.pre_extra, out / "partition.png")
     minutes = t() / 60
     md.append(f"Wall time of this command: {minutes:.1f} min (reused runs and evaluations are not re-timed).\n")
     text = "\n".join(md)
     (out / "tables.md").write_text(text)
     print(text)
     print(f"tables in {out}/ ({minutes:.1f} min)")
-    return {"tables": tables, "results": results, "findings": lines, "ablations": ablations, "strategies": strategies}
+    return {"tables": tables, "results": results, "findings": lines, "ablations": extra_runs["ablation"],
+            "strategies": extra_runs["strategy"]}
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
     torchrun --standalone --nproc_per_node=G pretrain.py CONFIG [--key=value ...]
 
 Every rank loads the data onto its own device and holds the same global state. In round r the active clients
-(client order) are dealt round-robin: position i trains on rank i % G with `pretrain.Clients.update`, the
+(client order) are dealt round-robin: position i trains on rank i % G with `engine.Clients.update`, the
 same client function the in-process engine calls. The server step then runs on every rank at once: for each
 client in client order, its rank broadcasts the update and every rank folds it into the run's strategy. So
 every rank ends the round with the same global state, bit-identical to the in-process run (an all-reduce of
@@ -20,7 +20,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from federation import ClientUpdate, Interrupted
+from federation import ClientUpdate
+from local_update import Interrupted
 
 STOP_KEY = "fssuavl/stop"
 
@@ -111,7 +112,7 @@ def _unflatten(bufs: list[torch.Tensor], like: dict[str, torch.Tensor]) -> dict[
 
 
 class Torchrun:
-    """The engine object `pretrain._run` drives (same interface as pretrain.InProcess)."""
+    """The torchrun engine (engine.Engine), driven by pretraining.Pretraining like engine.InProcess."""
 
     def __init__(self, clients, group: Group):
         self.c, self.g = clients, group

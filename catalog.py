@@ -1,0 +1,175 @@
+"""Which datasets exist, where their files go and how each is read: one table, DATASETS, and `load_data`, the one
+entry point every stage loads data through.
+
+    python catalog.py                # list the datasets with their official layouts
+    python catalog.py NAME ROOT      # load one dataset from ROOT and print what it holds
+
+A config names one image and one audio dataset as `data.dataset: cifar10+esc50` (roots in data.image_root /
+data.audio_root), or a dataset of its own that yields both (`avfashion`, `vggsound`) with data.root. A new dataset
+is one reader (readers.py) and one DATASETS entry.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+import readers
+from avfashion import load_avfashion
+from data import DataConfig, DataError, MissingData, ModalityData, audio_modality, image_modality
+from settings import ConfigError
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    kind: str                             # image | audio (half of IMAGE+AUDIO) | both (a dataset of its own)
+    read: Callable                        # image/audio: (root, cfg, BadFiles) -> arrays; both: (cfg, device, progress) -> {m: ModalityData}
+    layout: str                           # the official files under its root, quoted when they are missing
+    download: Optional[Callable] = None   # (root) -> None, for data.download=true (needs internet)
+    pairs: bool = False                   # both: image i and clip i come from one recording (real pairs)
+
+
+def _load_vggsound(cfg: DataConfig, device, progress: bool = True) -> dict[str, ModalityData]:
+    """VGGSound: a frame and the audio of each clip, decoded once into one cache entry."""
+    root = Path(cfg.root) if cfg.root else readers.default_root(cfg.dataset)
+
+    def build(bad):  # one flat dict of arrays for the cache: image_*, audio_*, classes
+        image, audio = readers.read_vggsound(root, cfg, bad)
+        flat = {f"image_{k}": v for k, v in image.items() if k != "classes"}
+        return flat | {f"audio_{k}": v for k, v in audio.items() if k != "classes"} | {"classes": image["classes"]}
+    both = readers._cached("paired", cfg.dataset, root, cfg, {**_audio_params(cfg), "size": cfg.image_size}, build)
+    split = {m: {k[len(m) + 1:]: v for k, v in both.items() if k.startswith(m + "_")} | {"classes": both["classes"]}
+             for m in ("image", "audio")}
+    convert = {"image": image_modality, "audio": audio_modality}
+    return {m: convert[m](split[m], cfg, device) for m in ("image", "audio") if m in cfg.modalities}
+
+
+DATASETS = {
+    "avfashion": DatasetSpec("both", load_avfashion, "built offline from Debian's dataset-fashion-mnist and espeak-ng "
+                             "(python avfashion.py)"),
+    "vggsound": DatasetSpec("both", _load_vggsound, "vggsound.csv (youtube_id,start_seconds,label,split; no header), "
+                            "frames/ID_START.jpg, audio/ID_START.wav|flac", pairs=True),
+    "cifar10": DatasetSpec("image", lambda r, c, b: readers.read_cifar(r, 10, c, b),
+                           "cifar-10-batches-py/{data_batch_1..5, test_batch, batches.meta} (or those files directly "
+                           "in the root)", readers.torchvision_download("cifar10")),
+    "cifar100": DatasetSpec("image", lambda r, c, b: readers.read_cifar(r, 100, c, b),
+                            "cifar-100-python/{train, test, meta} (or those files directly in the root)",
+                            readers.torchvision_download("cifar100")),
+    "stl10": DatasetSpec("image", readers.read_stl10,
+                         "stl10_binary/{train_X.bin, train_y.bin, test_X.bin, test_y.bin, class_names.txt}",
+                         readers.torchvision_download("stl10")),
+    "tinyimagenet": DatasetSpec("image", readers.read_tinyimagenet, "tiny-imagenet-200/{wnids.txt, words.txt, "
+                                "train/WNID/images/*.JPEG, val/val_annotations.txt, val/images/*.JPEG}"),
+    "imagefolder": DatasetSpec("image", readers.read_imagefolder,
+                               "train/CLASS/*.jpg|png... and val/CLASS/... (or test/CLASS/...)"),
+    "esc50": DatasetSpec("audio", readers.audio_files(readers.list_esc50),
+                         "meta/esc50.csv and audio/*.wav (the ESC-50 repository layout)"),
+    "speechcommands": DatasetSpec("audio", readers.audio_files(readers.list_speechcommands),
+                                  "WORD/*.wav folders, validation_list.txt and testing_list.txt (speech_commands_v0.02)"),
+    "urbansound8k": DatasetSpec("audio", readers.audio_files(readers.list_urbansound8k),
+                                "metadata/UrbanSound8K.csv and audio/fold1..fold10/*.wav"),
+    "audiofolder": DatasetSpec("audio", readers.audio_files(readers.list_audiofolder),
+                               "labels.csv with columns file,label (optional split=train|test, group) and the files it names"),
+    "fluidr3": DatasetSpec("audio", readers.render_fluidr3, f"a General MIDI .sf2 soundfont (default "
+                           f"{readers.FLUIDR3_SF2}, Debian package fluid-soundfont-gm) and fluidsynth"),
+}
+
+
+def names(kind: str) -> list[str]:
+    return [n for n, s in DATASETS.items() if s.kind == kind]
+
+
+def check_dataset_name(name: str) -> None:
+    """A ConfigError unless `name` is a dataset of its own or IMAGE+AUDIO of the table."""
+    if DATASETS.get(name) is not None and DATASETS[name].kind == "both":
+        return
+    parts = name.split("+")
+    if len(parts) != 2 or parts[0] not in names("image") or parts[1] not in names("audio"):
+        raise ConfigError(f"data.dataset={name!r}: expected {', '.join(names('both'))}, or IMAGE+AUDIO with IMAGE in "
+                          f"{', '.join(names('image'))} and AUDIO in {', '.join(names('audio'))}")
+
+
+def _audio_params(cfg: DataConfig) -> dict:
+    return {"sr": cfg.sample_rate, "clip": cfg.clip_seconds, "fold": cfg.test_fold, "seed": cfg.build_seed}
+
+
+def read_arrays(name: str, root: Path, cfg: DataConfig) -> dict:
+    """One half of IMAGE+AUDIO, decoded (or downloaded first, with data.download=true) into its cache entry."""
+    spec = DATASETS[name]
+
+    def build(bad):
+        if cfg.download and spec.download is not None:
+            spec.download(root)
+        arrays = spec.read(root, cfg, bad)
+        if spec.kind == "image":
+            bad.finish(len(arrays["train_y"]) + len(arrays["test_y"]) + len(bad.bad))
+        return arrays
+    if spec.kind == "image":
+        return readers._cached("image", name, root, cfg, {"size": cfg.image_size}, build)
+    return readers._cached("audio", name, root, cfg, _audio_params(cfg), build)
+
+
+def load_named(cfg: DataConfig, device, progress: bool = True) -> dict[str, ModalityData]:
+    """The configured dataset, for the configured modalities, as {modality: ModalityData} on `device`."""
+    check_dataset_name(cfg.dataset)
+    if DATASETS.get(cfg.dataset) is not None:
+        return DATASETS[cfg.dataset].read(cfg, device, progress)
+    out = {}
+    image_name, audio_name = cfg.dataset.split("+")
+    if "image" in cfg.modalities:
+        root = Path(cfg.image_root) if cfg.image_root else readers.default_root(image_name)
+        out["image"] = image_modality(read_arrays(image_name, root, cfg), cfg, device)
+    if "audio" in cfg.modalities:
+        root = Path(cfg.audio_root) if cfg.audio_root else readers.default_root(audio_name)
+        out["audio"] = audio_modality(read_arrays(audio_name, root, cfg), cfg, device)
+    return out
+
+
+def load_data(cfg: DataConfig, device, progress: bool = True) -> dict[str, ModalityData]:
+    """The one entry point every stage loads data through. Missing files are named with the dataset's official
+    layout; a training split with fewer than two classes is refused."""
+    try:
+        data = load_named(cfg, device, progress)
+    except MissingData as e:
+        raise DataError(f"{e}. Expected layout: {DATASETS[e.name].layout}. Point data.image_root / data.audio_root "
+                        f"(or data.root) at the dataset.") from e
+    for m, md in data.items():
+        found = torch.unique(md.train_y).numel()
+        if found < 2:
+            raise DataError(f"{cfg.dataset}: the {m} training split has {found} class; contrastive pretraining and "
+                            f"its evaluation need at least two labelled classes")
+    return data
+
+
+def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 2:
+        for n, s in DATASETS.items():
+            print(f"{n:15s} {s.kind:6s} {s.layout}")
+        if argv:
+            sys.exit("usage: python catalog.py NAME ROOT")
+        return
+    name, root = argv
+    if name not in DATASETS:
+        sys.exit(f"unknown dataset {name!r}: one of {', '.join(DATASETS)}")
+    kind = DATASETS[name].kind
+    if kind == "both":
+        cfg = DataConfig(dataset=name, root=root)
+    elif kind == "image":
+        cfg = DataConfig(dataset=f"{name}+esc50", image_root=root, modalities=("image",))
+    else:
+        cfg = DataConfig(dataset=f"cifar10+{name}", audio_root=root, modalities=("audio",))
+    for m, md in load_data(cfg, "cpu").items():
+        print(f"{m}: train {tuple(md.train_x.shape)}, test {tuple(md.test_x.shape)}, {len(md.classes)} classes")
+
+
+def has_real_pairs(name: str) -> bool:
+    """Whether the dataset's image i and clip i belong together (else the paired task pairs them by class)."""
+    return name in DATASETS and DATASETS[name].pairs
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,237 @@
+"""Checkpoints and the run directory: atomic, digest-checked `last.pt` files loaded with weights_only=True, the
+locked output directory of a run, and its one-JSON-object-per-round log.
+
+Nothing here runs at import.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from settings import UserError
+
+CKPT_FORMAT = 1
+
+
+class RunDirError(UserError):
+    """The output directory holds another run, is locked by a running one, or cannot be used."""
+
+
+class CheckpointError(UserError, RuntimeError):
+    pass
+
+
+def tensor_digest(obj, primitives: bool = True) -> str:
+    """sha256 over a nested dict/list in key order: every tensor's bytes and, with primitives=True, every other
+    value (round, config, history), so a checkpoint corrupted or edited on disk is detected even when it still
+    unpickles. primitives=False is the tensors-only digest of checkpoints written before it covered everything."""
+    h = hashlib.sha256()
+
+    def walk(o):
+        if isinstance(o, torch.Tensor):
+            t = o.detach().cpu().contiguous()
+            h.update(str((t.dtype, tuple(t.shape))).encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        elif isinstance(o, dict):
+            for k in sorted(o, key=str):
+                if k not in ("sha256", "digest"):
+                    h.update(str(k).encode())
+                    walk(o[k])
+        elif isinstance(o, (list, tuple)):
+            for x in o:
+                walk(x)
+        elif primitives:
+            h.update(repr((type(o).__name__, o)).encode())
+    walk(obj)
+    return h.hexdigest()
+
+
+def save_checkpoint(obj: dict, path: str | os.PathLike, keep_previous: bool = True) -> None:
+    """Write atomically: temp file in the same directory, flush + fsync, then rename (and fsync the
+    directory). The checkpoint being replaced is kept as `<name>.prev`, so a file found truncated or
+    corrupted later has a fallback. The tensors' sha256 is stored inside for that check."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        obj = {**obj, "sha256": tensor_digest(obj), "digest": "all"}
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        if os.environ.get("FSSUAVL_TEST_CKPT_DELAY"):  # scripts/kill_resume.py widens this window to kill inside it
+            time.sleep(float(os.environ["FSSUAVL_TEST_CKPT_DELAY"]))
+        if keep_previous and path.exists():
+            os.replace(path, path.with_name(path.name + ".prev"))
+        os.replace(tmp, path)
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        raise CheckpointError(f"could not write checkpoint {path}: {e.strerror or e}; "
+                              f"the previous checkpoint (if any) is intact") from e
+
+
+def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
+    """Load with weights_only=True (tensors and primitives only); a clear error naming the file when it
+    is missing, truncated, corrupted (checksum mismatch) or not a checkpoint of ours."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}" + (" (a directory: pass RUN_DIR/last.pt)" if path.is_dir() else ""))
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises many types for a bad file
+        # torch's own text advises retrying with weights_only=False: never pass that on
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip() and "weights_only" not in ln]
+        glob = next((ln for ln in lines if "global" in ln.lower()), None)
+        if glob is not None:  # name the object only: torch's advice (allow-listing it) would be just as unsafe
+            import re
+            name = re.search(r"GLOBAL\s+([\w.]+)", glob, re.IGNORECASE)
+            raise CheckpointError(f"refusing {path}: it holds a Python object other than tensors and plain values "
+                                  f"({name.group(1) if name else 'an unsupported global'}); loading it could run "
+                                  f"arbitrary code. Use a checkpoint written by pretrain.py") from e
+        raise CheckpointError(f"checkpoint {path} is unreadable: truncated, or not a PyTorch checkpoint "
+                              f"({type(e).__name__}: {(lines[0] if lines else '')[:200]})") from e
+    if not isinstance(obj, dict) or obj.get("format") != CKPT_FORMAT:
+        raise CheckpointError(f"{path} is not an FSSUAVL checkpoint (format {CKPT_FORMAT})")
+    if "sha256" in obj and obj["sha256"] != tensor_digest(obj, primitives=obj.get("digest") == "all"):
+        raise CheckpointError(f"checkpoint {path} is corrupted or was edited: its contents do not match the stored sha256")
+    return obj
+
+
+def load_latest_checkpoint(run_dir: str | os.PathLike, name: str = "last.pt", warn=print) -> tuple[dict, Path] | None:
+    """The newest good checkpoint of a run: `name`, or `name.prev` when `name` is missing, truncated or
+    corrupted. A bad `name` is moved aside to `name.corrupt` (a warning names it), so the next save cannot
+    rotate it over the good previous copy. None when the directory holds neither."""
+    run_dir = Path(run_dir)
+    errors = []
+    for p in (run_dir / name, run_dir / (name + ".prev")):
+        if not p.exists():
+            continue
+        try:
+            return load_checkpoint(p), p
+        except CheckpointError as e:
+            errors.append(str(e))
+            if p.name == name:
+                bad = p.with_name(name + ".corrupt")
+                os.replace(p, bad)
+                warn(f"warning: {e}; moved it to {bad} and trying the previous checkpoint")
+            else:
+                warn(f"warning: {e}")
+    if errors:
+        raise CheckpointError("no usable checkpoint in " + str(run_dir) + ": " + " | ".join(errors))
+    return None
+
+
+# ----------------------------------------------------------------------------- the run directory
+
+RUN_FILES = ("last.pt", "last.pt.prev", "log.jsonl", "config.yaml")
+
+
+class RunDir:
+    """The output directory of one run, held under an exclusive lock (fcntl.flock on OUT_DIR/.lock, released
+    by the kernel when the process ends, even on SIGKILL) so two runs cannot interleave their logs and
+    checkpoints. `prepare` refuses a directory that holds another run unless resuming, or moves it aside."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self._fd: int | None = None
+
+    def holds_run(self) -> bool:
+        return any((self.path / f).exists() for f in RUN_FILES)
+
+    def describe(self) -> str:
+        ck = self.path / "last.pt"
+        if ck.exists():
+            try:
+                obj = torch.load(ck, map_location="cpu", weights_only=True)
+                done, total = obj.get("round"), obj.get("config", {}).get("fed", {}).get("rounds")
+                return f"a run at round {done} of {total}" + (" (finished)" if done == total else "")
+            except Exception:  # noqa: BLE001 - only for the message
+                return "a run with an unreadable last.pt"
+        return "a partial run (no checkpoint yet)"
+
+    def prepare(self, resume: bool, overwrite: bool) -> None:
+        """Create and lock the directory. Without resume, a directory holding a run is refused, or with
+        overwrite moved aside to PATH.old-N (never deleted)."""
+        if self.path.exists() and not self.path.is_dir():
+            raise RunDirError(f"run.out_dir={self.path} is a file, not a directory: choose another run.out_dir")
+        if not resume and self.holds_run():
+            if not overwrite:
+                raise RunDirError(f"{self.path} already holds {self.describe()}. Continue it with "
+                                  f"`python pretrain.py --resume {self.path}`, choose another --run.out_dir, or pass "
+                                  f"--run.overwrite=true to move it aside and start again")
+            self.lock()  # do not move a directory another process is writing
+            self.release()
+            n = 1
+            while self.path.with_name(f"{self.path.name}.old-{n}").exists():
+                n += 1
+            aside = self.path.with_name(f"{self.path.name}.old-{n}")
+            os.replace(self.path, aside)
+            print(f"moved the previous run in {self.path} to {aside}")
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise RunDirError(f"cannot create run.out_dir={self.path}: {e.strerror or e}") from e
+        self.lock()
+
+    def lock(self) -> None:
+        import fcntl
+        self.path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise RunDirError(f"{self.path} is in use by another run (PID {holder}); wait for it to finish, "
+                              f"stop it, or choose another --run.out_dir") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+class JsonlLog:
+    """Append one JSON object per line; flushed each write so nothing is lost on a kill."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    def write(self, record: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record, default=float) + "\n")
+            f.flush()
+
+    def truncate_after(self, round_idx: int) -> None:
+        """Drop lines of rounds after `round_idx` (a resumed run re-logs them) and any line cut short by
+        a kill, rewriting the file atomically."""
+        if not self.path.exists():
+            return
+        keep = []
+        for ln in self.path.read_text().splitlines():
+            try:
+                rec = json.loads(ln)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(rec, dict) and rec.get("round", -1) <= round_idx:
+                keep.append(ln)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(ln + "\n" for ln in keep))
+        os.replace(tmp, self.path)
+

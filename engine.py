@@ -1,0 +1,224 @@
+"""The federation machinery every engine shares: the pretraining config, the client runtime (`Clients`: one
+process's data, partition, model and optimiser, and the client function `update`), the server's sampling and fold
+(`plan_round`, `server_round`), the engine interface (`Engine`) and the reference engine (`InProcess`). The
+torchrun engine (torchrun_engine.py) and the Flower engine (flower_app.py) implement the same interface around the
+same two functions, so on the same seed every engine gives the same global weights.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Protocol
+
+import torch
+from tqdm import tqdm
+
+import runtime
+from catalog import check_dataset_name, load_data
+from data import DataConfig
+from federation import ClientUpdate, FedConfig, is_shared, run_round, sample_clients
+from local_update import LocalSettings, OptimConfig, local_ssl_update, lr_at, make_optimizer
+from losses import OBJECTIVES, LossConfig
+from modality_specs import MODALITIES
+from models import ModelConfig, backbone_family, build_model
+from partition import holding_kinds, partition
+from settings import ConfigError, RunConfig
+from strategies import STRATEGIES
+
+
+@dataclass
+class PretrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    fed: FedConfig = field(default_factory=FedConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def __post_init__(self):
+        check_dataset_name(self.data.dataset)
+        if self.optim.warmup_rounds >= self.fed.rounds:
+            raise ConfigError(f"optim.warmup_rounds={self.optim.warmup_rounds} must be below fed.rounds={self.fed.rounds} "
+                              f"(the learning rate would never reach its peak)")
+        if self.fed.cross_modal_negatives and not OBJECTIVES[self.loss.name].cross_modal_negatives:
+            raise ConfigError(f"fed.cross_modal_negatives=true means nothing to loss.name={self.loss.name} (it has no "
+                              f"negatives): use loss.name=nt_xent, or drop fed.cross_modal_negatives")
+        if self.fed.order == "sum" and len(self.data.modalities) < 2 and self.fed.cross_modal_negatives:
+            raise ConfigError("fed.cross_modal_negatives=true needs at least two data.modalities")
+        mods = self.federation_modalities
+        if len(mods) > 1:
+            kinds = holding_kinds(mods)
+            fr = self.fed.modality_fractions
+            if len(fr) != len(kinds):
+                raise ConfigError(f"fed.modality_fractions={list(fr)}: expected {len(kinds)} fractions, one per "
+                                  f"holding kind ({', '.join('+'.join(k) for k in kinds)})")
+            for m in self.data.modalities:
+                if sum(f for f, k in zip(fr, kinds) if m in k) <= 0:
+                    raise ConfigError(f"fed.modality_fractions={list(fr)} gives no client {m} data although "
+                                      f"data.modalities includes {m}: give a kind holding {m} a positive fraction")
+
+    @property
+    def federation_modalities(self) -> tuple[str, ...]:
+        """The modalities the clients hold: all of them in a joint federation (a one-modality run is then a
+        baseline on FSSUAVL's clients), else the trained ones."""
+        return MODALITIES if self.fed.federation == "joint" else tuple(self.data.modalities)
+
+
+def make_clients(cfg: PretrainConfig, data) -> list[dict]:
+    """The run's partition: client k's {modality: training indices}, a pure function of the config."""
+    return partition(data, cfg.fed.clients, cfg.fed.partition, cfg.fed.alpha, cfg.fed.modality_fractions,
+                     runtime.derive_seed(cfg.run.seed, "partition"), cfg.fed.min_client_size, cfg.fed.classes_per_client,
+                     cfg.federation_modalities)
+
+
+def check_clients(cfg: PretrainConfig, clients: list[dict]) -> None:
+    """Impossible federations, found once the data are partitioned."""
+    for m in cfg.data.modalities:
+        sizes = [len(c[m]) for c in clients if m in c]
+        if not sizes:
+            raise ConfigError(f"fed.modality_fractions={list(cfg.fed.modality_fractions)}: no client holds {m}")
+        bs = cfg.optim.batch_for(m)
+        if max(sizes) < bs:
+            key = "optim.batch_size_audio" if bs != cfg.optim.batch_size else "optim.batch_size"
+            raise ConfigError(f"{key}={bs} is larger than every client's {m} data "
+                              f"(the largest client holds {max(sizes)}): lower {key} or fed.clients")
+
+
+class Clients:
+    """The client side of every engine: one process's means to train any client of the federation. It holds
+    the data (on its device), the partition, and one model, optimiser and scaler reused by every client it
+    trains. `update` is the client function: (global state, client id, round) -> ClientUpdate, whose randomness
+    comes only from (seed, round, client), so any process that holds the same data computes the same update
+    (the in-process loop, a torchrun rank and a Flower ClientApp all call it)."""
+
+    def __init__(self, cfg: PretrainConfig, device, progress: bool = False):
+        self.cfg, self.device = cfg, device
+        self.data = load_data(cfg.data, device, progress=progress)
+        parts = make_clients(cfg, self.data)
+        check_clients(cfg, parts)
+        self.parts = parts  # numpy indices, for --show-partition and dry runs
+        self.clients = [{m: torch.as_tensor(v, device=device) for m, v in c.items()} for c in parts]
+        self.model = build_model(cfg.model, {m: md.shape for m, md in self.data.items()}).to(device)
+        self.model = self.model.to(memory_format=backbone_family(cfg.model.arch).memory_format)
+        if cfg.run.compile:  # in place, so state_dict keys stay free of torch.compile's _orig_mod. prefix
+            self.model.trunk.compile()
+        self.optimizer = make_optimizer(self.model, cfg.optim)
+        # fp16's loss scale is the one state that outlives a client: it carries over the clients a process trains
+        self.scaler = runtime.make_scaler(device, cfg.run.amp)
+        self.settings = LocalSettings.of(cfg, STRATEGIES[cfg.fed.aggregation].client_hook(cfg.fed))
+
+    def holds(self, cid: int) -> bool:
+        return bool(self.clients[cid])
+
+    def share(self, key: str) -> bool:
+        return is_shared(key, self.cfg.fed.share_head)
+
+    def update(self, global_state: dict, cid: int, r: int, private: dict | None = None,
+               should_stop=None) -> ClientUpdate:
+        """Client `cid`'s local epochs of round `r` from `global_state` (plus its own unshared tensors,
+        `private`). The returned state holds live model tensors: consume them before the next update."""
+        cfg = self.cfg
+        state = dict(global_state)
+        state.update(private or {})
+        self.model.load_state_dict(state)
+        g = runtime.make_generator(self.device, cfg.run.seed, "client", r, cid)
+        idx = {m: self.clients[cid][m] for m in self.data if m in self.clients[cid]}
+        metrics = local_ssl_update(self.model, self.optimizer, self.scaler, self.data, idx, self.settings,
+                                   lr_at(r, cfg.optim, cfg.fed.rounds), g, should_stop)
+        return ClientUpdate(cid, self.model.state_dict(), {m: len(v) for m, v in idx.items()}, metrics)
+
+
+def plan_round(r: int, cfg: PretrainConfig, holds) -> tuple[list[int], list[int]]:
+    """The server's sampling: K of the N clients, a pure function of (seed, round), and those of them that
+    hold a trained modality (the others sit the round out)."""
+    sampled = sample_clients(list(range(cfg.fed.clients)), cfg.fed.clients_per_round, cfg.run.seed, r)
+    return sampled, [c for c in sampled if holds(c)]
+
+
+def round_record(r: int, cfg: PretrainConfig, sampled, active, per_client, modalities, flops) -> dict:
+    """The round's log record: what moved (bytes up/down per client) and what ran (steps, samples, forward FLOPs)."""
+    out = {"round": r, "clients": sampled, "lr": lr_at(r, cfg.optim, cfg.fed.rounds)}
+    if len(active) < len(sampled):
+        out["sat_out"] = [c for c in sampled if c not in active]
+    for m in modalities:
+        vals = [c[f"loss_{m}"] for c in per_client if f"loss_{m}" in c]
+        if vals:
+            out[f"loss_{m}"] = sum(vals) / len(vals)
+    out["steps"] = sum(c["steps"] for c in per_client)
+    for m in modalities:
+        out[f"samples_{m}"] = sum(c.get(f"fwd_{m}", 0) for c in per_client) // 2  # instances (two views each)
+    out["fwd_flops"] = sum(c.get(f"fwd_{m}", 0) * (flops or {}).get(m, 0) for c in per_client for m in modalities)
+    out["bytes_up"] = sum(c["bytes_up"] for c in per_client)
+    out["bytes_down"] = sum(c["bytes_down"] for c in per_client)
+    out["per_client"] = [{"client": c["client"], "steps": c["steps"], "bytes_up": c["bytes_up"],
+                          "bytes_down": c["bytes_down"], **{f"samples_{m}": c.get(f"fwd_{m}", 0) // 2 for m in modalities}}
+                         for c in per_client]
+    return out
+
+
+def server_round(r: int, cfg: PretrainConfig, global_state, client_state, strategy, sampled, active, fetch,
+                 modalities, flops: dict | None = None) -> tuple[dict, dict]:
+    """The server function: fold the updates of `active` (fetch(cid) -> ClientUpdate, called in client order,
+    so every engine folds in the same order and gets the same bits) with `strategy` (one object for the whole
+    run: it may keep server state across rounds). Unshared tensors go to `client_state`. Returns the new global
+    state and the round's log record."""
+    share = lambda k: is_shared(k, cfg.fed.share_head)  # noqa: E731
+
+    def keep_local(upd: ClientUpdate):
+        local = {k: v.detach().clone() for k, v in upd.state.items() if not share(k)}
+        if local:
+            client_state[upd.client] = local
+
+    new_state, per_client, rejected = run_round(global_state, active, fetch, share, keep_local, cfg.fed.weighting,
+                                                strategy=strategy)
+    out = round_record(r, cfg, sampled, active, per_client, modalities, flops)
+    if rejected:
+        out["rejected"] = rejected
+        tqdm.write(f"round {r}: rejected non-finite updates from clients {rejected}"
+                   + (" (all: global model kept)" if not per_client else ""))
+    return new_state, out
+
+
+class Engine(Protocol):
+    """How a round's sampled clients get trained. `round` starts round r's training of `active` and returns
+    fetch(cid) -> ClientUpdate, which the server calls in client order; `stop_requested(local)` says whether any
+    process of the run was asked to stop; `main` is true in the one process that logs and writes the run
+    directory. Engines: InProcess (here), torchrun_engine.Torchrun, flower_app.FlowerEngine."""
+    main: bool
+
+    def round(self, r: int, active: list[int], global_state: dict, client_state: dict,
+              should_stop: Optional[Callable[[], bool]]) -> Callable[[int], ClientUpdate]: ...
+
+    def stop_requested(self, local: bool) -> bool: ...
+
+    def close(self) -> None: ...
+
+
+class InProcess:
+    """The reference engine: every sampled client trains in this process, one after another, each update
+    folded before the next client starts (so one model's memory serves them all)."""
+    main = True  # this process logs and writes the run directory
+
+    def __init__(self, clients: Clients):
+        self.c = clients
+
+    def round(self, r, active, global_state, client_state, should_stop):
+        return lambda cid: self.c.update(global_state, cid, r, client_state.get(cid), should_stop)
+
+    def stop_requested(self, local: bool) -> bool:
+        return local
+
+    def close(self):
+        pass
+
+
+def train_one_round(r: int, clients: Clients, global_state, client_state, strategy, engine: Engine | None = None,
+                    should_stop=None, flops: dict | None = None) -> tuple[dict, dict]:
+    """One round on `engine` (default: in process): sample, train the active clients, fold in client order."""
+    t0 = runtime.Timer()
+    engine = engine or InProcess(clients)
+    sampled, active = plan_round(r, clients.cfg, clients.holds)
+    fetch = engine.round(r, active, global_state, client_state, should_stop)
+    new_state, out = server_round(r, clients.cfg, global_state, client_state, strategy, sampled, active, fetch,
+                                  tuple(clients.data), flops)
+    out["seconds"] = round(t0(), 3)  # the whole round: training (on every engine) and the fold
+    return new_state, out

@@ -1,0 +1,327 @@
+"""Running a whole federated pretraining from a config: resolve it (and what a resume may change), lock the run
+directory, build data, clients and model, resume, then the round loop with its monitor, checkpoints, log and
+stop signals. `pretrain(...)` is the public function; `cli(argv)` is pretrain.py's command line, which the Flower
+ServerApp drives too (with its own engine).
+"""
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+from tqdm import tqdm
+
+import runtime
+import torchrun_engine
+from checkpoints import CKPT_FORMAT, CheckpointError, JsonlLog, RunDir, RunDirError, load_checkpoint, \
+    load_latest_checkpoint, save_checkpoint
+from engine import Clients, InProcess, PretrainConfig, train_one_round
+from evaluation import knn_accuracy, probe_accuracy
+from local_update import Interrupted, local_ssl_update
+from models import count_params
+from partition import describe_partition
+from settings import ConfigError, UserError, apply_overrides, build_dataclass, dict_diff, expand_path, load_config, \
+    parse_with_overrides, to_dict
+from strategies import make_strategy
+
+DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.yaml"
+# keys a resumed run may change; everything else must match the checkpoint's config
+RESUME_MUTABLE = ("fed.rounds", "run.out_dir", "run.eval_every", "run.progress", "run.threads", "run.device", "run.compile",
+                  "run.final_probe")
+
+
+class Diverged(UserError):
+    """Every client of a round sent a non-finite update: nothing was trained, and nothing is saved as trained."""
+
+
+def parse_args(argv, description: str = __doc__):
+    p = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False,
+        epilog="Any config key can be overridden as --section.key=value (sections: model, data, fed, optim, "
+               "loss, run), e.g. --fed.rounds=5 --optim.lr=0.1 --data.modalities=[image]. Values are parsed "
+               "as literals (numbers, true/false, lists); an unknown key or a wrong type is an error naming it.")
+    p.add_argument("config", nargs="?", help="YAML config (default: configs/default.yaml)")
+    p.add_argument("--resume", nargs="?", const=True, default=False, metavar="RUN_DIR",
+                   help="continue from RUN_DIR/last.pt (default RUN_DIR: run.out_dir)")
+    p.add_argument("--show-partition", action="store_true", help="print per-client counts per class and modality, then exit")
+    return parse_with_overrides(p, argv)
+
+
+def resolve_config(config, overrides, resume) -> tuple[PretrainConfig, dict | None]:
+    """The run's config and, with `resume`, its newest good checkpoint (last.pt, else last.pt.prev).
+    resume=RUN_DIR: the checkpoint's config plus overrides. resume=True: the given config (default
+    configs/default.yaml) plus overrides, which must match the checkpoint's in every key that cannot
+    change mid-run; with no checkpoint in run.out_dir yet, the run starts from scratch."""
+    if not resume:
+        return load_config(PretrainConfig, config or DEFAULT_CONFIG, overrides), None
+    if resume is True:
+        cfg = load_config(PretrainConfig, config or DEFAULT_CONFIG, overrides)
+        found = load_latest_checkpoint(cfg.run.out_dir, warn=print)
+        if found is None:
+            print(f"--resume: no checkpoint in {cfg.run.out_dir} yet; starting the run from round 0")
+            return cfg, None
+        ckpt, _ = found
+    else:
+        run_dir = Path(expand_path(resume))
+        if run_dir.is_file():  # a named checkpoint (e.g. RUN/last.pt.prev) is loaded exactly as named
+            ckpt, path = load_checkpoint(run_dir), run_dir
+        else:
+            found = load_latest_checkpoint(run_dir, warn=print) if run_dir.is_dir() else None
+            if found is None:
+                raise CheckpointError(f"--resume {run_dir}: no last.pt or last.pt.prev there")
+            ckpt, path = found
+        new = yaml.safe_load(yaml.safe_dump(ckpt["config"]))
+        new["run"]["out_dir"] = str(path.parent)  # the run continues where its checkpoint is
+        cfg = build_dataclass(PretrainConfig, apply_overrides(new, overrides))
+    # the checkpoint's config through the dataclasses, so a key added since it was written counts at its default
+    saved = to_dict(build_dataclass(PretrainConfig, yaml.safe_load(yaml.safe_dump(ckpt["config"]))))
+    changed = [d for d in dict_diff(saved, to_dict(cfg)) if not d.startswith(RESUME_MUTABLE)]
+    if changed:
+        raise ConfigError("--resume: the config differs from the checkpoint's in keys that cannot change mid-run: "
+                          + "; ".join(changed) + f" (changeable: {', '.join(RESUME_MUTABLE)})")
+    return cfg, ckpt
+
+
+def dry_run(clients: Clients) -> dict:
+    """One local step on the first client holding each modality; writes nothing. Checks a config end to end in
+    seconds (the paper-scale configs are tested this way)."""
+    cfg, data, device, model = clients.cfg, clients.data, clients.device, clients.model
+    out = {}
+    for m in data:
+        cid = next(k for k, c in enumerate(clients.clients) if m in c)
+        g = runtime.make_generator(device, cfg.run.seed, "dry_run", m)
+        out.update(local_ssl_update(model, clients.optimizer, clients.scaler, data, {m: clients.clients[cid][m]},
+                                    clients.settings, cfg.optim.peak_lr, g, max_steps=1))
+    print(f"dry run ok: {cfg.model.arch}, {count_params(model) / 1e6:.2f}M params, inputs "
+          f"{({m: md.shape for m, md in data.items()})}, train samples {({m: len(md.train_x) for m, md in data.items()})}, "
+          f"one step: " + ", ".join(f"{k}={v:.3f}" for k, v in out.items() if k.startswith("loss")))
+    return out
+
+
+def evaluate(model, data, cfg: PretrainConfig, probe: bool = False) -> dict:
+    """kNN monitor (cosine, temperature-weighted, k suited to the bank) on held-out labelled data, per
+    modality; with probe=True also the fast linear probe (`evaluation.probe_accuracy`)."""
+    out = {f"knn_{m}": knn_accuracy(model, md, m, cfg.data.knn_bank, cfg.data.knn_queries, k=cfg.data.knn_k,
+                                    amp=cfg.run.amp) for m, md in data.items()}
+    if probe:
+        out.update({f"probe_{m}": probe_accuracy(model, md, m, amp=cfg.run.amp, seed=cfg.run.seed)
+                    for m, md in data.items()})
+    return out
+
+
+def forward_flops(model, data, device) -> dict[str, int]:
+    """Forward FLOPs of one sample through backbone + head, per modality, counted by torch's flop counter
+    on the real model (eval mode, so no statistics move)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    was_training = model.training
+    model.eval()
+    out = {}
+    for m, md in data.items():
+        x = torch.zeros(2, *md.shape, device=device)
+        with FlopCounterMode(display=False) as fc, torch.no_grad():
+            model(x, m)
+        out[m] = fc.get_total_flops() // 2
+    model.train(was_training)
+    return out
+
+
+def cli(argv, make_engine=None) -> dict:
+    """pretrain.py's command line: parse, then `pretrain`. make_engine(clients) -> Engine: how sampled clients
+    are trained (default: in this process; under torchrun: spread over the ranks; flower_app passes Flower's)."""
+    args, overrides = parse_args(argv)
+    return pretrain(args.config, overrides, args.resume, args.show_partition, make_engine)
+
+
+def pretrain(config=None, overrides=(), resume=False, show_partition: bool = False, make_engine=None) -> dict:
+    """Run a whole pretraining: `config` (a YAML path; default configs/default.yaml) plus dotted `overrides`;
+    resume=True continues run.out_dir, resume=RUN_DIR continues that run with its own config. Locks the run
+    directory for the whole run. Returns {"history": [eval records], "out_dir": ...} in the main process."""
+    cfg, ckpt = resolve_config(config, overrides, resume)
+    if show_partition or cfg.run.dry_run:  # these write nothing: no run directory, no lock
+        return Pretraining(cfg, make_engine).inspect(show_partition)
+    group = None
+    if make_engine is None and torchrun_engine.launched():  # under torchrun: one process per rank
+        group = torchrun_engine.Group(runtime.resolve_device(cfg.run.device).type)
+        make_engine = group.engine
+    main_proc = group is None or group.rank == 0
+    run_dir = RunDir(Path(cfg.run.out_dir))
+    try:  # the lock is released on every way out, so a caller in the same process can use the directory next
+        err = None
+        if main_proc:  # one process owns the run directory; the other ranks learn whether it could
+            try:
+                run_dir.prepare(resume=bool(resume), overwrite=cfg.run.overwrite)
+            except UserError as e:
+                err = e
+        if group is not None:
+            msg = group.broadcast_object(None if err is None else str(err))
+            if msg is not None and err is None:
+                raise RunDirError(f"rank 0: {msg}")
+        if err is not None:
+            raise err
+        if resume:  # read the checkpoint again now that no other run can be writing it
+            cfg, ckpt = resolve_config(config, overrides, resume)
+        if ckpt is not None and ckpt["round"] > cfg.fed.rounds:
+            raise ConfigError(f"fed.rounds={cfg.fed.rounds} is below the {ckpt['round']} rounds {cfg.run.out_dir} has "
+                              f"already completed; give fed.rounds >= {ckpt['round']}, or start a new run in another "
+                              f"run.out_dir")
+        out = Pretraining(cfg, make_engine).run(ckpt)
+        if group is not None:  # leave together: a rank tearing gloo down while rank 0 still evaluates can abort
+            group.barrier()
+        return out
+    finally:
+        if main_proc:
+            run_dir.release()
+        if group is not None:
+            group.close()
+
+
+class Pretraining:
+    """One run: data, clients, model and optimiser (one of each, reused by every client this process trains),
+    the server's state, and the round loop. The run directory is already prepared and locked."""
+
+    def __init__(self, cfg: PretrainConfig, make_engine=None):
+        rc = cfg.run
+        self.cfg, self.make_engine = cfg, make_engine
+        self.out_dir = Path(rc.out_dir)
+        self.device = torchrun_engine.local_device(runtime.resolve_device(rc.device))  # under torchrun: this rank's GPU
+        if rc.threads:  # under torchrun on CPU the ranks of a machine share the budget
+            torch.set_num_threads(torchrun_engine.threads_per_rank(rc.threads, self.device))
+        runtime.seed_everything(rc.seed, rc.deterministic)
+        self.progress = rc.progress and sys.stderr.isatty()
+        self.clients = Clients(cfg, self.device, progress=self.progress)
+        self.data, self.model = self.clients.data, self.clients.model
+
+    def inspect(self, show_partition: bool) -> dict:
+        if show_partition:
+            print(describe_partition(self.clients.parts, self.data))
+            return {}
+        return dry_run(self.clients)
+
+    def run(self, ckpt: dict | None) -> dict:
+        cfg, model = self.cfg, self.model
+        self.engine = (self.make_engine or InProcess)(self.clients)
+        self.main = self.engine.main  # this process logs, evaluates and writes the run directory
+        self.global_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        self.flops = forward_flops(model, self.data, self.device)
+        self.strategy = make_strategy(cfg.fed, {k for k, _ in model.named_parameters()})  # its state goes into last.pt
+        self.client_state: dict[int, dict] = {}
+        self.history: list[dict] = []
+        self.log = JsonlLog(self.out_dir / "log.jsonl") if self.main else None
+        start = self.resume(ckpt) if ckpt is not None else 1
+        if ckpt is None and self.main:  # a new run (or --resume of one killed before its first checkpoint)
+            self.log.path.unlink(missing_ok=True)
+        if self.main:
+            (self.out_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        self.env = runtime.environment_info(self.device)
+        self.env["engine"] = type(self.engine).__name__
+        self.describe()
+        self.loop(start, first=ckpt is None)
+        return self.summary() if self.main else {}
+
+    def resume(self, ckpt: dict) -> int:
+        dev = self.device
+        self.global_state = {k: v.to(dev) for k, v in ckpt["model"].items()}
+        self.client_state = {int(c): {k: v.to(dev) for k, v in s.items()} for c, s in ckpt["client_state"].items()}
+        runtime.set_rng_state(ckpt["rng"])
+        self.strategy.load_state_dict(ckpt.get("server_state", {}))
+        if ckpt.get("scaler"):  # fp16: the loss scale carries over rounds, so exact resume needs it
+            self.clients.scaler.load_state_dict(ckpt["scaler"])
+        self.history = list(ckpt.get("evals", []))
+        if self.main:
+            self.log.truncate_after(ckpt["round"])
+            print(f"resuming {self.out_dir} from round {ckpt['round']}")
+        return ckpt["round"] + 1
+
+    def describe(self) -> None:
+        if not self.main:
+            return
+        cfg, data, clients = self.cfg, self.data, self.clients
+        holders = sum(1 for c in clients.clients if c)
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False).rstrip())
+        print(f"env: {self.env}")
+        print(f"model: {cfg.model.arch}, {count_params(self.model) / 1e6:.2f}M params; inputs "
+              f"{({m: md.shape for m, md in data.items()})}; train samples {({m: len(md.train_x) for m, md in data.items()})}; "
+              f"{holders} of {len(clients.clients)} clients hold trained data; effective lr {cfg.optim.peak_lr:g}; "
+              f"autocast {cfg.run.amp if runtime.amp_active(self.device, cfg.run.amp) else 'off (fp32)'}; "
+              f"engine {self.env['engine']}")
+
+    def checkpoint(self, r: int) -> None:
+        if not self.main:
+            return
+        save_checkpoint({
+            "format": CKPT_FORMAT, "round": r, "model": {k: v.cpu() for k, v in self.global_state.items()},
+            "client_state": {c: {k: v.cpu() for k, v in s.items()} for c, s in self.client_state.items()},
+            "config": to_dict(self.cfg), "rng": runtime.rng_state(), "evals": self.history,
+            "scaler": self.clients.scaler.state_dict(), "server_state": self.strategy.state_dict(),
+            "input_shapes": {m: list(md.shape) for m, md in self.data.items()},
+            "input_stats": {m: {"mean": md.mean.tolist(), "std": md.std.tolist()} for m, md in self.data.items()},
+            "forward_flops": self.flops, "env": self.env}, self.out_dir / "last.pt")
+
+    def evaluate(self, r: int, probe: bool) -> dict:
+        self.model.load_state_dict(self.global_state)
+        ev = evaluate(self.model, self.data, self.cfg, probe=probe)
+        self.history.append({"round": r, **ev})
+        return ev
+
+    def loop(self, start: int, first: bool) -> None:
+        cfg, rc = self.cfg, self.cfg.run
+        stop = runtime.GracefulStop()
+        r = start
+        try:
+            if first and self.main:  # round 0 (the random init) is evaluated and logged once, never again on resume
+                ev = self.evaluate(0, probe=rc.final_probe)
+                self.log.write({"round": 0, **ev})
+                print("random init: " + ", ".join(f"{k}={v:.2f}" for k, v in ev.items()))
+                self.checkpoint(0)
+            bar = tqdm(range(start, cfg.fed.rounds + 1), desc="rounds", disable=not (self.progress and self.main),
+                       initial=start - 1, total=cfg.fed.rounds)
+            for r in bar:
+                self.one_round(r, stop)
+                bar.set_postfix({k: f"{v:.3g}" for k, v in self.last.items() if k.startswith(("loss", "knn"))})
+        except Interrupted:
+            signum = stop.signum or signal.SIGTERM  # a torchrun rank may stop because another rank was signalled
+            if self.main:
+                launcher = "torchrun --nproc_per_node=G pretrain.py" if torchrun_engine.launched() else "python pretrain.py"
+                print(f"\n{signal.Signals(signum).name}: stopped during round {r}; {self.out_dir}/last.pt holds round "
+                      f"{r - 1}, the last completed one. Resume with: {launcher} --resume {self.out_dir}", file=sys.stderr)
+            sys.exit(128 + signum)
+        finally:
+            stop.restore()
+            self.engine.close()
+
+    def one_round(self, r: int, stop) -> None:
+        """Train, fold, evaluate when due, log, checkpoint."""
+        cfg, rc = self.cfg, self.cfg.run
+        if self.engine.stop_requested(stop.requested):
+            raise Interrupted
+        self.global_state, metrics = train_one_round(r, self.clients, self.global_state, self.client_state,
+                                                     self.strategy, self.engine, lambda: stop.requested, self.flops)
+        if metrics.get("rejected") and not metrics["per_client"]:
+            if self.main:
+                self.log.write({**metrics, "diverged": True})
+            raise Diverged(f"round {r}: every sampled client's update was non-finite (NaN/Inf loss or weights), so "
+                           f"the run diverged and round {r} was not saved; {self.out_dir}/last.pt holds round {r - 1}. "
+                           f"Lower optim.lr (effective {cfg.optim.peak_lr:g}), set optim.grad_clip, or use "
+                           f"run.amp=fp32, then start again")
+        if self.main and (r == cfg.fed.rounds or (rc.eval_every and r % rc.eval_every == 0)):
+            metrics.update(self.evaluate(r, probe=rc.final_probe and r == cfg.fed.rounds))
+        if self.main:
+            self.log.write(metrics)
+        self.checkpoint(r)
+        self.last = metrics
+        if self.main and not self.progress:
+            print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()
+                           if k not in ("clients", "per_client")), flush=True)
+
+    def summary(self) -> dict:
+        first, final = self.history[0], self.history[-1]
+        for kind, what in (("probe", "linear probe"), ("knn", "kNN")):
+            for m in self.data:
+                a, b = first.get(f"{kind}_{m}"), final.get(f"{kind}_{m}")
+                if a is not None and b is not None:
+                    print(f"{what} {m}: random init {a:.2f}% -> round {final['round']} {b:.2f}% ({b - a:+.2f})")
+        print(f"results in {self.out_dir}/: config.yaml, log.jsonl, last.pt")
+        return {"history": self.history, "out_dir": str(self.out_dir)}
