@@ -30,6 +30,7 @@ class DatasetSpec:
     layout: str                           # the official files under its root, quoted when they are missing
     download: Optional[Callable] = None   # (root) -> None, for data.download=true (needs internet)
     pairs: bool = False                   # both: image i and clip i come from one recording (real pairs)
+    modalities: tuple = ("image", "audio")  # both: the modalities it yields (image/audio: the halves of IMAGE+AUDIO)
 
 
 def _load_vggsound(cfg: DataConfig, device, progress: bool = True) -> dict[str, ModalityData]:
@@ -80,6 +81,12 @@ DATASETS = {
 
 def names(kind: str) -> list[str]:
     return [n for n, s in DATASETS.items() if s.kind == kind]
+
+
+def dataset_modalities(name: str) -> tuple[str, ...]:
+    """The modalities the dataset `name` (a dataset of its own or IMAGE+AUDIO) yields."""
+    spec = DATASETS.get(name)
+    return spec.modalities if spec is not None and spec.kind == "both" else ("image", "audio")
 
 
 def check_dataset_name(name: str) -> None:

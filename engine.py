@@ -13,7 +13,7 @@ import torch
 from tqdm import tqdm
 
 import runtime
-from catalog import check_dataset_name, load_data
+from catalog import check_dataset_name, dataset_modalities, load_data
 from data import DataConfig
 from federation import ClientUpdate, FedConfig, is_shared, run_round, sample_clients
 from local_update import LocalSettings, OptimConfig, local_ssl_update, lr_at, make_optimizer
@@ -36,6 +36,10 @@ class PretrainConfig:
 
     def __post_init__(self):
         check_dataset_name(self.data.dataset)
+        missing = set(self.data.modalities) - set(dataset_modalities(self.data.dataset))
+        if missing:
+            raise ConfigError(f"data.modalities={list(self.data.modalities)}: data.dataset={self.data.dataset} has no "
+                              f"{', '.join(sorted(missing))} (it yields {', '.join(dataset_modalities(self.data.dataset))})")
         if self.optim.warmup_rounds >= self.fed.rounds:
             raise ConfigError(f"optim.warmup_rounds={self.optim.warmup_rounds} must be below fed.rounds={self.fed.rounds} "
                               f"(the learning rate would never reach its peak)")
@@ -58,9 +62,10 @@ class PretrainConfig:
 
     @property
     def federation_modalities(self) -> tuple[str, ...]:
-        """The modalities the clients hold: all of them in a joint federation (a one-modality run is then a
-        baseline on FSSUAVL's clients), else the trained ones."""
-        return MODALITIES if self.fed.federation == "joint" else tuple(self.data.modalities)
+        """The modalities the clients hold: all the dataset yields in a joint federation (a one-modality run is then
+        a baseline on FSSUAVL's clients), else the trained ones. In registry order."""
+        held = dataset_modalities(self.data.dataset) if self.fed.federation == "joint" else self.data.modalities
+        return tuple(m for m in MODALITIES if m in held)
 
 
 def make_clients(cfg: PretrainConfig, data) -> list[dict]:
