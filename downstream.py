@@ -200,6 +200,10 @@ def evaluate_checkpoint(ckpt, config=None, overrides=(), random_init: bool = Fal
     data_raw.update(raw.pop("data", {}) or {})
     data_raw["modalities"] = list(ck["input_shapes"])  # the tasks the backbone has stems for
     raw["data"] = data_raw
+    if raw.get("run") is None:
+        raw["run"] = {}
+    if isinstance(raw["run"], dict):  # no run.out_dir given: the results go beside the checkpoint
+        raw["run"].setdefault("out_dir", "")
     apply_overrides(raw, overrides)
     cfg = build_dataclass(FinetuneConfig, raw)
     if cfg.run.threads:

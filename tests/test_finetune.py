@@ -121,3 +121,11 @@ def test_control_pairs_are_uninformative_and_fusion_normalises_halves():
     assert 0.05 < agree < 0.15  # about 1 in 10: the clip's class is independent of the image
     h = fuse(torch.randn(5, 16) * 100, torch.randn(5, 8))
     assert torch.allclose(h[:, :16].norm(dim=1), torch.ones(5)) and torch.allclose(h[:, 16:].norm(dim=1), torch.ones(5))
+
+
+def test_results_go_beside_the_checkpoint_when_no_out_dir_is_given(pretrained, monkeypatch, tmp_path):
+    """A run section without out_dir (here from --run.progress=false) must not send the results to runs/default."""
+    monkeypatch.chdir(tmp_path)
+    finetune.main(["--ckpt", str(pretrained), "--run.progress=false", "--eval.tasks=[image]", "--eval.protocols=[knn]",
+                   "--eval.label_fractions=[1.0]"])
+    assert (pretrained.parent / "results.json").is_file() and not (tmp_path / "runs").exists()

@@ -1,0 +1,106 @@
+"""Each extension point is one registry with at least two real entries, and a new entry needs nothing else: an
+objective, a backbone family, a strategy and a dataset added here at run time (as a user adds them in source)
+are picked up by the config checks, the local update, the model builder, the server and the data loader."""
+import dataclasses
+
+import pytest
+import torch
+
+import catalog
+import losses
+import models
+import strategies
+from data import DataConfig, DataError
+from engine import PretrainConfig
+from federation import ClientUpdate, FedConfig, run_round
+from helpers import SHAPES, tiny_modalities
+from local_update import LocalSettings, OptimConfig, local_ssl_update, make_optimizer
+from modality_specs import MODALITIES, MODALITY_SPECS
+from partition import holding_kinds
+from runtime import make_scaler
+from settings import ConfigError
+
+
+def test_every_registry_has_two_real_entries():
+    assert len(losses.OBJECTIVES) >= 2 and len(models.BACKBONES) >= 2 and len(strategies.STRATEGIES) >= 2
+    assert len(MODALITY_SPECS) >= 2 and MODALITIES == ("image", "audio")
+    assert {s.kind for s in catalog.DATASETS.values()} == {"image", "audio", "both"}
+
+
+def test_the_backbone_family_decides_memory_format_not_a_name_prefix():
+    assert models.backbone_family("resnet18").memory_format == torch.channels_last
+    assert models.backbone_family("vit_small").memory_format == torch.contiguous_format
+    with pytest.raises(ConfigError, match="model.arch='convmixer'"):
+        models.backbone_family("convmixer")
+
+
+def test_modality_specs_give_batch_sizes_and_holding_kinds():
+    optim = OptimConfig(batch_size=64, batch_size_audio=16)
+    assert [MODALITY_SPECS[m].batch_size(optim) for m in MODALITIES] == [64, 16]
+    assert OptimConfig(batch_size=64).batch_for("audio") == 64
+    assert holding_kinds(("image", "audio")) == [("image",), ("audio",), ("image", "audio")]
+    with pytest.raises(ConfigError, match=r"expected 3 fractions, one per holding kind \(image, audio, image\+audio\)"):
+        PretrainConfig(fed=FedConfig(modality_fractions=(0.5, 0.5)))
+
+
+def test_a_new_objective_is_one_function_and_one_entry(monkeypatch):
+    calls = []
+
+    def mean_cosine(embeds, cfg, cross_modal_negatives=False):
+        calls.append(sorted(embeds))
+        return {m: -torch.nn.functional.cosine_similarity(z1.float(), z2.float()).mean() for m, (z1, z2) in embeds.items()}
+    monkeypatch.setitem(losses.OBJECTIVES, "cosine", losses.Objective(mean_cosine, False))
+    cfg = losses.LossConfig(name="cosine")  # the config check reads the registry
+    torch.manual_seed(0)
+    model = models.build_model(models.ModelConfig(arch="resnet_tiny", width=8), SHAPES)
+    data, optim = tiny_modalities(), OptimConfig(batch_size=8)
+    out = local_ssl_update(model, make_optimizer(model, optim), make_scaler(torch.device("cpu"), "fp32"), data,
+                           {m: torch.arange(16) for m in data}, LocalSettings(DataConfig(), optim, cfg), 0.05,
+                           torch.Generator().manual_seed(0), max_steps=3)
+    assert len(calls) == 3 and -1.0 <= out["loss_image"] <= 1.0
+
+
+def test_a_new_backbone_family_is_one_builder_and_one_entry(monkeypatch):
+    class Trunk(torch.nn.Module):
+        out_dim = 8
+
+        def forward(self, x):
+            return x.mean(dim=(2, 3))
+
+    def build(cfg, stem_inputs, modalities):
+        return torch.nn.ModuleDict({k: torch.nn.Conv2d(s[0], 8, 3, padding=1) for k, s in stem_inputs.items()}), Trunk()
+    monkeypatch.setitem(models.BACKBONES, "pool", models.BackboneFamily({"pool8": ()}, build))
+    model = models.build_model(models.ModelConfig(arch="pool8"), SHAPES)
+    assert model(torch.randn(2, *SHAPES["audio"]), "audio").shape == (2, 128)
+
+
+def test_a_new_strategy_is_one_subclass_and_one_entry(monkeypatch):
+    class Last(strategies.Strategy):
+        """Keeps the last client's state (a toy)."""
+        def accumulator(self, g):
+            return self
+
+        def add(self, state, weight):
+            self.state = {k: v.clone() for k, v in state.items()}
+
+        def step(self, g, acc):
+            return acc.state
+    monkeypatch.setitem(strategies.STRATEGIES, "last", Last)
+    s = strategies.make_strategy(FedConfig(aggregation="last"))
+    ups = {i: ClientUpdate(i, {"w": torch.tensor([float(i)])}, {"image": 1}, {"steps": 1}) for i in range(3)}
+    assert run_round({"w": torch.zeros(1)}, [0, 1, 2], ups.__getitem__, strategy=s)[0]["w"].item() == 2.0
+
+
+def test_a_new_dataset_is_one_reader_and_one_entry(monkeypatch, tmp_path):
+    def read(root, cfg, bad):
+        g = torch.Generator().manual_seed(0)
+        x = torch.randint(0, 256, (40, 3, 8, 8), generator=g, dtype=torch.uint8).numpy()
+        y = (torch.arange(40) % 4).numpy()
+        return {"train_x": x[:32], "train_y": y[:32], "test_x": x[32:], "test_y": y[32:], "classes": list("abcd")}
+    monkeypatch.setitem(catalog.DATASETS, "toy", catalog.DatasetSpec("image", read, "nothing at all"))
+
+    cfg = DataConfig(dataset="toy+esc50", modalities=("image",), image_root=str(tmp_path), cache_dir=str(tmp_path))
+    assert catalog.load_data(cfg, "cpu")["image"].shape == (3, 8, 8)
+    missing = dataclasses.replace(cfg, dataset="cifar10+esc50", image_root=str(tmp_path / "none"))
+    with pytest.raises(DataError, match=r"Expected layout: cifar-10-batches-py"):
+        catalog.load_data(missing, "cpu")
