@@ -167,15 +167,21 @@ def simulate(argv, supernodes: int = 2, client_cpus: float = 1.0, client_gpus: f
         raise err
 
 
-def main(argv=None) -> None:
+def parse_args(argv):
+    """(the engine's options, pretrain.py's argv)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 allow_abbrev=False)
     p.add_argument("--supernodes", type=int, default=2, help="virtual SuperNodes (each serves client ids i %% S)")
     p.add_argument("--client-cpus", type=float, default=1.0, help="CPUs per ClientApp (Ray resources)")
     p.add_argument("--client-gpus", type=float, default=0.0, help="GPUs per ClientApp, e.g. 0.5 for two per GPU")
-    args, rest = p.parse_known_args(sys.argv[1:] if argv is None else argv)
+    args, rest = p.parse_known_args(argv)
     if args.supernodes < 1:
         p.error("--supernodes must be at least 1")
+    return args, rest
+
+
+def main(argv=None) -> None:
+    args, rest = parse_args(sys.argv[1:] if argv is None else argv)
     runtime.run_main(lambda a: simulate(a, args.supernodes, args.client_cpus, args.client_gpus), rest)
 
 

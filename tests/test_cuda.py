@@ -6,6 +6,7 @@ import torch
 import pretrain
 from helpers import ROOT, TINY_DATA
 
+
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
@@ -34,7 +35,11 @@ def test_bench_cuda_reports_tflops(tmp_path, cache_dir, monkeypatch):
     res = bench.main(["--config", "configs/smoke.yaml", "--steps", "2", "--repeats", "1", "--workers", "0",
                       f"--out={tmp_path / 'b.json'}", f"--data.cache_dir={cache_dir}", "--run.device=cuda",
                       "--skip-scaling", *TINY_DATA])
-    assert res["tflops"]["image"]["achieved_tflops"] > 0
+    img = res["tflops"]["image"]
+    assert img["flops_per_step"] > 0 and 0 < img["achieved_tflops"]
+    if img["fraction_of_peak"] is not None:  # a known GPU: the fraction is the achieved rate over its bf16 peak
+        assert img["fraction_of_peak"] == pytest.approx(img["achieved_tflops"] / res["tflops"]["bf16_peak_tflops"])
+        assert img["fraction_of_peak"] < 1
 
 
 def test_bf16_training_steps_do_not_sync_the_device():

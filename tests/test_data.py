@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from augment import AudioAugConfig, ImageAugConfig, augment_audio, augment_image, color_jitter, random_resized_crop
+from avfashion import read_idx, trim_and_centre, wav_bytes_to_array
 from data import DataConfig, DataError, ModalityData
 from partition import assign_modalities, dirichlet_partition, group_partition, iid_partition, partition
-from avfashion import read_idx, trim_and_centre, wav_bytes_to_array
 from settings import ConfigError
 
 

@@ -16,10 +16,12 @@ import torch
 
 from helpers import ROOT, TINY_DATA
 
+
 RUN = ["configs/smoke.yaml", "--fed.clients=4", "--fed.clients_per_round=3", "--fed.modality_fractions=[0.4,0.4,0.2]",
        "--optim.batch_size=32", "--run.threads=1", "--run.deterministic=true", "--run.progress=false",
        "--run.final_probe=false", "--run.eval_every=0", *TINY_DATA]
 BIN = Path(sys.executable).parent
+pytestmark = pytest.mark.slow  # every engine test starts servers or several processes
 ENV = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "OMP_NUM_THREADS": "1",
        "GLOO_SOCKET_IFNAME": "lo", "PYTHONUNBUFFERED": "1"}
 

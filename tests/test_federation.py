@@ -5,8 +5,8 @@ import torch
 
 from federation import ClientUpdate, FedConfig, is_shared, run_round, sample_clients
 from local_update import OptimConfig, batch_schedule, lr_at
-from strategies import fedavg
 from settings import ConfigError
+from strategies import fedavg
 
 
 def test_fedavg_matches_hand_computed_average():

@@ -4,6 +4,7 @@ import torch
 from models import ModelConfig, build_model, count_params
 from settings import ConfigError
 
+
 SHAPES = {"image": (3, 16, 16), "audio": (1, 16, 24)}
 
 

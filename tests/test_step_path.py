@@ -1,6 +1,5 @@
 """The training step as a GPU would run it, checked on CPU: no host sync inside a step, torch.compile that
 compiles once per modality and stays compiled, and the AMP state that exact resume needs."""
-
 import pytest
 import torch
 
@@ -68,6 +67,7 @@ def test_our_batchnorm_equals_stock_batchnorm():
         assert list(ours.state_dict()) == list(ref.state_dict())  # checkpoints keep the stock key names
 
 
+@pytest.mark.slow
 def test_compile_compiles_once_per_modality_then_stays_compiled():
     from torch._dynamo.utils import counters
     torch._dynamo.reset()

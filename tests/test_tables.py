@@ -30,6 +30,7 @@ def test_mean_std_of_known_per_seed_numbers():
     assert "| FSSUAVL (one model) | linear | 0 1 2 | c.yaml | 52.00 ± 2.00 |" in md
 
 
+@pytest.mark.slow
 def test_tables_end_to_end_tiny(tmp_path, cache_dir, monkeypatch):
     monkeypatch.chdir(ROOT)
     out = tmp_path / "tables"

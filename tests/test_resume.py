@@ -1,0 +1,172 @@
+"""Exact resume: runs survive SIGKILL anywhere, SIGTERM, corrupted or truncated checkpoints and a full disk; resume
+edge cases end where they should, and checkpoint refusals never suggest an unsafe load."""
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import checkpoints
+import finetune
+import pretrain
+from helpers import ROOT, TINY_DATA, smoke_args
+
+
+sys.path.insert(0, str(ROOT / "scripts"))
+import kill_resume  # noqa: E402
+
+
+pytestmark = pytest.mark.usefixtures("in_root")
+
+
+def _args(out, cache_dir, *extra):
+    return smoke_args(out, cache_dir, "--run.deterministic=true", *extra)
+
+
+def one_line_error(fn, *args) -> str:
+    with pytest.raises(SystemExit) as e:
+        fn(*args)
+    text = str(e.value.code)
+    assert text.startswith("error: ") and "\n" not in text and "Traceback" not in text, text
+    return text
+
+
+def _rounds(out):
+    return [json.loads(ln)["round"] for ln in (out / "log.jsonl").read_text().splitlines()]
+
+
+# ----------------------------------------------------------------------------- diverged runs
+
+@pytest.mark.slow
+def test_sigkill_at_random_moments_then_resume_is_bit_identical(tmp_path, cache_dir):
+    survived, mismatches = kill_resume.main(["--kills", "3", "--kills-per-run", "3", "--rounds", "5", "--seed", "1",
+                                             "--workdir", str(tmp_path), f"--data.cache_dir={cache_dir}", *TINY_DATA])
+    assert survived == 3 and mismatches == 0
+
+
+@pytest.mark.slow
+def test_sigterm_finishes_the_step_and_says_how_to_resume(tmp_path, cache_dir):
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    pretrain.main(_args(ref, cache_dir, "--fed.rounds=6"))
+    cmd = [sys.executable, "pretrain.py", *_args(run, cache_dir, "--fed.rounds=6")]
+    # each checkpoint write pauses 1 s, so the run is still going when the signal comes (it never finishes first)
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "FSSUAVL_TEST_CKPT_DELAY": "1.0"})
+    log = run / "log.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (log.exists() and len(log.read_text().splitlines()) >= 2):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert "SIGTERM" in err and f"Resume with: python pretrain.py --resume {run}" in err
+    done = checkpoints.load_checkpoint(run / "last.pt")["round"]
+    assert done >= 1
+    pretrain.main(["--resume", str(run), "--run.progress=false"])
+    a = torch.load(ref / "last.pt", weights_only=True)["model"]
+    b = torch.load(run / "last.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_corrupted_or_truncated_checkpoint_falls_back_to_previous(tmp_path, cache_dir, capsys):
+    out = tmp_path / "run"
+    pretrain.main(_args(out, cache_dir, "--fed.rounds=2"))
+    good = (out / "last.pt").read_bytes()
+    # a flipped byte inside the tensor data: still unpickles, caught by the checksum
+    ck = torch.load(out / "last.pt", weights_only=True)
+    k = next(iter(ck["model"]))
+    ck["model"][k] = ck["model"][k] + 1
+    torch.save(ck, out / "last.pt")
+    with pytest.raises(checkpoints.CheckpointError, match="corrupted"):
+        checkpoints.load_checkpoint(out / "last.pt")
+    found, path = checkpoints.load_latest_checkpoint(out)
+    assert path.name == "last.pt.prev" and found["round"] == 1
+    assert "last.pt is corrupted" in capsys.readouterr().out
+    (out / "last.pt").write_bytes(good[: len(good) // 2])  # truncated
+    with pytest.raises(checkpoints.CheckpointError, match="unreadable"):
+        checkpoints.load_checkpoint(out / "last.pt")
+    pretrain.main(["--resume", str(out), "--run.progress=false"])  # redoes round 2 from the round-1 checkpoint
+    assert checkpoints.load_checkpoint(out / "last.pt")["round"] == 2
+
+
+def test_disk_full_while_saving_is_a_clear_error_and_keeps_the_previous(tmp_path, cache_dir, monkeypatch):
+    real_save = torch.save
+    calls = {"n": 0}
+
+    def full_disk(obj, f, *a, **kw):
+        calls["n"] += 1
+        if calls["n"] >= 2:  # round 0 saves, round 1 finds the disk full
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *a, **kw)
+    monkeypatch.setattr(torch, "save", full_disk)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit, match=r"could not write checkpoint .*last.pt: No space left on device"):
+        pretrain.main(_args(out, cache_dir))
+    assert checkpoints.load_checkpoint(out / "last.pt")["round"] == 0
+    assert not (out / "last.pt.tmp").exists()
+
+
+@pytest.mark.slow
+def test_resume_edge_cases(tmp_path, cache_dir, capsys):
+    out = tmp_path / "run"
+    pretrain.main(_args(out, cache_dir, "--fed.rounds=3"))
+    # resume from round 0 twice: round 0 is logged once
+    zero = tmp_path / "zero"
+    zero.mkdir()
+    ck = torch.load(out / "last.pt", weights_only=True)
+    for _ in range(2):
+        r0 = torch.load(out / "last.pt.prev", weights_only=True)  # round 2
+        r0 = {k: v for k, v in r0.items() if k not in ("sha256", "digest")}
+        r0.update(round=0, evals=r0["evals"][:1])
+        checkpoints.save_checkpoint(r0, zero / "last.pt", keep_previous=False)
+        (zero / "log.jsonl").write_text(json.dumps({"round": 0}) + "\n")
+        pretrain.main(["--resume", str(zero), "--run.progress=false", "--fed.rounds=1"])
+    assert _rounds(zero) == [0, 1] and len(checkpoints.load_checkpoint(zero / "last.pt")["evals"]) == 2
+    # fed.rounds below the completed rounds: refused, config.yaml untouched
+    before = (out / "config.yaml").read_text()
+    assert "fed.rounds=2 is below the 3 rounds" in one_line_error(
+        pretrain.main, ["--resume", str(out), "--fed.rounds=2", "--run.progress=false"])
+    assert (out / "config.yaml").read_text() == before
+    # --resume RUN/last.pt.prev loads exactly that file (round 2) and redoes round 3
+    pretrain.main(["--resume", str(out / "last.pt.prev"), "--run.progress=false"])
+    assert "resuming" in capsys.readouterr().out
+    assert torch.equal(checkpoints.load_checkpoint(out / "last.pt")["model"]["trunk.layers.0.conv1.weight"],
+                       ck["model"]["trunk.layers.0.conv1.weight"])
+    assert _rounds(out) == [0, 1, 2, 3]
+    # an edited round is caught by the digest; the fallback keeps the good previous copy (round 3 since the redo)
+    bad = torch.load(out / "last.pt", weights_only=True)
+    bad["round"] = 99
+    torch.save(bad, out / "last.pt")
+    good_prev = (out / "last.pt.prev").read_bytes()
+    found, path = checkpoints.load_latest_checkpoint(out, warn=lambda m: None)
+    assert path.name == "last.pt.prev" and found["round"] == 3
+    assert (out / "last.pt.corrupt").exists() and (out / "last.pt.prev").read_bytes() == good_prev
+    pretrain.main(["--resume", str(out), "--run.progress=false", "--fed.rounds=4"])
+    assert checkpoints.load_checkpoint(out / "last.pt")["round"] == 4
+    assert (out / "last.pt.prev").read_bytes() == good_prev  # the tampered file was not rotated over it
+    assert _rounds(out) == [0, 1, 2, 3, 4]
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def test_refusals_never_suggest_the_unsafe_load(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+    torch.save({"format": 1, "x": Evil()}, tmp_path / "evil.pt")
+    (tmp_path / "text.pt").write_text("not a checkpoint")
+    for name, expect in (("evil.pt", "refusing"), ("text.pt", "unreadable")):
+        with pytest.raises(checkpoints.CheckpointError) as e:
+            checkpoints.load_checkpoint(tmp_path / name)
+        assert expect in str(e.value) and "weights_only" not in str(e.value) and "safe_globals" not in str(e.value)
+    msg = one_line_error(finetune.main, ["--ckpt", str(tmp_path / "evil.pt")])
+    assert "could run arbitrary code" in msg and "weights_only=False" not in msg
+
+
+# ----------------------------------------------------------------------------- finetune.py
