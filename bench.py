@@ -4,7 +4,7 @@
     python bench.py --config configs/cifar10_esc50_resnet18.yaml --steps 10 --out results/bench_r18.json
 
 Measured side by side, each section warmed up, then timed `--repeats` times (min and median reported):
-  (a) ours: the real local update (federation.local_ssl_update): client data held on the device (uint8
+  (a) ours: the real local update (local_update.local_ssl_update): client data held on the device (uint8
       images, fp16 log-mels), both views made by batched per-sample augmentation on the device, one forward
       over both views; in fp32, and with bf16 autocast + channels_last where the device has native bf16
       (what pretrain.py then uses);
@@ -77,7 +77,7 @@ def train_step(model, opt, x1, x2, modality, tau, amp_ctx):
 # ----------------------------------------------------------------------------- (a) ours
 
 def ours_runner(model, opt, md, modality, cfg, steps, batch, device, amp):
-    """`steps` local steps of the real training path (federation.local_ssl_update) on a client holding
+    """`steps` local steps of the real training path (local_update.local_ssl_update) on a client holding
     steps * batch random samples of the on-device data."""
     settings = LocalSettings(cfg.data, dataclasses.replace(cfg.optim, batch_size=batch, batch_size_audio=batch),
                              cfg.loss, amp=amp)

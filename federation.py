@@ -123,18 +123,17 @@ def nbytes(state: dict[str, torch.Tensor], keys=None) -> int:
 def run_round(global_state: dict[str, torch.Tensor], clients: list[int],
               local_update: Callable[[int], ClientUpdate], share: Callable[[str], bool] = is_shared,
               on_client: Optional[Callable[[ClientUpdate], None]] = None, weighting: str = "total",
-              aggregator=None, strategy: Optional[Strategy] = None):
+              strategy: Optional[Strategy] = None):
     """One round. Each client's update is consumed before the next client trains, so `local_update`
     may return views of one reused model. Updates with a non-finite loss or weight are rejected and
     logged; if all are rejected the global model is kept. weighting: 'total' weights every key by the
     client's sample count; 'modality' uses `modality_weight`. strategy: the server Strategy (its accumulator
-    folds the clients, its step makes the new global tensors); or aggregator: a bare accumulator (FedAvg's
-    WeightedAverage by default).
+    folds the clients, its step makes the new global tensors); None is plain FedAvg.
     Each accepted client's metrics carry `bytes_down` (the shared global tensors the server sent it) and
     `bytes_up` (the tensors of its reply that the server aggregates: a key with weight 0 for this client,
     such as the other modality's stem under weighting='modality', is not counted, as it need not be sent).
     Returns (new_global_state, list of per-client metric dicts, list of rejected client ids)."""
-    agg = aggregator or (strategy.accumulator(global_state) if strategy is not None else WeightedAverage())
+    agg = strategy.accumulator(global_state) if strategy is not None else WeightedAverage()
     metrics, rejected = [], []
     down = nbytes(global_state, {k for k in global_state if share(k)})
     for cid in clients:
@@ -154,7 +153,7 @@ def run_round(global_state: dict[str, torch.Tensor], clients: list[int],
     if not metrics:
         return dict(global_state), metrics, rejected
     new = dict(global_state)
-    new.update(strategy.step(global_state, agg) if strategy is not None and aggregator is None else agg.result(global_state))
+    new.update(strategy.step(global_state, agg) if strategy is not None else agg.result(global_state))
     return new, metrics, rejected
 
 

@@ -7,7 +7,7 @@ The ServerApp is `pretrain.py`'s run (pretraining.cli) with a Flower engine: it 
 round), sends each sampled client's node the global arrays with the client id, the round, its learning rate
 (the ClientApp checks it against its own schedule) and the run's config, folds the replies with our strategy
 in client order (per-modality sample counts travel in the reply's metrics, so fed.weighting=modality works), and writes config.yaml, log.jsonl and last.pt exactly as pretrain.py does,
-so finetune.py and tables.py read a Flower run unchanged and --resume continues one. Each ClientApp process
+so finetune.py and paper_tables.py read a Flower run unchanged and --resume continues one. Each ClientApp process
 loads the data once and trains whichever client ids it is sent with `engine.Clients.update`, the client
 function of every engine: on the same config and seed the global weights equal the in-process run's.
 Client i goes to the i % S-th SuperNode (node ids sorted), S the number of SuperNodes.
