@@ -105,6 +105,13 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
                               f"({type(e).__name__}: {(lines[0] if lines else '')[:200]})") from e
     if not isinstance(obj, dict) or obj.get("format") != CKPT_FORMAT:
         raise CheckpointError(f"{path} is not an FSSUAVL checkpoint (format {CKPT_FORMAT})")
+    full = "sha256" in obj and obj.get("digest") == "all"
+    if not full:
+        if os.environ.get("FSSUAVL_ACCEPT_UNDIGESTED") != "1":
+            raise CheckpointError(f"checkpoint {path} carries no sha256 over all of its contents (written by an older "
+                                  f"version, or its digest was removed), so corruption or an edit cannot be detected. "
+                                  f"If you trust the file, accept it knowingly: FSSUAVL_ACCEPT_UNDIGESTED=1")
+        print(f"warning: loading {path} without a full digest (FSSUAVL_ACCEPT_UNDIGESTED=1)")
     if "sha256" in obj and obj["sha256"] != tensor_digest(obj, primitives=obj.get("digest") == "all"):
         raise CheckpointError(f"checkpoint {path} is corrupted or was edited: its contents do not match the stored sha256")
     return obj
@@ -218,20 +225,24 @@ class JsonlLog:
             f.write(json.dumps(record, default=float) + "\n")
             f.flush()
 
-    def truncate_after(self, round_idx: int) -> None:
-        """Drop lines of rounds after `round_idx` (a resumed run re-logs them) and any line cut short by
-        a kill, rewriting the file atomically."""
-        if not self.path.exists():
-            return
-        keep = []
-        for ln in self.path.read_text().splitlines():
+    def truncate_after(self, round_idx: int) -> list[int]:
+        """Drop lines of rounds after `round_idx` (a resumed run re-logs them), any line cut short by a kill and any
+        record without an integer round, rewriting the file atomically. Returns the rounds 0..round_idx that have no
+        record (deleted or lost), so the caller can say so."""
+        if self.path.is_dir():
+            raise RunDirError(f"{self.path} is a directory, not the run's log: move it away, then resume")
+        keep, seen = [], set()
+        for ln in (self.path.read_text(errors="replace").splitlines() if self.path.exists() else []):
             try:
                 rec = json.loads(ln)
             except json.JSONDecodeError:
                 continue
-            if isinstance(rec, dict) and rec.get("round", -1) <= round_idx:
+            r = rec.get("round") if isinstance(rec, dict) else None
+            if isinstance(r, int) and not isinstance(r, bool) and r <= round_idx and r not in seen:
                 keep.append(ln)
+                seen.add(r)
         tmp = self.path.with_name(self.path.name + ".tmp")
         tmp.write_text("".join(ln + "\n" for ln in keep))
         os.replace(tmp, self.path)
+        return [r for r in range(round_idx + 1) if r not in seen]
 

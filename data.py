@@ -74,7 +74,7 @@ class DataConfig:
         check_range("data.test_fold", self.test_fold, lo=1, hi=10)
         check_range("data.dither_db", self.dither_db, hi=0.0)
         for k in ("root", "image_root", "audio_root", "cache_dir"):
-            setattr(self, k, expand_path(getattr(self, k)))
+            setattr(self, k, expand_path(getattr(self, k), f"data.{k}"))
         check_range("data.max_train_images", self.max_train_images, lo=0)
         for k in ("knn_bank", "knn_queries", "knn_k"):
             check_range(f"data.{k}", getattr(self, k), lo=0)
@@ -108,10 +108,16 @@ def stratified_subset(y, n: int, seed: int) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- caches
 
+CONTENT_HASHED = (".csv", ".txt", ".tsv", ".json", ".meta")  # files a user edits in place: hashed by content
+CONTENT_HASH_MAX = 1 << 18                                    # ... as is any file up to 256 KiB
+
+
 def source_fingerprint(*paths) -> str:
     """A digest of what a cache entry was built from: every file under `paths` (files or folders) with its
-    relative name, size and modification time. Editing, adding or removing a file (a labels.csv, a clip)
-    changes it, so a stale cache is never reused."""
+    relative name, size and modification time, and for label and list files (and any small file) its content.
+    Editing, adding or removing a file changes it, even a same-size edit of labels.csv with its mtime restored,
+    so a stale cache is never reused. Large data files are keyed by size and mtime (hashing every clip of a
+    dataset at each load would cost more than it protects)."""
     h = hashlib.sha1()
     for root in paths:
         root = Path(root)
@@ -120,6 +126,8 @@ def source_fingerprint(*paths) -> str:
         for f in files:
             st = f.stat()
             h.update(f"{f.relative_to(root) if f != root else f.name}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+            if f.suffix.lower() in CONTENT_HASHED or st.st_size <= CONTENT_HASH_MAX:
+                h.update(hashlib.sha1(f.read_bytes()).digest())
     return h.hexdigest()[:12]
 
 

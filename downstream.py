@@ -50,7 +50,7 @@ class EvalConfig:
         for key in ("tasks", "protocols", "label_fractions", "wd_grid"):
             if not getattr(self, key):
                 raise ConfigError(f"eval.{key}=[]: give at least one (an empty list would write a results file with no rows)")
-        self.fluidr3_sf2 = expand_path(self.fluidr3_sf2)
+        self.fluidr3_sf2 = expand_path(self.fluidr3_sf2, "eval.fluidr3_sf2")
         check_range("eval.probe_iters", self.probe_iters, lo=1, hi=100_000)
         check_range("eval.finetune_epochs", self.finetune_epochs, lo=1, hi=10_000)
         check_range("eval.finetune_lr", self.finetune_lr, lo=0.0, lo_open=True, hi=100.0)
@@ -189,7 +189,7 @@ def evaluate_checkpoint(ckpt, config=None, overrides=(), random_init: bool = Fal
     """Every configured downstream task of the checkpoint `ckpt` (RUN_DIR/last.pt or RUN_DIR), with an optional
     YAML of eval/run/data sections and dotted overrides; random_init evaluates the same architecture untrained.
     Writes results[_random_init].json and .md (beside the checkpoint unless run.out_dir) and returns the result."""
-    ckpt_path = Path(expand_path(str(ckpt)))
+    ckpt_path = Path(expand_path(str(ckpt), "--ckpt"))
     if ckpt_path.is_dir():
         ckpt_path = ckpt_path / "last.pt"
     ck = load_checkpoint(ckpt_path)
@@ -206,6 +206,12 @@ def evaluate_checkpoint(ckpt, config=None, overrides=(), random_init: bool = Fal
         raw["run"].setdefault("out_dir", "")
     apply_overrides(raw, overrides)
     cfg = build_dataclass(FinetuneConfig, raw)
+    mods = set(ck["input_shapes"])
+    if not [t for t in cfg.eval.tasks if t in mods or (t == "paired" and {"image", "audio"} <= mods)
+            or (t == "fluidr3" and "audio" in mods)]:
+        raise ConfigError(f"eval.tasks={list(cfg.eval.tasks)}: none applies to {ckpt_path}, pretrained on "
+                          f"{', '.join(sorted(mods))}; give one of {', '.join(sorted(mods))} (or paired / fluidr3 where "
+                          f"the modalities allow)")
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     runtime.seed_everything(cfg.run.seed, cfg.run.deterministic)
@@ -221,13 +227,16 @@ def evaluate_checkpoint(ckpt, config=None, overrides=(), random_init: bool = Fal
 
     t = runtime.Timer()
     rows = evaluate_tasks(model, data, cfg, device)
+    if not rows:
+        raise DataError(f"no task of eval.tasks={list(cfg.eval.tasks)} could be evaluated (see the lines above): "
+                        f"nothing was written")
     out_dir = Path(cfg.run.out_dir) if cfg.run.out_dir else ckpt_path.parent
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise RunDirError(f"cannot write results to {out_dir}: {e.strerror or e}") from e
     stem = "results_random_init" if random_init else "results"
-    result = {"ckpt": str(ckpt_path), "random_init": random_init, "round": ck["round"],
+    result = {"ckpt": str(ckpt_path), "ckpt_sha256": ck.get("sha256"), "random_init": random_init, "round": ck["round"],
               "model": ck["config"]["model"], "pretrain_modalities": list(ck["input_shapes"]),
               "config": to_dict(cfg), "seed": cfg.run.seed, "seconds": round(t(), 1), "rows": rows,
               "env": runtime.environment_info(device)}

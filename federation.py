@@ -74,6 +74,11 @@ class FedConfig:
         if self.prox_mu > 0 and self.aggregation != "fedprox":
             raise ConfigError(f"fed.prox_mu={self.prox_mu} acts only under FedProx, but fed.aggregation="
                               f"{self.aggregation}: set fed.aggregation=fedprox, or drop fed.prox_mu")
+        if self.aggregation == "trimmed_mean" and int(self.trim_frac * self.clients_per_round) < 1:
+            raise ConfigError(f"fed.aggregation=trimmed_mean with fed.trim_frac={self.trim_frac} and fed.clients_per_round="
+                              f"{self.clients_per_round} trims nothing (it cuts int(trim_frac x K) = 0 clients per end, "
+                              f"the plain mean): raise fed.trim_frac to at least {1 / self.clients_per_round:.3g} (at most "
+                              f"0.49), raise fed.clients_per_round, or use fed.aggregation=median")
         if self.cross_modal_negatives and self.order != "sum":
             raise ConfigError("fed.cross_modal_negatives=true needs fed.order=sum (both modalities in one step)")
 

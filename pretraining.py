@@ -65,7 +65,11 @@ def resolve_config(config, overrides, resume) -> tuple[PretrainConfig, dict | No
             return cfg, None
         ckpt, _ = found
     else:
-        run_dir = Path(expand_path(resume))
+        if config:
+            raise ConfigError(f"--resume {resume} continues that run with the config saved in its checkpoint, so the config "
+                              f"file {config} would be ignored: drop it, or give `{config} --resume "
+                              f"--run.out_dir={resume}` to check it against the checkpoint")
+        run_dir = Path(expand_path(resume, "--resume"))
         if run_dir.is_file():  # a named checkpoint (e.g. RUN/last.pt.prev) is loaded exactly as named
             ckpt, path = load_checkpoint(run_dir), run_dir
         else:
@@ -231,7 +235,10 @@ class Pretraining:
             self.clients.scaler.load_state_dict(ckpt["scaler"])
         self.history = list(ckpt.get("evals", []))
         if self.main:
-            self.log.truncate_after(ckpt["round"])
+            lost = self.log.truncate_after(ckpt["round"])
+            if lost:
+                print(f"warning: {self.log.path} has no record of rounds {lost} (deleted or lost); the run resumes, but "
+                      f"whatever is summed from the log (Table 4's costs, the curves) will miss those rounds")
             print(f"resuming {self.out_dir} from round {ckpt['round']}")
         return ckpt["round"] + 1
 

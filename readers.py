@@ -288,13 +288,18 @@ def list_audiofolder(root: Path, cfg: DataConfig):
     meta = root / "labels.csv"
     if not meta.is_file():
         raise MissingData("audiofolder", root, "labels.csv")
-    rows = list(csv.DictReader(open(meta, newline="")))
+    try:
+        rows = list(csv.DictReader(meta.read_text(encoding="utf-8").splitlines()))
+    except UnicodeDecodeError as e:
+        raise DataError(f"audiofolder: {meta} is not UTF-8 text (byte {e.start}): save it as UTF-8") from e
     if not rows or not {"file", "label"} <= set(rows[0]):
         raise DataError(f"audiofolder: {meta} needs a header with at least the columns file,label")
     for line, r in enumerate(rows, start=2):
         if not (r.get("label") or "").strip() or not (r.get("file") or "").strip():
             raise DataError(f"audiofolder: {meta} line {line}: empty {'label' if (r.get('file') or '').strip() else 'file'} "
                             f"({r}); every row needs a file and a label")
+    for r in rows:  # "class0 " and "class0" are one class; a file name's stray spaces are not part of it
+        r["label"], r["file"] = r["label"].strip(), r["file"].strip()
     classes = sorted({r["label"] for r in rows})
     index = {c: i for i, c in enumerate(classes)}
     rng = np.random.default_rng(cfg.build_seed)

@@ -10,6 +10,7 @@ import ast
 import dataclasses
 import math
 import os
+import re
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,9 +25,16 @@ class ConfigError(UserError, ValueError):
     """A config problem, reported as one line naming the key."""
 
 
-def expand_path(p: str | None) -> str | None:
-    """`~` and $VARIABLES expanded, as a shell would (a config is not read by a shell)."""
-    return None if p is None else os.path.expandvars(os.path.expanduser(p))
+def expand_path(p: str | None, key: str = "path") -> str | None:
+    """`~` and $VARIABLES expanded, as a shell would (a config is not read by a shell). A variable that is not set
+    is a ConfigError naming `key` (a shell would silently make it empty; Python would keep `$NAME` as a folder)."""
+    if p is None:
+        return None
+    out = os.path.expandvars(os.path.expanduser(p))
+    unset = re.findall(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)", out)
+    if unset:
+        raise ConfigError(f"{key}={p!r}: the environment variable ${unset[0]} is not set: set it, or write the path out")
+    return out
 
 
 @dataclass
@@ -46,7 +54,7 @@ class RunConfig:
     overwrite: bool = False       # a run.out_dir holding another run is moved aside (to OUT_DIR.old-N), never deleted
 
     def __post_init__(self):
-        self.out_dir = expand_path(self.out_dir)
+        self.out_dir = expand_path(self.out_dir, "run.out_dir")
         check_choice("run.amp", self.amp, ("bf16", "fp16", "fp32"))
         check_range("run.eval_every", self.eval_every, lo=0)
         check_range("run.threads", self.threads, lo=0, hi=4096)
@@ -201,7 +209,7 @@ def read_yaml(path: str | os.PathLike, _seen: tuple[Path, ...] = ()) -> dict:
     OTHER's sections, and this file's keys replace OTHER's key by key, so a variant config is its differing
     lines. A missing file, bad bytes, broken YAML, a top level that is not a mapping or a loop of bases is a
     ConfigError naming the file (and the line)."""
-    p = Path(expand_path(str(path)))
+    p = Path(expand_path(str(path), "config"))
     if p.is_dir():
         raise ConfigError(f"config {p} is a directory: give a YAML file (e.g. configs/default.yaml)")
     if not p.is_file():

@@ -53,6 +53,7 @@ class CoordinateRobust:
     def __init__(self, kind: str = "median", trim_frac: float = 0.1):
         self.kind, self.trim_frac = kind, trim_frac
         self.values: dict[str, list[torch.Tensor]] = {}
+        self.warned = False
 
     def add(self, state: dict[str, torch.Tensor], weight: float | Callable[[str], float]) -> None:
         for k, v in state.items():
@@ -73,8 +74,12 @@ class CoordinateRobust:
                 srt = x.sort(dim=0).values
                 n = len(vs)
                 r = (srt[(n - 1) // 2] + srt[n // 2]) / 2
-            else:
+            else:  # fewer clients than K (some sat out) can leave nothing to cut: said once per round
                 cut = int(self.trim_frac * len(vs))
+                if cut == 0 and not self.warned:
+                    self.warned = True
+                    print(f"warning: trimmed mean over {len(vs)} clients with trim_frac={self.trim_frac} cuts nothing "
+                          f"this round (the plain mean)")
                 r = x.sort(dim=0).values[cut:len(vs) - cut].mean(dim=0)
             out[k] = r.to(like[k].dtype).to(like[k].device)
         return out

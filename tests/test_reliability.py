@@ -320,3 +320,94 @@ def test_impossible_configs_end_with_one_clear_line(tmp_path, cache_dir, overrid
         pretrain.main(_det_args(tmp_path / "run", cache_dir, override))
     text = str(e.value.code)
     assert message in text and "\n" not in text
+
+
+# ----------------------------------------------------------------------------- nothing silently wrong (issue 21)
+
+def test_a_same_size_label_edit_with_its_mtime_restored_is_not_served_from_the_cache(tmp_path):
+    import os
+    root = tmp_path / "af"
+    rows = [{"file": f"c/{i}.wav", "label": "ab"[i % 2], "split": "test" if i < 2 else "train"} for i in range(8)]
+    _audiofolder(root, rows)
+    before = _load_audiofolder(tmp_path, root).train_y.tolist()
+    st = (root / "labels.csv").stat()
+    rows[3]["label"], rows[4]["label"] = rows[4]["label"], rows[3]["label"]  # same size, two labels swapped
+    layouts.write_csv(root / "labels.csv", rows)
+    os.utime(root / "labels.csv", ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (root / "labels.csv").stat().st_size == st.st_size
+    assert _load_audiofolder(tmp_path, root).train_y.tolist() != before
+
+
+def test_audiofolder_labels_are_stripped_and_non_utf8_is_one_line(tmp_path):
+    from data import DataError
+    root = tmp_path / "af"
+    rows = [{"file": f"c/{i}.wav", "label": ["class0", "class0 ", " class1"][i % 3], "split": "test" if i < 3 else "train"}
+            for i in range(9)]
+    _audiofolder(root, rows)
+    assert _load_audiofolder(tmp_path, root).classes == ["class0", "class1"]
+    (root / "labels.csv").write_bytes("file,label\nc/0.wav,caf\xe9\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"labels.csv is not UTF-8 text \(byte \d+\): save it as UTF-8"):
+        _load_audiofolder(tmp_path, root)
+
+
+def test_an_unset_variable_in_a_path_is_an_error_not_a_folder(tmp_path, cache_dir, monkeypatch):
+    monkeypatch.delenv("NO_SUCH_VAR_X", raising=False)
+    msg = one_line_error(pretrain.main, _args(tmp_path / "x", cache_dir, "--run.out_dir=$NO_SUCH_VAR_X/runs/v"))
+    assert "run.out_dir='$NO_SUCH_VAR_X/runs/v': the environment variable $NO_SUCH_VAR_X is not set" in msg
+    assert not (tmp_path / "$NO_SUCH_VAR_X").exists() and not list(tmp_path.glob("*NO_SUCH*"))
+
+
+def test_a_config_beside_resume_run_dir_is_refused(tmp_path):
+    msg = one_line_error(pretrain.main, ["configs/default.yaml", "--resume", str(tmp_path / "r3")])
+    assert "the config file configs/default.yaml would be ignored: drop it" in msg
+
+
+def test_a_trimmed_mean_that_trims_nothing_is_refused():
+    from federation import FedConfig
+    from settings import ConfigError
+    with pytest.raises(ConfigError, match=r"trims nothing .*raise fed.trim_frac to at least 0.5.*use fed.aggregation=median"):
+        FedConfig(aggregation="trimmed_mean", clients_per_round=2, trim_frac=0.49, clients=4)
+    FedConfig(aggregation="trimmed_mean", clients_per_round=5, trim_frac=0.2, clients=10)  # cuts one each end
+
+
+def test_a_checkpoint_without_its_digest_is_refused_unless_accepted_knowingly(tmp_path, monkeypatch, capsys):
+    ck = {"format": checkpoints.CKPT_FORMAT, "round": 1, "model": {"w": torch.ones(2)}}
+    checkpoints.save_checkpoint(ck, tmp_path / "a.pt")
+    for strip in (("sha256",), ("digest",), ("sha256", "digest")):
+        obj = {k: v for k, v in torch.load(tmp_path / "a.pt", weights_only=True).items() if k not in strip}
+        obj["round"] = 99  # the edit a stripped digest would hide
+        torch.save(obj, tmp_path / "b.pt")
+        monkeypatch.delenv("FSSUAVL_ACCEPT_UNDIGESTED", raising=False)
+        with pytest.raises(checkpoints.CheckpointError, match=r"no sha256 over all of its contents.*FSSUAVL_ACCEPT_UNDIGESTED=1"):
+            checkpoints.load_checkpoint(tmp_path / "b.pt")
+    monkeypatch.setenv("FSSUAVL_ACCEPT_UNDIGESTED", "1")
+    torch.save({k: v for k, v in obj.items()}, tmp_path / "c.pt")
+    assert checkpoints.load_checkpoint(tmp_path / "c.pt")["round"] == 99 and "without a full digest" in capsys.readouterr().out
+
+
+def test_the_log_on_resume_drops_bad_records_and_names_missing_rounds(tmp_path):
+    log = checkpoints.JsonlLog(tmp_path / "log.jsonl")
+    for rec in ({"round": 0}, {"round": "x"}, {"round": 2}, {"round": 2}, {"round": 3}, {"round": True}):
+        log.write(rec)
+    with open(log.path, "a") as f:
+        f.write('{"round": 4, "cut sh')
+    assert log.truncate_after(3) == [1]
+    assert _rounds(tmp_path) == [0, 2, 3]
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "log.jsonl").mkdir()
+    with pytest.raises(checkpoints.RunDirError, match="is a directory, not the run's log"):
+        checkpoints.JsonlLog(tmp_path / "d" / "log.jsonl").truncate_after(1)
+
+
+@pytest.mark.slow
+def test_finetune_refuses_tasks_the_checkpoint_cannot_do_and_resume_names_a_lost_record(tmp_path, cache_dir, capsys):
+    out = tmp_path / "img"
+    pretrain.main(_args(out, cache_dir, "--data.modalities=[image]", "--fed.rounds=2", "--run.eval_every=0"))
+    msg = one_line_error(finetune.main, ["--ckpt", str(out), "--eval.tasks=[audio, paired]"])
+    assert "eval.tasks=['audio', 'paired']: none applies to" in msg and "pretrained on image" in msg
+    assert not (out / "results.json").exists()
+    recs = (out / "log.jsonl").read_text().splitlines()
+    (out / "log.jsonl").write_text("\n".join(r for r in recs if json.loads(r)["round"] != 1) + "\n")
+    capsys.readouterr()
+    pretrain.main(["--resume", str(out), "--fed.rounds=3", "--run.progress=false"])
+    assert "has no record of rounds [1] (deleted or lost)" in capsys.readouterr().out
