@@ -4,6 +4,7 @@ import json
 import pytest
 import torch
 
+import checkpoints
 import downstream
 import finetune
 import pretrain
@@ -64,9 +65,9 @@ def test_loader_takes_backbone_and_rejects_wrong_keys(pretrained, tmp_path):
     model, ck = load_backbone(pretrained)
     sd = model.state_dict()
     assert all(torch.equal(sd[k], ck["model"][k]) for k in sd if k.startswith(("stems.", "trunk.")))
-    bad = {k: v for k, v in ck.items() if k != "sha256"}  # a checkpoint from other code, without our digest
+    bad = {k: v for k, v in ck.items() if k not in ("sha256", "digest")}  # keys renamed, then signed again
     bad["model"] = {("trunk.renamed" if k == "trunk.layers.0.conv1.weight" else k): v for k, v in ck["model"].items()}
-    torch.save(bad, tmp_path / "bad.pt")
+    checkpoints.save_checkpoint(bad, tmp_path / "bad.pt", keep_previous=False)
     with pytest.raises(CheckpointError, match=r"missing \['trunk.layers.0.conv1.weight'\].*unexpected \['trunk.renamed'\]"):
         load_backbone(tmp_path / "bad.pt")
     with pytest.raises(CheckpointError, match="not found"):
