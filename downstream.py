@@ -238,7 +238,7 @@ def evaluate_checkpoint(ckpt, config=None, overrides=(), random_init: bool = Fal
     stem = "results_random_init" if random_init else "results"
     result = {"ckpt": str(ckpt_path), "ckpt_sha256": ck.get("sha256"), "random_init": random_init, "round": ck["round"],
               "model": ck["config"]["model"], "pretrain_modalities": list(ck["input_shapes"]),
-              "config": to_dict(cfg), "seed": cfg.run.seed, "seconds": round(t(), 1), "rows": rows,
+              "config": to_dict(cfg), "overrides": list(overrides), "seed": cfg.run.seed, "seconds": round(t(), 1), "rows": rows,
               "env": runtime.environment_info(device)}
     (out_dir / f"{stem}.json").write_text(json.dumps(result, indent=1))
     title = f"{ckpt_path} ({'random init' if random_init else 'round ' + str(ck['round'])}, seed {cfg.run.seed})"

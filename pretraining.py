@@ -80,13 +80,18 @@ def resolve_config(config, overrides, resume) -> tuple[PretrainConfig, dict | No
         new = yaml.safe_load(yaml.safe_dump(ckpt["config"]))
         new["run"]["out_dir"] = str(path.parent)  # the run continues where its checkpoint is
         cfg = build_dataclass(PretrainConfig, apply_overrides(new, overrides))
-    # the checkpoint's config through the dataclasses, so a key added since it was written counts at its default
-    saved = to_dict(build_dataclass(PretrainConfig, yaml.safe_load(yaml.safe_dump(ckpt["config"]))))
-    changed = [d for d in dict_diff(saved, to_dict(cfg)) if not d.startswith(RESUME_MUTABLE)]
+    changed = config_changes(ckpt, cfg)
     if changed:
         raise ConfigError("--resume: the config differs from the checkpoint's in keys that cannot change mid-run: "
                           + "; ".join(changed) + f" (changeable: {', '.join(RESUME_MUTABLE)})")
     return cfg, ckpt
+
+
+def config_changes(ckpt: dict, cfg: PretrainConfig) -> list[str]:
+    """The keys (outside RESUME_MUTABLE) in which `cfg` differs from the config a checkpoint was trained with, read
+    through the dataclasses, so a key added since the checkpoint was written counts at its default."""
+    saved = to_dict(build_dataclass(PretrainConfig, yaml.safe_load(yaml.safe_dump(ckpt["config"]))))
+    return [d for d in dict_diff(saved, to_dict(cfg)) if not d.startswith(RESUME_MUTABLE)]
 
 
 def dry_run(clients: Clients) -> dict:
