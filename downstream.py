@@ -225,6 +225,9 @@ def evaluate_checkpoint(ckpt, config=None, overrides=(), random_init: bool = Fal
             data[m].mean = torch.tensor(st["mean"], device=device)
             data[m].std = torch.tensor(st["std"], device=device)
 
+    if ck.get("runaway") and not random_init:
+        print(f"warning: {ckpt_path} is marked as a runaway run (round {ck['runaway']['round']}: weights "
+              f"{ck['runaway']['weight_norm_ratio']:.3g}x their initial norm): it is not a trained model")
     t = runtime.Timer()
     rows = evaluate_tasks(model, data, cfg, device)
     if not rows:
@@ -236,7 +239,7 @@ def evaluate_checkpoint(ckpt, config=None, overrides=(), random_init: bool = Fal
     except OSError as e:
         raise RunDirError(f"cannot write results to {out_dir}: {e.strerror or e}") from e
     stem = "results_random_init" if random_init else "results"
-    result = {"ckpt": str(ckpt_path), "ckpt_sha256": ck.get("sha256"), "random_init": random_init, "round": ck["round"],
+    result = {"ckpt": str(ckpt_path), "ckpt_sha256": ck.get("sha256"), "runaway": bool(ck.get("runaway")), "random_init": random_init, "round": ck["round"],
               "model": ck["config"]["model"], "pretrain_modalities": list(ck["input_shapes"]),
               "config": to_dict(cfg), "overrides": list(overrides), "seed": cfg.run.seed, "seconds": round(t(), 1), "rows": rows,
               "env": runtime.environment_info(device)}

@@ -63,7 +63,7 @@ class FedConfig:
         check_choice("fed.aggregation", self.aggregation, tuple(STRATEGIES))
         check_range("fed.prox_mu", self.prox_mu, lo=0.0, hi=1e4)
         check_range("fed.server_momentum", self.server_momentum, lo=0.0, hi=0.999)
-        check_range("fed.server_lr", self.server_lr, lo=0.0, lo_open=True, hi=100.0)
+        check_range("fed.server_lr", self.server_lr, lo=0.0, lo_open=True, hi=10.0)
         check_range("fed.trim_frac", self.trim_frac, lo=0.0, hi=0.49)
         if not self.modality_fractions or min(self.modality_fractions) < 0 or sum(self.modality_fractions) <= 0:
             raise ConfigError(f"fed.modality_fractions={list(self.modality_fractions)}: expected non-negative fractions "

@@ -34,7 +34,7 @@ class OptimConfig:
     def __post_init__(self):
         check_choice("optim.name", self.name, ("sgd", "adamw"))
         check_choice("optim.schedule", self.schedule, ("cosine", "constant"))
-        check_range("optim.lr", self.lr, lo=0.0, lo_open=True, hi=1000.0)
+        check_range("optim.lr", self.lr, lo=0.0, lo_open=True, hi=10.0)  # per 256 samples; SimCLR's LARS uses 0.3
         check_range("optim.batch_size", self.batch_size, lo=2, hi=1 << 20)
         if self.batch_size_audio:
             check_range("optim.batch_size_audio", self.batch_size_audio, lo=2, hi=1 << 20)

@@ -26,7 +26,7 @@ class LossConfig:
 
     def __post_init__(self):
         check_choice("loss.name", self.name, tuple(OBJECTIVES))
-        check_range("loss.tau", self.tau, lo=0.0, lo_open=True, hi=100.0)
+        check_range("loss.tau", self.tau, lo=0.01, hi=100.0)  # below 0.01 the logits overflow bf16 and the run blows up
         for k in ("vicreg_sim", "vicreg_var", "vicreg_cov"):
             check_range(f"loss.{k}", getattr(self, k), lo=0.0, hi=1e4)
 

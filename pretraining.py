@@ -33,8 +33,35 @@ RESUME_MUTABLE = ("fed.rounds", "run.out_dir", "run.eval_every", "run.progress",
                   "run.final_probe")
 
 
+RUNAWAY_RATIO = 100.0   # global weight norm / its value at random init: a run past this has not learned, it blew up
+RUNAWAY_WARN = 10.0     # ... and past this, one warning (a normal run stays within a few percent: docs/reliability.md)
+
+
 class Diverged(UserError):
     """Every client of a round sent a non-finite update: nothing was trained, and nothing is saved as trained."""
+
+
+class Runaway(UserError):
+    """The global weights grew by orders of magnitude: the run did not learn; its last.pt is kept, marked."""
+
+
+def weight_norm(state: dict, keys) -> float:
+    """The L2 norm of the parameters (not the buffers) of a state dict, in fp64."""
+    return float(sum(state[k].detach().double().pow(2).sum() for k in keys).sqrt())
+
+
+def likely_cause(cfg: PretrainConfig) -> str:
+    """The setting most likely behind a run that blew up or diverged, named for the user to change."""
+    fed = cfg.fed
+    if fed.aggregation == "fedavgm" and (fed.server_lr > 1 or fed.server_momentum > 0.95):
+        return (f"the server step: lower fed.server_lr ({fed.server_lr:g}) or fed.server_momentum "
+                f"({fed.server_momentum:g})")
+    if fed.aggregation == "fedprox" and fed.prox_mu * cfg.optim.peak_lr >= 1:
+        return f"FedProx's term: lower fed.prox_mu ({fed.prox_mu:g}; mu x lr >= 1 overshoots the global weights)"
+    if cfg.loss.name == "nt_xent" and cfg.loss.tau < 0.05:
+        return f"the temperature: raise loss.tau ({cfg.loss.tau:g}; SimCLR uses 0.1-0.5)"
+    return (f"the learning rate: lower optim.lr (effective {cfg.optim.peak_lr:g}), or set optim.grad_clip"
+            + (", or use run.amp=fp32" if cfg.run.amp == "fp16" else ""))
 
 
 def parse_args(argv, description: str = __doc__):
@@ -215,7 +242,10 @@ class Pretraining:
         self.main = self.engine.main  # this process logs, evaluates and writes the run directory
         self.global_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         self.flops = forward_flops(model, self.data, self.device)
-        self.strategy = make_strategy(cfg.fed, {k for k, _ in model.named_parameters()})  # its state goes into last.pt
+        self.param_keys = [k for k, _ in model.named_parameters()]
+        self.strategy = make_strategy(cfg.fed, set(self.param_keys))  # its state goes into last.pt
+        self.norm0 = weight_norm(self.global_state, self.param_keys)  # the random init's, kept in last.pt
+        self.runaway, self.warned = None, False
         self.client_state: dict[int, dict] = {}
         self.history: list[dict] = []
         self.log = JsonlLog(self.out_dir / "log.jsonl") if self.main else None
@@ -239,6 +269,7 @@ class Pretraining:
         if ckpt.get("scaler"):  # fp16: the loss scale carries over rounds, so exact resume needs it
             self.clients.scaler.load_state_dict(ckpt["scaler"])
         self.history = list(ckpt.get("evals", []))
+        self.norm0 = ckpt.get("weight_norm0", self.norm0)
         if self.main:
             lost = self.log.truncate_after(ckpt["round"])
             if lost:
@@ -270,7 +301,8 @@ class Pretraining:
             "scaler": self.clients.scaler.state_dict(), "server_state": self.strategy.state_dict(),
             "input_shapes": {m: list(md.shape) for m, md in self.data.items()},
             "input_stats": {m: {"mean": md.mean.tolist(), "std": md.std.tolist()} for m, md in self.data.items()},
-            "forward_flops": self.flops, "env": self.env}, self.out_dir / "last.pt")
+            "forward_flops": self.flops, "env": self.env, "weight_norm0": self.norm0,
+            **({"runaway": self.runaway} if self.runaway else {})}, self.out_dir / "last.pt")
 
     def evaluate(self, r: int, probe: bool) -> dict:
         self.model.load_state_dict(self.global_state)
@@ -316,8 +348,21 @@ class Pretraining:
                 self.log.write({**metrics, "diverged": True})
             raise Diverged(f"round {r}: every sampled client's update was non-finite (NaN/Inf loss or weights), so "
                            f"the run diverged and round {r} was not saved; {self.out_dir}/last.pt holds round {r - 1}. "
-                           f"Lower optim.lr (effective {cfg.optim.peak_lr:g}), set optim.grad_clip, or use "
-                           f"run.amp=fp32, then start again")
+                           f"Likely cause: {likely_cause(cfg)}; then start again")
+        ratio = weight_norm(self.global_state, self.param_keys) / max(self.norm0, 1e-12)
+        metrics["weight_norm_ratio"] = round(ratio, 4)  # to the random init's
+        if ratio > RUNAWAY_WARN and not self.warned and self.main:
+            self.warned = True
+            tqdm.write(f"warning: round {r}: the global weights' norm is {ratio:.3g}x the random init's and growing; "
+                       f"likely cause: {likely_cause(cfg)}")
+        if ratio > RUNAWAY_RATIO:
+            self.runaway = {"round": r, "weight_norm_ratio": ratio}
+            if self.main:
+                self.log.write({**metrics, "runaway": True})
+            self.checkpoint(r)
+            raise Runaway(f"round {r}: the global weights' norm reached {ratio:.3g}x the random init's (runaway: the run "
+                          f"is not learning); {self.out_dir}/last.pt holds round {r}, marked as a runaway, and is not a "
+                          f"trained model. Likely cause: {likely_cause(cfg)}; then start again")
         if self.main and (r == cfg.fed.rounds or (rc.eval_every and r % rc.eval_every == 0)):
             metrics.update(self.evaluate(r, probe=rc.final_probe and r == cfg.fed.rounds))
         if self.main:

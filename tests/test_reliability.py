@@ -54,7 +54,9 @@ def test_a_diverged_round_ends_the_run_non_zero_and_saves_nothing_as_trained(tmp
 
 @pytest.mark.parametrize("override, message", [
     ("--optim.lr=1e999", "optim.lr=inf: expected a finite number"),
-    ("--optim.lr=1e6", "optim.lr=1000000.0: must be <= 1000"),
+    ("--optim.lr=1e6", "optim.lr=1000000.0: must be <= 10.0"),
+    ("--loss.tau=0.0001", "loss.tau=0.0001: must be >= 0.01"),
+    ("--fed.server_lr=100", "fed.server_lr=100.0: must be <= 10.0"),
     ("--optim.warmup_rounds=1000000000", "optim.warmup_rounds=1000000000 must be below fed.rounds=1"),
     ("--optim.momentum=1.5", "optim.momentum=1.5: must be <= 0.9999"),
     ("--fed.clients=1000000000", "fed.clients=1000000000: must be <= 1000000"),
@@ -411,3 +413,34 @@ def test_finetune_refuses_tasks_the_checkpoint_cannot_do_and_resume_names_a_lost
     capsys.readouterr()
     pretrain.main(["--resume", str(out), "--fed.rounds=3", "--run.progress=false"])
     assert "has no record of rounds [1] (deleted or lost)" in capsys.readouterr().out
+
+
+def test_a_run_whose_weights_blow_up_ends_non_zero_with_last_pt_marked(tmp_path, cache_dir, monkeypatch, capsys):
+    """lr = 10 (the bound) grows the smoke run's weights ~5x in round 1: with the threshold lowered to 2x for the
+    test, the run stops there, exit 1, naming the round and optim.lr; last.pt is kept and marked; finetune warns."""
+    import pretraining
+    monkeypatch.setattr(pretraining, "RUNAWAY_RATIO", 2.0)
+    monkeypatch.setattr(pretraining, "RUNAWAY_WARN", 1.5)
+    out = tmp_path / "run"
+    msg = one_line_error(pretrain.main, _args(out, cache_dir, "--optim.lr=10", "--fed.rounds=3", "--run.eval_every=0"))
+    assert "round 1: the global weights' norm reached" in msg and "marked as a runaway" in msg
+    assert "Likely cause: the learning rate: lower optim.lr (effective 2.5)" in msg
+    assert "warning: round 1: the global weights' norm is" in capsys.readouterr().out
+    ck = checkpoints.load_checkpoint(out / "last.pt")
+    assert ck["round"] == 1 and ck["runaway"]["round"] == 1 and ck["runaway"]["weight_norm_ratio"] > 2
+    assert json.loads((out / "log.jsonl").read_text().splitlines()[-1])["runaway"] is True
+    res = finetune.main(["--ckpt", str(out), "--run.progress=false", "--eval.tasks=[image]", "--eval.protocols=[knn]",
+                         "--eval.label_fractions=[1.0]"])
+    assert res["runaway"] is True and "is marked as a runaway run" in capsys.readouterr().out
+
+
+def test_the_likely_cause_names_the_setting_that_caused_it():
+    from engine import PretrainConfig
+    from federation import FedConfig
+    from losses import LossConfig
+    from pretraining import likely_cause
+    assert "fed.server_lr" in likely_cause(PretrainConfig(fed=FedConfig(aggregation="fedavgm", server_lr=5.0)))
+    prox = PretrainConfig(fed=FedConfig(aggregation="fedprox", prox_mu=1e4))
+    assert "lower fed.prox_mu" in likely_cause(prox) and "optim.lr" not in likely_cause(prox)
+    assert "raise loss.tau" in likely_cause(PretrainConfig(loss=LossConfig(tau=0.02)))
+    assert "lower optim.lr" in likely_cause(PretrainConfig())
