@@ -18,6 +18,12 @@ from settings import UserError
 CKPT_FORMAT = 1
 
 
+def launcher() -> str:
+    """The command that runs pretraining the way this process was started (for resume advice)."""
+    return "torchrun --nproc_per_node=G pretrain.py" if "TORCHELASTIC_RUN_ID" in os.environ or (
+        "RANK" in os.environ and "WORLD_SIZE" in os.environ) else "python pretrain.py"
+
+
 class RunDirError(UserError):
     """The output directory holds another run, is locked by a running one, or cannot be used."""
 
@@ -74,12 +80,12 @@ def save_checkpoint(obj: dict, path: str | os.PathLike, keep_previous: bool = Tr
             os.fsync(fd)
         finally:
             os.close(fd)
-    except OSError as e:
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError ("file write failed")
         try:
             tmp.unlink(missing_ok=True)
         except OSError:
             pass
-        raise CheckpointError(f"could not write checkpoint {path}: {e.strerror or e}; "
+        raise CheckpointError(f"could not write checkpoint {path}: {getattr(e, 'strerror', None) or e}; "
                               f"the previous checkpoint (if any) is intact") from e
 
 
@@ -177,7 +183,7 @@ class RunDir:
         if not resume and self.holds_run():
             if not overwrite:
                 raise RunDirError(f"{self.path} already holds {self.describe()}. Continue it with "
-                                  f"`python pretrain.py --resume {self.path}`, choose another --run.out_dir, or pass "
+                                  f"`{launcher()} --resume {self.path}`, choose another --run.out_dir, or pass "
                                   f"--run.overwrite=true to move it aside and start again")
             self.lock()  # do not move a directory another process is writing
             self.release()

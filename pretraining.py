@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 import runtime
 import torchrun_engine
-from checkpoints import CKPT_FORMAT, CheckpointError, JsonlLog, RunDir, RunDirError, load_checkpoint, \
+from checkpoints import CKPT_FORMAT, CheckpointError, JsonlLog, RunDir, RunDirError, launcher, load_checkpoint, \
     load_latest_checkpoint, save_checkpoint
 from engine import Clients, InProcess, PretrainConfig, train_one_round
 from evaluation import knn_accuracy, probe_accuracy
@@ -101,8 +101,12 @@ def resolve_config(config, overrides, resume) -> tuple[PretrainConfig, dict | No
             ckpt, path = load_checkpoint(run_dir), run_dir
         else:
             found = load_latest_checkpoint(run_dir, warn=print) if run_dir.is_dir() else None
+            if found is None and (run_dir / "config.yaml").is_file():  # stopped before its first checkpoint
+                print(f"--resume {run_dir}: no checkpoint yet; starting the run from round 0 with its config.yaml")
+                return load_config(PretrainConfig, run_dir / "config.yaml", [f"--run.out_dir={run_dir}", *overrides]), None
             if found is None:
-                raise CheckpointError(f"--resume {run_dir}: no last.pt or last.pt.prev there")
+                raise CheckpointError(f"--resume {run_dir}: no last.pt, last.pt.prev or config.yaml there: nothing to "
+                                      f"continue; start a run with `{launcher()} CONFIG --run.out_dir={run_dir}`")
             ckpt, path = found
         new = yaml.safe_load(yaml.safe_dump(ckpt["config"]))
         new["run"]["out_dir"] = str(path.parent)  # the run continues where its checkpoint is
@@ -328,9 +332,8 @@ class Pretraining:
         except Interrupted:
             signum = stop.signum or signal.SIGTERM  # a torchrun rank may stop because another rank was signalled
             if self.main:
-                launcher = "torchrun --nproc_per_node=G pretrain.py" if torchrun_engine.launched() else "python pretrain.py"
                 print(f"\n{signal.Signals(signum).name}: stopped during round {r}; {self.out_dir}/last.pt holds round "
-                      f"{r - 1}, the last completed one. Resume with: {launcher} --resume {self.out_dir}", file=sys.stderr)
+                      f"{r - 1}, the last completed one. Resume with: {launcher()} --resume {self.out_dir}", file=sys.stderr)
             sys.exit(128 + signum)
         finally:
             stop.restore()

@@ -27,6 +27,8 @@ def run_main(fn, argv=None):
     try:
         return fn(argv)
     except UserError as e:
+        if os.environ.get("RANK", "0") != "0":  # under torchrun every rank meets the same error: rank 0 says it
+            sys.exit(1)
         sys.exit(f"error: {e}")
 
 

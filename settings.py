@@ -59,7 +59,7 @@ class RunConfig:
         check_range("run.eval_every", self.eval_every, lo=0)
         check_range("run.threads", self.threads, lo=0, hi=4096)
         check_range("run.seed", self.seed, lo=0, hi=2 ** 63 - 1)
-        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ConfigError(f"run.device={self.device!r}: expected auto, cpu, cuda or cuda:N")
 
 
@@ -216,9 +216,11 @@ def read_yaml(path: str | os.PathLike, _seen: tuple[Path, ...] = ()) -> dict:
         raise ConfigError(f"config file not found: {p}")
     import yaml
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        data = yaml.load(p.read_text(encoding="utf-8"), Loader=_unique_keys_loader())
     except UnicodeDecodeError as e:
         raise ConfigError(f"{p}: not UTF-8 text (byte {e.start}): save the config as UTF-8") from e
+    except ConfigError as e:
+        raise ConfigError(f"{p}: {e}") from e
     except yaml.YAMLError as e:
         where = getattr(e, "problem_mark", None)
         at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
@@ -226,6 +228,8 @@ def read_yaml(path: str | os.PathLike, _seen: tuple[Path, ...] = ()) -> dict:
         raise ConfigError(f"{p}: invalid YAML{at}: {getattr(e, 'problem', None) or e}{hint}") from e
     except OSError as e:
         raise ConfigError(f"cannot read config {p}: {e.strerror or e}") from e
+    if data is None:
+        raise ConfigError(f"{p} is empty: give at least one section, or `base: default.yaml` for the default experiment")
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: top level must be a mapping of sections")
     base = data.pop("base", None)
@@ -237,6 +241,23 @@ def read_yaml(path: str | os.PathLike, _seen: tuple[Path, ...] = ()) -> dict:
     if parent in _seen + (p.resolve(),):
         raise ConfigError(f"{p}: base {base} leads back to {parent}: configs inherit in a loop")
     return merge(read_yaml(parent, _seen + (p.resolve(),)), data)
+
+
+def _unique_keys_loader():
+    """yaml.SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last one silently)."""
+    import yaml
+
+    class UniqueKeys(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if key in seen:
+                    raise ConfigError(f"key {key!r} appears twice in one section (line {key_node.start_mark.line + 1}): "
+                                      f"YAML would keep only the last; merge them into one")
+                seen.add(key)
+            return super().construct_mapping(node, deep)
+    return UniqueKeys
 
 
 def merge(base: dict, over: dict) -> dict:

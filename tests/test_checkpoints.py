@@ -47,3 +47,17 @@ def test_checkpoint_refuses_arbitrary_pickles_and_garbage(tmp_path):
     torch.save({"model": {}}, tmp_path / "other.pt")
     with pytest.raises(CheckpointError, match="not an FSSUAVL checkpoint"):
         checkpoints.load_checkpoint(tmp_path / "other.pt")
+
+
+def test_a_full_disk_reported_by_torch_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    checkpoints.save_checkpoint({"format": checkpoints.CKPT_FORMAT, "round": 1}, path)
+
+    def full(*a, **kw):
+        raise RuntimeError("[enforce fail at inline_container.cc:626] . PytorchStreamWriter failed writing file data/0: "
+                           "file write failed")
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(CheckpointError, match=r"could not write checkpoint .*last.pt: .*file write failed; the previous"):
+        checkpoints.save_checkpoint({"format": checkpoints.CKPT_FORMAT, "round": 2}, path)
+    monkeypatch.undo()
+    assert checkpoints.load_checkpoint(path)["round"] == 1 and not list(tmp_path.glob("*.tmp"))

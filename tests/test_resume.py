@@ -170,3 +170,17 @@ def test_refusals_never_suggest_the_unsafe_load(tmp_path):
 
 
 # ----------------------------------------------------------------------------- finetune.py
+
+
+@pytest.mark.slow
+def test_resume_of_a_run_stopped_before_its_first_checkpoint_starts_it_with_its_own_config(tmp_path, cache_dir, capsys):
+    """A run killed right after config.yaml was written: the refusal's advice (--resume DIR) now works."""
+    out = tmp_path / "run"
+    pretrain.main(_args(out, cache_dir, "--fed.rounds=1"))
+    for f in ("last.pt", "last.pt.prev", "log.jsonl"):
+        (out / f).unlink(missing_ok=True)
+    assert "Continue it with `python pretrain.py --resume" in one_line_error(pretrain.main, _args(out, cache_dir))
+    pretrain.main(["--resume", str(out), "--run.progress=false"])
+    assert "no checkpoint yet; starting the run from round 0 with its config.yaml" in capsys.readouterr().out
+    assert checkpoints.load_checkpoint(out / "last.pt")["round"] == 1
+    assert "nothing to continue" in one_line_error(pretrain.main, ["--resume", str(tmp_path / "void")])

@@ -67,3 +67,15 @@ def test_bad_bases_end_with_one_line(tmp_path):
     with pytest.raises(ConfigError, match="is a directory: give a YAML file"):
         settings.read_yaml(tmp_path)
 
+
+
+def test_an_empty_config_a_duplicated_section_and_a_bad_device_end_with_one_line(tmp_path):
+    (tmp_path / "empty.yaml").write_text("# nothing but a comment\n")
+    with pytest.raises(ConfigError, match=r"empty.yaml is empty: give at least one section, or `base: default.yaml`"):
+        settings.read_yaml(tmp_path / "empty.yaml")
+    (tmp_path / "dup.yaml").write_text("inner:\n  n: 1\nname: a\ninner:\n  x: 2.0\n")
+    with pytest.raises(ConfigError, match=r"dup.yaml: key 'inner' appears twice in one section \(line 4\)"):
+        settings.read_yaml(tmp_path / "dup.yaml")
+    with pytest.raises(ConfigError, match=r"run.device='cuda:x': expected auto, cpu, cuda or cuda:N"):
+        settings.RunConfig(device="cuda:x")
+    assert settings.RunConfig(device="cuda:1").device == "cuda:1"
