@@ -157,10 +157,20 @@ def simulate(argv, supernodes: int = 2, client_cpus: float = 1.0, client_gpus: f
     _SIM.clear()
     _SIM["argv"] = list(argv)
     resources = {"num_cpus": client_cpus, "num_gpus": client_gpus}
+    os.environ["FSSUAVL_LAUNCHER"] = f"python flower_app.py --supernodes {supernodes}"  # the resume advice
+    # Ray as Flower's backend would start it, but here, so that our handlers are installed after Ray's: Ray hands
+    # SIGTERM to abseil's failure handler, which aborts the process 3 s later (exit 134, no resume line)
+    import ray
+    if not ray.is_initialized():
+        pythonpath = os.pathsep.join(sys.path + [os.environ["PYTHONPATH"]])
+        os.environ["PYTHONPATH"] = pythonpath
+        ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, include_dashboard=False)
+    stop = runtime.GracefulStop()  # the ServerApp's loop runs in a thread: it follows this main-thread handler
     try:
         run_simulation(server_app=server_app, client_app=client_app, num_supernodes=supernodes,
                        backend_config={"client_resources": resources, "init_args": {"include_dashboard": False}})
     finally:
+        stop.restore()
         _SIM.pop("argv", None)
     err = _SIM.pop("error", None)
     if err is not None:

@@ -207,7 +207,12 @@ def pretrain(config=None, overrides=(), resume=False, show_partition: bool = Fal
             raise ConfigError(f"fed.rounds={cfg.fed.rounds} is below the {ckpt['round']} rounds {cfg.run.out_dir} has "
                               f"already completed; give fed.rounds >= {ckpt['round']}, or start a new run in another "
                               f"run.out_dir")
-        out = Pretraining(cfg, make_engine).run(ckpt)
+        try:
+            out = Pretraining(cfg, make_engine).run(ckpt)
+        except SystemExit:  # a stop every rank agreed on (one all-reduce a round): leave together, as below
+            if group is not None:
+                group.barrier()
+            raise
         if group is not None:  # leave together: a rank tearing gloo down while rank 0 still evaluates can abort
             group.barrier()
         return out

@@ -143,19 +143,28 @@ def environment_info(device: torch.device) -> dict:
 
 class GracefulStop:
     """While active, SIGINT and SIGTERM set a flag instead of killing the process, so the training loop
-    can finish its current step and leave a consistent run directory. A second signal acts as usual."""
+    can finish its current step and leave a consistent run directory. A second signal acts as usual. Only the main
+    thread can catch signals: one made in another thread (the Flower simulation runs its ServerApp in one) follows
+    the main thread's active GracefulStop."""
+    main: "GracefulStop | None" = None  # the main thread's, while active
 
     def __init__(self, signals=(signal.SIGINT, signal.SIGTERM)):
-        self.signum: int | None = None
+        self._signum: int | None = None
         self._old = {}
+        self.follows = None
         try:
             for s in signals:
                 self._old[s] = signal.signal(s, self._handle)
-        except ValueError:  # not the main thread: signals stay as they are
-            self._old = {}
+            self._outer, GracefulStop.main = GracefulStop.main, self
+        except ValueError:  # not the main thread: follow the main thread's
+            self._old, self.follows = {}, GracefulStop.main
+
+    @property
+    def signum(self) -> int | None:
+        return self._signum if self._signum is not None or self.follows is None else self.follows.signum
 
     def _handle(self, signum, frame):
-        self.signum = signum
+        self._signum = signum
         signal.signal(signum, self._old.get(signum, signal.SIG_DFL))
         print(f"\n{signal.Signals(signum).name}: finishing the current step, then stopping "
               f"(send it again to stop at once)", file=sys.stderr, flush=True)
@@ -165,6 +174,8 @@ class GracefulStop:
         return self.signum is not None
 
     def restore(self) -> None:
+        if self._old:
+            GracefulStop.main = self._outer
         for s, h in self._old.items():
             signal.signal(s, h)
         self._old = {}

@@ -175,6 +175,25 @@ def test_flower_simulation_resumes_a_killed_run(reference, tmp_path):
     assert [ln.count('"round"') for ln in (cut / "log.jsonl").read_text().splitlines()] == [1, 1, 1]
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_stops_the_flower_simulation_like_every_engine(tmp_path, cache_dir, sig):
+    """SIGTERM / SIGINT to the simulation: the round in flight finishes, exit 143 / 130, the last completed round
+    named with the Flower command that resumes it (Ray's own SIGTERM handler used to abort the process: exit 134)."""
+    out = tmp_path / "run"
+    with _procs() as start:
+        p = start([sys.executable, "flower_app.py", "--supernodes=2", *_args(out, cache_dir, rounds=8)], tmp_path / "f.log")
+        t0 = time.monotonic()
+        while not ((out / "log.jsonl").exists() and (out / "log.jsonl").read_text().count("\n") >= 2):
+            assert p.poll() is None and time.monotonic() - t0 < 180, (tmp_path / "f.log").read_text()[-3000:]
+            time.sleep(0.2)
+        p.send_signal(sig)
+        rc = p.wait(timeout=120)
+    text = (tmp_path / "f.log").read_text()
+    assert rc == 128 + sig, text[-3000:]
+    assert f"Resume with: python flower_app.py --supernodes 2 --resume {out}" in text and "Traceback" not in text
+    assert _weights(out)[0] >= 1
+
+
 def test_flower_deployment_superlink_and_two_supernodes_equal_in_process(reference, tmp_path, cache_dir):
     link, home = _free_port(), tmp_path / "flwr_home"
     home.mkdir()
