@@ -21,7 +21,7 @@ from losses import OBJECTIVES, LossConfig
 from modality_specs import MODALITIES
 from models import ModelConfig, backbone_family, build_model
 from partition import holding_kinds, partition
-from settings import ConfigError, RunConfig
+from settings import ConfigError, RunConfig, UserError
 from strategies import STRATEGIES
 
 
@@ -181,6 +181,10 @@ def server_round(r: int, cfg: PretrainConfig, global_state, client_state, strate
         tqdm.write(f"round {r}: rejected non-finite updates from clients {rejected}"
                    + (" (all: global model kept)" if not per_client else ""))
     return new_state, out
+
+
+class LostWorker(UserError):
+    """A process of the engine (a torchrun rank, a Flower node) went away mid-round; the round is not saved."""
 
 
 class Engine(Protocol):

@@ -18,7 +18,7 @@ import runtime
 import torchrun_engine
 from checkpoints import CKPT_FORMAT, CheckpointError, JsonlLog, RunDir, RunDirError, launcher, load_checkpoint, \
     load_latest_checkpoint, save_checkpoint
-from engine import Clients, InProcess, PretrainConfig, train_one_round
+from engine import Clients, InProcess, LostWorker, PretrainConfig, train_one_round
 from evaluation import knn_accuracy, probe_accuracy
 from local_update import Interrupted, local_ssl_update
 from models import count_params
@@ -334,6 +334,9 @@ class Pretraining:
             for r in bar:
                 self.one_round(r, stop)
                 bar.set_postfix({k: f"{v:.3g}" for k, v in self.last.items() if k.startswith(("loss", "knn"))})
+        except LostWorker as e:
+            raise LostWorker(f"round {r}: {e}; {self.out_dir}/last.pt holds round {r - 1}, the last completed one. "
+                             f"Resume with: {launcher()} --resume {self.out_dir}") from e
         except Interrupted:
             signum = stop.signum or signal.SIGTERM  # a torchrun rank may stop because another rank was signalled
             if self.main:

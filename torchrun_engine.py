@@ -20,6 +20,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from engine import LostWorker
 from federation import ClientUpdate
 from local_update import Interrupted
 
@@ -139,10 +140,13 @@ class Torchrun:
                                              upd.metrics)
         except Interrupted:
             stopped = True
-        if self.g.any(stopped):  # every rank reaches this once per round, so nobody waits on a stopped rank
+        if self._collective(self.g.any, stopped):  # every rank reaches this once per round: nobody waits on a stopped one
             raise Interrupted
 
         def fetch(cid: int) -> ClientUpdate:
+            return self._collective(receive, cid)
+
+        def receive(cid: int) -> ClientUpdate:
             src = owner[cid]
             upd = mine.pop(cid, None)
             samples, metrics = self.g.broadcast_object(None if upd is None else (upd.samples, upd.metrics), src)
@@ -155,7 +159,15 @@ class Torchrun:
         return fetch
 
     def stop_requested(self, local: bool) -> bool:
-        return self.g.any(local or self.g.stop_posted())
+        return self._collective(lambda: self.g.any(local or self.g.stop_posted()))
+
+    def _collective(self, fn, *args):
+        """A collective of the round; a rank that died (killed, out of memory) makes it fail on the others: said as
+        one LostWorker line instead of gloo's or NCCL's traceback."""
+        try:
+            return fn(*args)
+        except (RuntimeError, ConnectionError) as e:  # DistBackendError / DistNetworkError are RuntimeErrors
+            raise LostWorker(f"a torchrun rank was lost mid-round ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from e
 
     def close(self) -> None:
         pass

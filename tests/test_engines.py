@@ -175,6 +175,30 @@ def test_flower_simulation_resumes_a_killed_run(reference, tmp_path):
     assert [ln.count('"round"') for ln in (cut / "log.jsonl").read_text().splitlines()] == [1, 1, 1]
 
 
+def test_a_lost_torchrun_rank_is_one_line_naming_the_round_and_the_resume_command(tmp_path, cache_dir):
+    out = tmp_path / "run"
+    with _procs() as start:
+        p = start(_torchrun(*_args(out, cache_dir, rounds=10)), tmp_path / "t.log")
+        t0 = time.monotonic()
+        while not ((out / "log.jsonl").exists() and (out / "log.jsonl").read_text().count("\n") >= 3):
+            assert p.poll() is None and time.monotonic() - t0 < 180, (tmp_path / "t.log").read_text()[-3000:]
+            time.sleep(0.2)
+        ranks = {}
+        for pid in (int(d) for d in os.listdir("/proc") if d.isdigit()):
+            with contextlib.suppress(OSError):
+                env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+                if b"RANK=1" in env and b"TORCHELASTIC_RUN_ID" in b" ".join(env) and pid != p.pid:
+                    ranks[pid] = env
+        assert ranks, "rank 1 not found"
+        for pid in ranks:
+            os.kill(pid, signal.SIGKILL)
+        p.wait(timeout=120)
+    text = (tmp_path / "t.log").read_text()
+    line = next(ln for ln in text.splitlines() if ln.startswith("error: "))
+    assert "a torchrun rank was lost mid-round" in line and f"Resume with: torchrun --nproc_per_node=G pretrain.py --resume {out}" in line
+    assert "pair.cc" not in text.split(line)[0]  # no gloo traceback of ours before the line
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_stops_the_flower_simulation_like_every_engine(tmp_path, cache_dir, sig):
     """SIGTERM / SIGINT to the simulation: the round in flight finishes, exit 143 / 130, the last completed round
