@@ -1,15 +1,23 @@
-"""Kill pretraining runs with SIGKILL, resume each after every kill, and compare the final global weights with
-an uninterrupted run of the same seed (deterministic mode, CPU).
+"""Kill pretraining runs with SIGKILL, resume each after every kill, and compare the final global weights (and each
+client's private state) with an uninterrupted run of the same seed (deterministic mode, CPU), on any engine.
 
     python scripts/kill_resume.py --kills 30
+    python scripts/kill_resume.py --kills 10 --engine torchrun        # the whole torchrun job (both ranks) killed
+    python scripts/kill_resume.py --kills 10 --engine flower_sim      # the Flower simulation, Ray included
     python scripts/kill_resume.py --kills 5 --config configs/smoke.yaml --rounds 8 --data.n_voices=12
 
-Kill moments cycle through three kinds: `random` (uniform over a run's length), `early` (inside round 0/1:
-while the random init is evaluated or the first clients train) and `ckpt` (while a checkpoint is being
-written: the run is told to pause FSSUAVL_TEST_CKPT_DELAY seconds between writing last.pt.tmp and renaming
-it, and is killed inside that window). After every run it checks that log.jsonl holds exactly one record per
-round. Any --section.key=value argument is passed on to pretrain.py. Prints "N kills survived, M weight
-mismatches, L log errors" and exits non-zero on any mismatch or log error.
+Kill moments cycle through four kinds:
+- `startup`: before the attempt has logged anything of its own (imports, data load, resume);
+- `random`: uniform over what is left of the run, estimated from the reference run's start-up time and
+  per-round time;
+- `early`: inside the first round after the attempt's first log record;
+- `ckpt`: while a checkpoint is being written. The run pauses FSSUAVL_TEST_CKPT_DELAY seconds between writing
+  last.pt.tmp and renaming it, and is killed inside that window.
+
+A kill is SIGKILL to the attempt's whole process group (every rank, Ray's workers). After every run it checks
+that log.jsonl holds exactly one record per round. Any --section.key=value argument is passed on. It prints the
+kills by kind and "N kills survived, M weight mismatches, L log errors", and exits non-zero on any mismatch or
+log error.
 """
 from __future__ import annotations
 
@@ -18,10 +26,12 @@ import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -30,37 +40,58 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from settings import split_overrides  # noqa: E402
 
-
-def command(config: str, out_dir: Path, rounds: int, extra: list[str]) -> list[str]:
-    return [sys.executable, str(ROOT / "pretrain.py"), config, "--resume", f"--run.out_dir={out_dir}",
-            f"--fed.rounds={rounds}", "--run.deterministic=true", "--run.device=cpu", "--run.threads=2",
-            "--run.progress=false", "--run.eval_every=0", *extra]
+KINDS = ("startup", "random", "early", "ckpt")
 
 
-def final_weights(out_dir: Path) -> dict:
-    return torch.load(out_dir / "last.pt", weights_only=True)["model"]
+def command(engine: str, config: str, out_dir: Path, rounds: int, extra: list[str]) -> list[str]:
+    run = [config, "--resume", f"--run.out_dir={out_dir}", f"--fed.rounds={rounds}", "--run.deterministic=true",
+           "--run.device=cpu", "--run.threads=2", "--run.progress=false", "--run.eval_every=0", *extra]
+    if engine == "inprocess":
+        return [sys.executable, str(ROOT / "pretrain.py"), *run]
+    if engine == "torchrun":
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        return [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
+                "--master_addr=127.0.0.1", f"--master_port={port}", str(ROOT / "pretrain.py"), *run]
+    return [sys.executable, str(ROOT / "flower_app.py"), "--supernodes=2", *run]
+
+
+def final_state(out_dir: Path) -> tuple[dict, dict]:
+    ck = torch.load(out_dir / "last.pt", weights_only=True)
+    return ck["model"], ck["client_state"]
+
+
+def same_state(a: tuple[dict, dict], b: tuple[dict, dict]) -> bool:
+    (wa, ca), (wb, cb) = a, b
+    return (wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa) and ca.keys() == cb.keys()
+            and all(ca[c].keys() == cb[c].keys() and all(torch.equal(ca[c][k], cb[c][k]) for k in ca[c]) for c in ca))
 
 
 def log_rounds(out_dir: Path) -> list[int]:
     return [json.loads(ln)["round"] for ln in (out_dir / "log.jsonl").read_text().splitlines() if ln.strip()]
 
 
-KINDS = ("random", "early", "ckpt")
+def records(out_dir: Path) -> int:
+    log = out_dir / "log.jsonl"
+    return len(log.read_text().splitlines()) if log.exists() else 0
 
 
-def wait_for_kill_moment(proc, out_dir: Path, kind: str, rng: random.Random, run_seconds: float) -> bool:
+def wait_for_kill_moment(proc, out_dir: Path, kind: str, rng: random.Random, timing: dict, rounds: int) -> bool:
     """Block until the moment to kill `proc` (True), or until it exits by itself (False)."""
-    t0 = time.perf_counter()
-    if kind == "random":
-        deadline = t0 + rng.uniform(0.2, run_seconds)
+    t0, start_records = time.perf_counter(), records(out_dir)
+    done = max(0, start_records - 1)  # rounds this attempt will not redo
+    if kind == "startup":
+        deadline = t0 + rng.uniform(0.0, timing["startup"])
         cond = lambda: time.perf_counter() >= deadline  # noqa: E731
-    elif kind == "early":  # round 0 is logged, round 1 is not yet: inside the first round
-        extra = rng.uniform(0.0, 0.5)
-        seen = {}
+    elif kind == "random":  # over what is left of this attempt: start-up, then the rounds still to do
+        deadline = t0 + rng.uniform(0.0, timing["startup"] + timing["round"] * (rounds - done))
+        cond = lambda: time.perf_counter() >= deadline  # noqa: E731
+    elif kind == "early":  # the attempt's first new record is written, the next one is not yet: inside a round
+        extra, seen = rng.uniform(0.0, timing["round"]), {}
 
         def cond():
-            log = out_dir / "log.jsonl"
-            if "t" not in seen and log.exists() and log.read_text().strip():
+            if "t" not in seen and records(out_dir) > start_records:
                 seen["t"] = time.perf_counter()
             return "t" in seen and time.perf_counter() >= seen["t"] + extra
     else:  # inside a checkpoint write
@@ -72,22 +103,30 @@ def wait_for_kill_moment(proc, out_dir: Path, kind: str, rng: random.Random, run
     return False
 
 
-def run_to_completion(cmd: list[str], out_dir: Path, rng: random.Random, run_seconds: float, kills_left: int,
-                      log, first_kind: int = 0) -> int:
-    """Start `cmd`, SIGKILL it at a moment of the next kind, restart, until it exits by itself or the kill
-    budget is spent (then it runs to the end). Returns the number of kills."""
+def run_to_completion(cmd_fn, out_dir: Path, rng: random.Random, timing: dict, rounds: int, kills_left: int,
+                      kinds: Counter, log, first_kind: int = 0) -> int:
+    """Start the command, SIGKILL its process group at a moment of the next kind, restart, until it exits by itself
+    or the kill budget is spent (then it runs to the end). Returns the number of kills."""
     kills = 0
-    env = {**os.environ, "FSSUAVL_TEST_CKPT_DELAY": "0.3"}
+    env = {**os.environ, "FSSUAVL_TEST_CKPT_DELAY": "0.3", "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
     while True:
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT, env=env)
+        proc = subprocess.Popen(cmd_fn(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT, env=env,
+                                start_new_session=True)
         kind = KINDS[(first_kind + kills) % len(KINDS)]
-        if kills < kills_left and wait_for_kill_moment(proc, out_dir, kind, rng, run_seconds):
-            proc.send_signal(signal.SIGKILL)
-            proc.communicate()
-            kills += 1
-            log(f"  kill {kills} ({kind})")
-            continue
-        _, err = proc.communicate()
+        try:
+            if kills < kills_left and wait_for_kill_moment(proc, out_dir, kind, rng, timing, rounds):
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.communicate()
+                kills += 1
+                kinds[kind] += 1
+                log(f"  kill {kills} ({kind})")
+                continue
+            _, err = proc.communicate()
+        finally:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)  # whatever the attempt left (a rank, a Ray worker)
+            except ProcessLookupError:
+                pass
         if proc.returncode != 0:
             raise RuntimeError(f"run failed (exit {proc.returncode}): {err.decode()[-2000:]}")
         return kills
@@ -97,40 +136,44 @@ def main(argv=None) -> tuple[int, int]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--kills", type=int, default=20, help="total SIGKILLs to survive")
     p.add_argument("--kills-per-run", type=int, default=5)
+    p.add_argument("--engine", choices=("inprocess", "torchrun", "flower_sim"), default="inprocess")
     p.add_argument("--config", default="configs/smoke.yaml")
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--seed", type=int, default=0, help="seed of the kill times")
     p.add_argument("--workdir", default=None)
     argv, extra = split_overrides(list(sys.argv[1:] if argv is None else argv))
     args = p.parse_args(argv)
-    args.extra = extra
     rng = random.Random(args.seed)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="kill_resume_"))
 
     ref = work / "reference"
     t0 = time.perf_counter()
-    subprocess.run(command(args.config, ref, args.rounds, args.extra), check=True, cwd=ROOT,
-                   stdout=subprocess.DEVNULL)
-    ref_seconds = time.perf_counter() - t0
-    reference = final_weights(ref)
-    print(f"reference run: {ref_seconds:.1f}s; killing at uniform(0.2, {ref_seconds:.1f})s")
+    subprocess.run(command(args.engine, args.config, ref, args.rounds, extra), check=True, cwd=ROOT,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                   env={**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"})
+    total = time.perf_counter() - t0
+    per_round = sum(json.loads(ln).get("seconds", 0) for ln in (ref / "log.jsonl").read_text().splitlines())
+    timing = {"round": per_round / args.rounds, "startup": max(0.5, total - per_round)}
+    reference = final_state(ref)
+    print(f"reference run ({args.engine}): {total:.1f} s, of which start-up and evaluation {timing['startup']:.1f} s "
+          f"and {timing['round']:.2f} s a round")
 
-    survived, mismatches, log_errors, trial = 0, 0, 0, 0
+    survived, mismatches, log_errors, trial, kinds = 0, 0, 0, 0, Counter()
     while survived < args.kills:
         trial += 1
         out = work / f"trial{trial}"
         budget = min(args.kills_per_run, args.kills - survived)
-        k = run_to_completion(command(args.config, out, args.rounds, args.extra), out, rng, ref_seconds, budget, print,
-                              first_kind=trial)
+        k = run_to_completion(lambda: command(args.engine, args.config, out, args.rounds, extra), out, rng, timing,
+                              args.rounds, budget, kinds, print, first_kind=trial)
         survived += k
-        w = final_weights(out)
-        same = w.keys() == reference.keys() and all(torch.equal(w[n], reference[n]) for n in w)
+        same = same_state(final_state(out), reference)
         mismatches += not same
         rounds = log_rounds(out)
         log_ok = rounds == list(range(args.rounds + 1))
         log_errors += not log_ok
-        print(f"trial {trial}: {k} kills, final weights {'identical' if same else 'DIFFERENT'}, "
+        print(f"trial {trial}: {k} kills, final weights and client state {'identical' if same else 'DIFFERENT'}, "
               f"log {'one record per round' if log_ok else f'WRONG rounds {rounds}'}")
+    print("kills by kind: " + ", ".join(f"{kind} {kinds[kind]}" for kind in KINDS))
     print(f"{survived} kills survived, {mismatches} weight mismatches, {log_errors} log errors")
     return survived, mismatches + log_errors
 

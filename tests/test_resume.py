@@ -43,10 +43,14 @@ def _rounds(out):
 # ----------------------------------------------------------------------------- diverged runs
 
 @pytest.mark.slow
-def test_sigkill_at_random_moments_then_resume_is_bit_identical(tmp_path, cache_dir):
-    survived, mismatches = kill_resume.main(["--kills", "3", "--kills-per-run", "3", "--rounds", "5", "--seed", "1",
-                                             "--workdir", str(tmp_path), f"--data.cache_dir={cache_dir}", *TINY_DATA])
-    assert survived == 3 and mismatches == 0
+def test_sigkill_at_random_moments_then_resume_is_bit_identical(tmp_path, cache_dir, capsys):
+    """One kill of each kind (start-up, random over what is left, inside a round, inside a checkpoint write), with
+    per-client heads so that the client state is compared too."""
+    survived, mismatches = kill_resume.main(["--kills", "4", "--kills-per-run", "4", "--rounds", "5", "--seed", "1",
+                                             "--workdir", str(tmp_path), f"--data.cache_dir={cache_dir}", *TINY_DATA,
+                                             "--model.head=per_modality", "--fed.share_head=false"])
+    assert survived == 4 and mismatches == 0
+    assert "kills by kind: startup 1, random 1, early 1, ckpt 1" in capsys.readouterr().out
 
 
 @pytest.mark.slow
