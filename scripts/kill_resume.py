@@ -103,32 +103,63 @@ def wait_for_kill_moment(proc, out_dir: Path, kind: str, rng: random.Random, tim
     return False
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (torchrun starts its ranks in sessions of their own, so a process-group kill of
+    the launcher leaves them running: they are found by parent id)."""
+    children: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                ppid = int(open(f"/proc/{d}/stat").read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(d))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def kill_all(proc) -> None:
+    """SIGKILL the attempt: its process group and every process below it."""
+    for pid in descendants(proc.pid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
 def run_to_completion(cmd_fn, out_dir: Path, rng: random.Random, timing: dict, rounds: int, kills_left: int,
                       kinds: Counter, log, first_kind: int = 0) -> int:
     """Start the command, SIGKILL its process group at a moment of the next kind, restart, until it exits by itself
     or the kill budget is spent (then it runs to the end). Returns the number of kills."""
     kills = 0
     env = {**os.environ, "FSSUAVL_TEST_CKPT_DELAY": "0.3", "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
+    err_path = out_dir.with_name(out_dir.name + ".stderr")  # a file, not a pipe: an orphan cannot hold it open
     while True:
-        proc = subprocess.Popen(cmd_fn(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT, env=env,
-                                start_new_session=True)
+        with open(err_path, "w") as err:
+            proc = subprocess.Popen(cmd_fn(), stdout=subprocess.DEVNULL, stderr=err, cwd=ROOT, env=env,
+                                    start_new_session=True)
         kind = KINDS[(first_kind + kills) % len(KINDS)]
         try:
             if kills < kills_left and wait_for_kill_moment(proc, out_dir, kind, rng, timing, rounds):
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.communicate()
+                kill_all(proc)
+                proc.wait()
                 kills += 1
                 kinds[kind] += 1
                 log(f"  kill {kills} ({kind})")
                 continue
-            _, err = proc.communicate()
+            proc.wait()
         finally:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)  # whatever the attempt left (a rank, a Ray worker)
-            except ProcessLookupError:
-                pass
+            kill_all(proc)  # whatever the attempt left behind (a rank, a Ray worker)
         if proc.returncode != 0:
-            raise RuntimeError(f"run failed (exit {proc.returncode}): {err.decode()[-2000:]}")
+            raise RuntimeError(f"run failed (exit {proc.returncode}): {err_path.read_text()[-2000:]}")
         return kills
 
 

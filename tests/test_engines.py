@@ -175,6 +175,14 @@ def test_flower_simulation_resumes_a_killed_run(reference, tmp_path):
     assert [ln.count('"round"') for ln in (cut / "log.jsonl").read_text().splitlines()] == [1, 1, 1]
 
 
+def test_under_torchrun_a_config_error_is_printed_once(tmp_path, cache_dir):
+    with _procs() as start:
+        p = start(_torchrun(*_args(tmp_path / "run", cache_dir), "--fed.aggregation=fedprox"), tmp_path / "t.log")
+        assert p.wait(timeout=120) != 0
+    text = (tmp_path / "t.log").read_text()
+    assert text.count("error: fed.aggregation=fedprox with fed.prox_mu=0 is plain FedAvg") == 1, text[-3000:]
+
+
 def test_a_lost_torchrun_rank_is_one_line_naming_the_round_and_the_resume_command(tmp_path, cache_dir):
     out = tmp_path / "run"
     with _procs() as start:
