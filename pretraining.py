@@ -115,7 +115,24 @@ def resolve_config(config, overrides, resume) -> tuple[PretrainConfig, dict | No
     if changed:
         raise ConfigError("--resume: the config differs from the checkpoint's in keys that cannot change mid-run: "
                           + "; ".join(changed) + f" (changeable: {', '.join(RESUME_MUTABLE)})")
+    check_weights_fit(ckpt, cfg)
     return cfg, ckpt
+
+
+def check_weights_fit(ckpt: dict, cfg: PretrainConfig) -> None:
+    """Before any data is read: the model the checkpoint's config builds must hold exactly its weights. A config
+    edited (and the file signed again) to another model or other inputs is named here, not as a missing dataset."""
+    from models import build_model
+    shapes = {m: tuple(s) for m, s in ckpt.get("input_shapes", {}).items()}
+    if set(shapes) != set(cfg.data.modalities):
+        raise ConfigError(f"this checkpoint's config does not belong to its weights: data.modalities="
+                          f"{list(cfg.data.modalities)} but the weights were trained on {sorted(shapes)}")
+    want = {k: tuple(v.shape) for k, v in build_model(cfg.model, shapes).state_dict().items()}
+    have = {k: tuple(v.shape) for k, v in ckpt["model"].items()}
+    wrong = sorted(set(want) ^ set(have)) + [k for k in want if k in have and want[k] != have[k]]
+    if wrong:
+        raise ConfigError(f"this checkpoint's config does not belong to its weights (was it edited and signed again?): "
+                          f"the model it builds differs at {', '.join(wrong[:3])}{' ...' if len(wrong) > 3 else ''}")
 
 
 def config_changes(ckpt: dict, cfg: PretrainConfig) -> list[str]:

@@ -188,3 +188,15 @@ def test_resume_of_a_run_stopped_before_its_first_checkpoint_starts_it_with_its_
     assert "no checkpoint yet; starting the run from round 0 with its config.yaml" in capsys.readouterr().out
     assert checkpoints.load_checkpoint(out / "last.pt")["round"] == 1
     assert "nothing to continue" in one_line_error(pretrain.main, ["--resume", str(tmp_path / "void")])
+
+
+@pytest.mark.slow
+def test_a_checkpoint_signed_again_with_another_runs_config_is_named_before_any_data(tmp_path, cache_dir):
+    out = tmp_path / "run"
+    pretrain.main(_args(out, cache_dir, "--fed.rounds=1", "--run.final_probe=false"))
+    ck = {k: v for k, v in checkpoints.load_checkpoint(out / "last.pt").items() if k not in ("sha256", "digest")}
+    ck["config"]["model"]["width"] = 16
+    ck["config"]["data"]["dataset"] = "cifar10+esc50"  # whose files are not here: the weights are named first
+    checkpoints.save_checkpoint(ck, out / "last.pt", keep_previous=False)
+    msg = one_line_error(pretrain.main, ["--resume", str(out), "--fed.rounds=2", "--run.progress=false"])
+    assert "this checkpoint's config does not belong to its weights" in msg and "cifar10" not in msg
