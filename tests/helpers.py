@@ -1,9 +1,11 @@
 """What the tests share besides fixtures: the repository root, the tiny-data overrides, a smoke run's argv, and
 tiny in-memory modalities for tests of the training step."""
+import json
 import shutil
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,3 +40,17 @@ def tiny_modalities(n=48) -> dict:
                        torch.zeros(2, *SHAPES["audio"]).half(), torch.zeros(2, dtype=torch.long), list("abcd"),
                        torch.tensor([0.0]), torch.tensor([1.0]))
     return {"image": img, "audio": aud}
+
+
+def one_line_error(fn, *args) -> str:
+    """Call an entry script's main, expecting a user's error: one line, `error: ...`, no traceback."""
+    with pytest.raises(SystemExit) as e:
+        fn(*args)
+    text = str(e.value.code)
+    assert text.startswith("error: ") and "\n" not in text and "Traceback" not in text, text
+    return text
+
+
+def log_rounds(out) -> list[int]:
+    """The rounds of a run directory's log.jsonl, in file order."""
+    return [json.loads(ln)["round"] for ln in (out / "log.jsonl").read_text().splitlines()]

@@ -16,7 +16,7 @@ import finetune
 import layouts
 import local_update
 import pretrain
-from helpers import ROOT, smoke_args
+from helpers import ROOT, log_rounds, one_line_error, smoke_args
 
 
 pytestmark = pytest.mark.usefixtures("in_root")
@@ -24,18 +24,6 @@ pytestmark = pytest.mark.usefixtures("in_root")
 
 def _args(out, cache_dir, *extra):
     return smoke_args(out, cache_dir, "--run.final_probe=false", *extra)
-
-
-def one_line_error(fn, *args) -> str:
-    with pytest.raises(SystemExit) as e:
-        fn(*args)
-    text = str(e.value.code)
-    assert text.startswith("error: ") and "\n" not in text and "Traceback" not in text, text
-    return text
-
-
-def _rounds(out):
-    return [json.loads(ln)["round"] for ln in (out / "log.jsonl").read_text().splitlines()]
 
 
 # ----------------------------------------------------------------------------- diverged runs
@@ -49,7 +37,7 @@ def test_a_diverged_round_ends_the_run_non_zero_and_saves_nothing_as_trained(tmp
     assert "round 1: every sampled client's update was non-finite" in msg and "last.pt holds round 0" in msg
     ck = checkpoints.load_checkpoint(out / "last.pt")
     assert ck["round"] == 0  # never claims a training round that did not happen
-    assert _rounds(out) == [0, 1] and json.loads((out / "log.jsonl").read_text().splitlines()[1])["diverged"]
+    assert log_rounds(out) == [0, 1] and json.loads((out / "log.jsonl").read_text().splitlines()[1])["diverged"]
 
 
 @pytest.mark.parametrize("override, message", [
@@ -104,10 +92,10 @@ def test_a_second_run_in_the_same_directory_is_refused_then_moved_aside(tmp_path
     first = (out / "last.pt").read_bytes()
     msg = one_line_error(pretrain.main, _args(out, cache_dir))
     assert "already holds a run at round 1 of 1 (finished)" in msg and f"--resume {out}" in msg
-    assert (out / "last.pt").read_bytes() == first and _rounds(out) == [0, 1]  # nothing touched
+    assert (out / "last.pt").read_bytes() == first and log_rounds(out) == [0, 1]  # nothing touched
     pretrain.main(_args(out, cache_dir, "--run.overwrite=true"))
     assert (tmp_path / "run.old-1" / "last.pt").read_bytes() == first  # moved aside, never deleted
-    assert _rounds(out) == [0, 1]
+    assert log_rounds(out) == [0, 1]
 
 
 @pytest.mark.slow
@@ -387,14 +375,14 @@ def test_a_checkpoint_without_its_digest_is_refused_unless_accepted_knowingly(tm
     assert checkpoints.load_checkpoint(tmp_path / "c.pt")["round"] == 99 and "without a full digest" in capsys.readouterr().out
 
 
-def test_the_log_on_resume_drops_bad_records_and_names_missing_rounds(tmp_path):
+def test_the_log_on_resume_drops_bad_records_and_names_missinglog_rounds(tmp_path):
     log = checkpoints.JsonlLog(tmp_path / "log.jsonl")
     for rec in ({"round": 0}, {"round": "x"}, {"round": 2}, {"round": 2}, {"round": 3}, {"round": True}):
         log.write(rec)
     with open(log.path, "a") as f:
         f.write('{"round": 4, "cut sh')
     assert log.truncate_after(3) == [1]
-    assert _rounds(tmp_path) == [0, 2, 3]
+    assert log_rounds(tmp_path) == [0, 2, 3]
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "log.jsonl").mkdir()
     with pytest.raises(checkpoints.RunDirError, match="is a directory, not the run's log"):

@@ -14,7 +14,7 @@ import torch
 import checkpoints
 import finetune
 import pretrain
-from helpers import ROOT, TINY_DATA, smoke_args
+from helpers import ROOT, TINY_DATA, log_rounds, one_line_error, smoke_args
 
 
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -27,20 +27,6 @@ pytestmark = pytest.mark.usefixtures("in_root")
 def _args(out, cache_dir, *extra):
     return smoke_args(out, cache_dir, "--run.deterministic=true", *extra)
 
-
-def one_line_error(fn, *args) -> str:
-    with pytest.raises(SystemExit) as e:
-        fn(*args)
-    text = str(e.value.code)
-    assert text.startswith("error: ") and "\n" not in text and "Traceback" not in text, text
-    return text
-
-
-def _rounds(out):
-    return [json.loads(ln)["round"] for ln in (out / "log.jsonl").read_text().splitlines()]
-
-
-# ----------------------------------------------------------------------------- diverged runs
 
 @pytest.mark.slow
 def test_sigkill_at_random_moments_then_resume_is_bit_identical(tmp_path, cache_dir, capsys):
@@ -131,7 +117,7 @@ def test_resume_edge_cases(tmp_path, cache_dir, capsys):
         checkpoints.save_checkpoint(r0, zero / "last.pt", keep_previous=False)
         (zero / "log.jsonl").write_text(json.dumps({"round": 0}) + "\n")
         pretrain.main(["--resume", str(zero), "--run.progress=false", "--fed.rounds=1"])
-    assert _rounds(zero) == [0, 1] and len(checkpoints.load_checkpoint(zero / "last.pt")["evals"]) == 2
+    assert log_rounds(zero) == [0, 1] and len(checkpoints.load_checkpoint(zero / "last.pt")["evals"]) == 2
     # fed.rounds below the completed rounds: refused, config.yaml untouched
     before = (out / "config.yaml").read_text()
     assert "fed.rounds=2 is below the 3 rounds" in one_line_error(
@@ -142,7 +128,7 @@ def test_resume_edge_cases(tmp_path, cache_dir, capsys):
     assert "resuming" in capsys.readouterr().out
     assert torch.equal(checkpoints.load_checkpoint(out / "last.pt")["model"]["trunk.layers.0.conv1.weight"],
                        ck["model"]["trunk.layers.0.conv1.weight"])
-    assert _rounds(out) == [0, 1, 2, 3]
+    assert log_rounds(out) == [0, 1, 2, 3]
     # an edited round is caught by the digest; the fallback keeps the good previous copy (round 3 since the redo)
     bad = torch.load(out / "last.pt", weights_only=True)
     bad["round"] = 99
@@ -154,7 +140,7 @@ def test_resume_edge_cases(tmp_path, cache_dir, capsys):
     pretrain.main(["--resume", str(out), "--run.progress=false", "--fed.rounds=4"])
     assert checkpoints.load_checkpoint(out / "last.pt")["round"] == 4
     assert (out / "last.pt.prev").read_bytes() == good_prev  # the tampered file was not rotated over it
-    assert _rounds(out) == [0, 1, 2, 3, 4]
+    assert log_rounds(out) == [0, 1, 2, 3, 4]
 
 
 # ----------------------------------------------------------------------------- checkpoints
