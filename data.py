@@ -108,13 +108,12 @@ def stratified_subset(y, n: int, seed: int) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- caches
 
-CONTENT_HASHED = (".csv", ".txt", ".tsv", ".json", ".meta")  # files a user edits in place: hashed by content
-CONTENT_HASH_MAX = 1 << 18                                    # ... as is any file up to 256 KiB
+CONTENT_HASHED = (".csv", ".txt", ".tsv", ".json", ".meta")  # label and list files a user edits in place
 
 
 def source_fingerprint(*paths) -> str:
     """A digest of what a cache entry was built from: every file under `paths` (files or folders) with its
-    relative name, size and modification time, and for label and list files (and any small file) its content.
+    relative name, size and modification time, and for label and list files its content.
     Editing, adding or removing a file changes it, even a same-size edit of labels.csv with its mtime restored,
     so a stale cache is never reused. Large data files are keyed by size and mtime (hashing every clip of a
     dataset at each load would cost more than it protects)."""
@@ -126,7 +125,7 @@ def source_fingerprint(*paths) -> str:
         for f in files:
             st = f.stat()
             h.update(f"{f.relative_to(root) if f != root else f.name}|{st.st_size}|{st.st_mtime_ns}\n".encode())
-            if f.suffix.lower() in CONTENT_HASHED or st.st_size <= CONTENT_HASH_MAX:
+            if f.suffix.lower() in CONTENT_HASHED:  # not every image: 100 000 small JPEGs read at each load
                 h.update(hashlib.sha1(f.read_bytes()).digest())
     return h.hexdigest()[:12]
 
