@@ -21,7 +21,7 @@ from checkpoints import CKPT_FORMAT, CheckpointError, JsonlLog, RunDir, RunDirEr
 from engine import Clients, InProcess, LostWorker, PretrainConfig, train_one_round
 from evaluation import knn_accuracy, probe_accuracy
 from local_update import Interrupted, local_ssl_update
-from models import count_params
+from models import build_model, count_params
 from partition import describe_partition
 from settings import ConfigError, UserError, apply_overrides, build_dataclass, dict_diff, expand_path, load_config, \
     parse_with_overrides, to_dict
@@ -122,7 +122,6 @@ def resolve_config(config, overrides, resume) -> tuple[PretrainConfig, dict | No
 def check_weights_fit(ckpt: dict, cfg: PretrainConfig) -> None:
     """Before any data is read: the model the checkpoint's config builds must hold exactly its weights. A config
     edited (and the file signed again) to another model or other inputs is named here, not as a missing dataset."""
-    from models import build_model
     shapes = {m: tuple(s) for m, s in ckpt.get("input_shapes", {}).items()}
     if set(shapes) != set(cfg.data.modalities):
         raise ConfigError(f"this checkpoint's config does not belong to its weights: data.modalities="
