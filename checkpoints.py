@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from settings import UserError
+from settings import ConfigError, UserError
 
 CKPT_FORMAT = 1
 
@@ -253,4 +253,28 @@ class JsonlLog:
         tmp.write_text("".join(ln + "\n" for ln in keep))
         os.replace(tmp, self.path)
         return [r for r in range(round_idx + 1) if r not in seen]
+
+
+class TensorBoardLog:
+    """Every numeric scalar of each log record (`knn_image` as knn/image, ...) at step = its round, as TensorBoard
+    event files in `log_dir` (run.tensorboard). A run starting at `first_round` (0, or where a resume continues)
+    has TensorBoard drop the events an interrupted run left from there on, as the JSON log drops its records."""
+
+    def __init__(self, log_dir: str | os.PathLike, first_round: int = 0):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as e:
+            raise ConfigError(f"run.tensorboard=true needs the tensorboard package ({e}): pip install tensorboard, "
+                              f"or set run.tensorboard=false") from e
+        self.writer = SummaryWriter(str(log_dir), purge_step=first_round)
+
+    def write(self, record: dict) -> None:
+        r = record["round"]
+        for k, v in record.items():
+            if k != "round" and isinstance(v, (int, float)) and not isinstance(v, bool):
+                self.writer.add_scalar(k.replace("_", "/", 1), v, r)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
 

@@ -13,19 +13,19 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 import runtime
 from catalog import check_dataset_name, has_real_pairs, load_data, load_named
 from checkpoints import RunDirError, load_checkpoint
 from data import DataConfig, DataError, ModalityData
-from evaluation import (extract_features, finetune_model, fuse, knn_predict, label_subset, linear_probe, load_backbone,
-                        make_pairs, suited_k)
+from evaluation import (RawInput, extract_features, finetune_model, fuse, knn_predict, label_subset, linear_probe,
+                        load_backbone, make_pairs, standardize, suited_k)
 from modality_specs import MODALITIES
 from readers import FLUIDR3_SF2
 from settings import ConfigError, RunConfig, apply_overrides, build_dataclass, check_choice, check_range, \
     expand_path, read_yaml, to_dict
 
+RESULTS_FORMAT = 2  # results.json as written now: 2 = kNN on standardised features, raw-input rows
 TASKS = MODALITIES + ("paired", "fluidr3")  # one task per modality, then the paired and out-of-domain ones
 PROTOCOLS = ("linear", "knn", "finetune")
 
@@ -45,6 +45,7 @@ class EvalConfig:
     finetune_epochs: int = 5
     finetune_lr: float = 0.01        # SGD, backbone and head
     batch_size: int = 256
+    raw_input: bool = True           # also the input itself (standardised) through the same probe and kNN: the bar
 
     def __post_init__(self):
         for key in ("tasks", "protocols", "label_fractions", "wd_grid"):
@@ -141,12 +142,12 @@ def evaluate_tasks(model, data: dict[str, ModalityData], cfg: FinetuneConfig, de
                 if proto == "linear":
                     acc = linear_probe(tr[sub], ytr[sub], te, yte, n_cls, seed, ec.val_frac, ec.wd_grid, ec.probe_iters)["acc"]
                 elif proto == "knn":
-                    pred = knn_predict(F.normalize(tr[sub], dim=1), ytr[sub], F.normalize(te, dim=1), n_cls,
-                                       suited_k(ytr[sub], ec.knn_k), ec.knn_t)
+                    bank, queries = standardize(tr[sub], te)
+                    pred = knn_predict(bank, ytr[sub], queries, n_cls, suited_k(ytr[sub], ec.knn_k), ec.knn_t)
                     acc = 100.0 * (pred == yte).float().mean().item()
                 else:
-                    if task == "paired":
-                        continue  # fine-tuning is defined for the single-modality tasks
+                    if task == "paired" or isinstance(model, RawInput):
+                        continue  # fine-tuning is defined for the single-modality tasks, and for a network
                     md_m = "audio" if feat_kind == "fluidr3" else feat_kind
                     acc = finetune_model(model, data[feat_kind], md_m, sub, cfg.data, ec, seed, cfg.run.amp)
                 rows.append({"task": task, "features": "audio" if feat_kind == "fluidr3" else feat_kind,
@@ -156,15 +157,22 @@ def evaluate_tasks(model, data: dict[str, ModalityData], cfg: FinetuneConfig, de
     return rows
 
 
-def markdown_table(rows: list[dict], title: str = "") -> str:
-    """task | features | protocol | one column per label fraction."""
-    fracs = sorted({r["label_frac"] for r in rows})
+def markdown_table(rows: list[dict], title: str = "", raw_rows: list[dict] = ()) -> str:
+    """task | features | protocol | one column per label fraction; each row of the raw input follows the model's
+    row it is the bar for, as "features (raw input)"."""
+    raw_rows = [{**r, "features": f"{r['features']} (raw input)", "raw_of": r["features"]} for r in raw_rows]
+    fracs = sorted({r["label_frac"] for r in [*rows, *raw_rows]})
     keys = list(dict.fromkeys((r["task"], r["features"], r["protocol"]) for r in rows))
-    acc = {(r["task"], r["features"], r["protocol"], r["label_frac"]): r["acc"] for r in rows}
+    raw_keys = list(dict.fromkeys((r["task"], r["features"], r["protocol"], r["raw_of"]) for r in raw_rows))
+    ordered = []
+    for k in keys:
+        ordered += [k] + [rk[:3] for rk in raw_keys if (rk[0], rk[3], rk[2]) == k]
+    ordered += [rk[:3] for rk in raw_keys if rk[:3] not in ordered]
+    acc = {(r["task"], r["features"], r["protocol"], r["label_frac"]): r["acc"] for r in [*rows, *raw_rows]}
     out = [f"### {title}", ""] if title else []
     out.append("| task | features | protocol | " + " | ".join(f"{f:.0%} labels" for f in fracs) + " |")
     out.append("|---|---|---|" + "---|" * len(fracs))
-    for k in keys:
+    for k in ordered:
         out.append(f"| {k[0]} | {k[1]} | {k[2]} | " + " | ".join(
             f"{acc[(*k, f)]:.2f}" if (*k, f) in acc else "-" for f in fracs) + " |")
     return "\n".join(out) + "\n"
@@ -230,6 +238,10 @@ def evaluate_checkpoint(ckpt, config=None, overrides=(), random_init: bool = Fal
               f"{ck['runaway']['weight_norm_ratio']:.3g}x their initial norm): it is not a trained model")
     t = runtime.Timer()
     rows = evaluate_tasks(model, data, cfg, device)
+    raw_rows = []
+    if cfg.eval.raw_input and not random_init:  # the bar: the same tasks, splits and classifiers on the input itself
+        raw = RawInput({m: md.shape for m, md in data.items()}, device)
+        raw_rows = evaluate_tasks(raw, data, cfg, device, log=lambda line: print(f"raw input: {line}"))
     if not rows:
         raise DataError(f"no task of eval.tasks={list(cfg.eval.tasks)} could be evaluated (see the lines above): "
                         f"nothing was written")
@@ -239,14 +251,16 @@ def evaluate_checkpoint(ckpt, config=None, overrides=(), random_init: bool = Fal
     except OSError as e:
         raise RunDirError(f"cannot write results to {out_dir}: {e.strerror or e}") from e
     stem = "results_random_init" if random_init else "results"
-    result = {"ckpt": str(ckpt_path), "ckpt_sha256": ck.get("sha256"), "runaway": bool(ck.get("runaway")), "random_init": random_init, "round": ck["round"],
+    result = {"format": RESULTS_FORMAT, "ckpt": str(ckpt_path), "ckpt_sha256": ck.get("sha256"), "runaway": bool(ck.get("runaway")), "random_init": random_init, "round": ck["round"],
               "model": ck["config"]["model"], "pretrain_modalities": list(ck["input_shapes"]),
               "config": to_dict(cfg), "overrides": list(overrides), "seed": cfg.run.seed, "seconds": round(t(), 1), "rows": rows,
+              "raw_input_rows": raw_rows,
               "env": runtime.environment_info(device)}
     (out_dir / f"{stem}.json").write_text(json.dumps(result, indent=1))
     title = f"{ckpt_path} ({'random init' if random_init else 'round ' + str(ck['round'])}, seed {cfg.run.seed})"
-    (out_dir / f"{stem}.md").write_text(markdown_table(rows, title))
-    print(markdown_table(rows, title))
+    table = markdown_table(rows, title, raw_rows)
+    (out_dir / f"{stem}.md").write_text(table)
+    print(table)
     print(f"results in {out_dir}/{stem}.json and {stem}.md")
     return result
 

@@ -72,12 +72,22 @@ def knn_predict(bank: torch.Tensor, bank_y: torch.Tensor, queries: torch.Tensor,
     return torch.cat(preds)
 
 
+def standardize(bank: torch.Tensor, *others: torch.Tensor) -> list[torch.Tensor]:
+    """Centre and scale every feature dimension by the bank's statistics, then L2-normalise, for cosine kNN.
+    Backbone features are non-negative (ReLU, pooling): raw, their pairwise cosines all sit near 1 and kNN mostly
+    reads one shared direction. The same transform is applied to the raw-input baseline."""
+    mu, sd = bank.mean(0, keepdim=True), bank.std(0, keepdim=True).clamp_min(1e-6)
+    return [F.normalize((t - mu) / sd, dim=1) for t in (bank, *others)]
+
+
 def knn_accuracy(model, md: ModalityData, modality: str, bank_size: int = 0, queries: int = 0, k: int = 0,
-                 t: float = 0.1, amp: str = "fp32") -> float:
-    """kNN top-1 accuracy (%) on the test split with a bank of training features (the pretraining monitor).
-    Bank and queries are stratified subsets (0 = all); k=0 suits k to the bank (`suited_k`)."""
-    bank, bank_y = extract_features(model, md, "train", modality, bank_size, amp=amp)
-    q, q_y = extract_features(model, md, "test", modality, queries, amp=amp)
+                 t: float = 0.1, amp: str = "fp32", seed: int = 0) -> float:
+    """kNN top-1 accuracy (%) on the test split with a bank of training features, standardised by the bank's
+    statistics (the pretraining monitor). Bank and queries are stratified subsets (0 = all); k=0 suits k to the
+    bank (`suited_k`)."""
+    bank, bank_y = extract_features(model, md, "train", modality, bank_size, amp=amp, normalize=False, seed=seed)
+    q, q_y = extract_features(model, md, "test", modality, queries, amp=amp, normalize=False, seed=seed)
+    bank, q = standardize(bank, q)
     pred = knn_predict(bank, bank_y, q, len(md.classes), suited_k(bank_y, k), t)
     return 100.0 * (pred == q_y).float().mean().item()
 
@@ -201,6 +211,23 @@ def fuse(h_image: torch.Tensor, h_audio: torch.Tensor) -> torch.Tensor:
     """Fused audio+image features ("auxiliary information"): both through the same backbone, each half
     L2-normalised (so neither modality dominates by its feature scale), then concatenated. (N, D) + (N, D) -> (N, 2D)."""
     return torch.cat([F.normalize(h_image, dim=1), F.normalize(h_audio, dim=1)], dim=1)
+
+
+class RawInput(nn.Module):
+    """The raw-input baseline as a "backbone": features(x) = the input itself, normalised as in pretraining and
+    flattened (784 pixels, 1632 log-mel bins on AV-Fashion). Every probe, kNN and fusion then treats it exactly as
+    a model's features: same splits, same standardisation, same classifier."""
+
+    def __init__(self, shapes: dict, device="cpu"):
+        super().__init__()
+        self.register_buffer("anchor", torch.zeros(0, device=device))  # tells extract_features the device
+        self.feat_dims = {m: math.prod(s) for m, s in shapes.items()}
+
+    def parameters(self, recurse: bool = True):
+        yield self.anchor
+
+    def features(self, x: torch.Tensor, modality: str) -> torch.Tensor:
+        return x.float().flatten(1)
 
 
 def load_backbone(ckpt_path, random_init: bool = False, seed: int = 0, device="cpu"):

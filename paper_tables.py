@@ -12,7 +12,7 @@ audio model, and a sampled client without that modality sits the round out. The 
 is one model versus two. It then writes, under --out:
 - tables.md: every table and the findings (each difference tested with Welch's t-test over seeds);
 - table1_image.csv ... table5_ablations.csv;
-- knn_curves.png, partition.png (with matplotlib installed).
+- monitor_curves.png (probe, kNN and diagnostics by round against the raw input), partition.png (with matplotlib).
 Table 4 is summed from the log.jsonl of the very runs behind Tables 1-3 (bytes that moved, steps, samples and
 forward FLOPs that ran). Finished runs and evaluations are reused, so an interrupted command picks up where it
 stopped.
@@ -27,21 +27,21 @@ import statistics
 import sys
 from pathlib import Path
 
-import torch
 import yaml
 
 import runtime
 from checkpoints import load_checkpoint, load_latest_checkpoint
-from downstream import evaluate_checkpoint
+from downstream import RESULTS_FORMAT, evaluate_checkpoint
 from engine import PretrainConfig
 from models import ModelConfig, build_model, count_params
+from plots import plot_monitor_curves, plot_partition, read_log
 from pretraining import config_changes, pretrain
 from settings import ConfigError, build_dataclass, load_config, split_overrides
-from significance import finding, mean_std, multiple_comparisons, welch
+from significance import finding, mean_std, multiple_comparisons, spearman, welch
 
 VARIANTS = {"fssuavl": ["image", "audio"], "image_only": ["image"], "audio_only": ["audio"]}
 LABELS = {"fssuavl": "FSSUAVL (one model)", "image_only": "image-only model", "audio_only": "audio-only model",
-          "random_init": "random init"}
+          "random_init": "random init", "raw_input": "raw input (standardised)"}
 EVAL_ARGS = ["--eval.protocols=[linear, knn]", "--eval.label_fractions=[0.01, 0.1, 1.0]"]
 
 
@@ -108,7 +108,8 @@ def ensure_pretrained(config: str, run_dir: Path, seed: int, modalities: list[st
 
 def ensure_evaluated(ckpt: Path, out_dir: Path, seed: int, random_init: bool, extra: list[str]) -> dict:
     """The evaluation of `ckpt` with these settings: results.json is reused only when it was made from this very
-    checkpoint (its sha256 and round) with the same evaluation overrides; otherwise it is computed again."""
+    checkpoint (its sha256 and round) with the same evaluation overrides, by this version of the evaluation
+    (downstream.RESULTS_FORMAT); otherwise it is computed again."""
     path = out_dir / ("results_random_init.json" if random_init else "results.json")
     overrides = [f"--run.out_dir={out_dir}", f"--run.seed={seed}", *EVAL_ARGS, *extra]
     if path.exists():
@@ -118,7 +119,8 @@ def ensure_evaluated(ckpt: Path, out_dir: Path, seed: int, random_init: bool, ex
             old = {}
             print(f"{path} is unreadable (truncated?): evaluating again")
         ck = load_checkpoint(ckpt)
-        if (old.get("ckpt_sha256"), old.get("round"), old.get("overrides")) == (ck.get("sha256"), ck["round"], overrides):
+        if (old.get("format"), old.get("ckpt_sha256"), old.get("round"), old.get("overrides")) == \
+                (RESULTS_FORMAT, ck.get("sha256"), ck["round"], overrides):
             return old
     return evaluate_checkpoint(ckpt, None, overrides, random_init)
 
@@ -151,16 +153,18 @@ PAIRED_FEATURES = {"image": "image alone", "audio": "audio alone (clip of the im
 
 def paired_table(results: dict[str, list[dict]]) -> list[dict]:
     rows = []
-    per_seed = results.get("fssuavl", [])
-    for feats, label in PAIRED_FEATURES.items():
-        for proto in ("linear", "knn"):
-            row = {"features": label, "protocol": proto, "seeds": " ".join(str(r["seed"]) for r in per_seed)}
-            for frac in (0.01, 0.1, 1.0):
-                vals = accs(per_seed, "paired", feats, proto, frac)
-                if vals and len(vals) == len(per_seed):
-                    row[f"{frac:.0%} labels"] = mean_std(vals)
-            if len(row) > 3:
-                rows.append(row)
+    for v in ("fssuavl", "raw_input"):
+        per_seed = results.get(v, [])
+        for feats, label in PAIRED_FEATURES.items():
+            for proto in ("linear", "knn"):
+                row = {"model": LABELS[v], "features": label, "protocol": proto,
+                       "seeds": " ".join(str(r["seed"]) for r in per_seed)}
+                for frac in (0.01, 0.1, 1.0):
+                    vals = accs(per_seed, "paired", feats, proto, frac)
+                    if vals and len(vals) == len(per_seed):
+                        row[f"{frac:.0%} labels"] = mean_std(vals)
+                if len(row) > 4:
+                    rows.append(row)
     return rows
 
 
@@ -174,7 +178,7 @@ def accs(per_seed: list[dict], task: str, features: str, protocol: str, frac: fl
 
 def run_costs(run_dir: Path) -> dict:
     """Totals over a run's log.jsonl: bytes uploaded and downloaded, local steps, samples, forward FLOPs."""
-    log = [json.loads(ln) for ln in (run_dir / "log.jsonl").read_text().splitlines() if ln.strip()]
+    log = read_log(run_dir)
     rounds = [r for r in log if r.get("round", 0) >= 1 and "bytes_up" in r]
     keys = ("bytes_up", "bytes_down", "steps", "fwd_flops", "samples_image", "samples_audio")
     out = {k: sum(r.get(k, 0) for r in rounds) for k in keys}
@@ -249,72 +253,6 @@ def to_csv(rows: list[dict], path: Path) -> None:
         w.writerows(rows)
 
 
-# ----------------------------------------------------------------------------- plots
-
-def plot_knn_curves(run_dirs: dict[str, list[Path]], path: Path) -> bool:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: skipping knn_curves.png")
-        return False
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    colors = {"fssuavl": "C0", "image_only": "C1", "audio_only": "C2"}
-    for ax, m in zip(axes, ("image", "audio")):
-        for v, dirs in run_dirs.items():
-            for j, d in enumerate(dirs):
-                log = [json.loads(ln) for ln in (d / "log.jsonl").read_text().splitlines() if ln.strip()]
-                pts = [(r["round"], r[f"knn_{m}"]) for r in log if f"knn_{m}" in r]
-                if pts:
-                    ax.plot(*zip(*pts), color=colors[v], alpha=0.8, marker=".", label=LABELS[v] if j == 0 else None)
-        ax.set_title(f"kNN accuracy, {m}")
-        ax.set_xlabel("round")
-        ax.set_ylabel("top-1 (%)")
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
-
-
-def plot_partition(config: str, seed: int, overrides: list[str], path: Path) -> bool:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: skipping partition.png")
-        return False
-    import numpy as np
-    from catalog import load_data
-    from engine import make_clients
-    cfg = load_config(PretrainConfig, config, [*overrides, f"--run.seed={seed}"])
-    data = load_data(cfg.data, torch.device("cpu"), progress=False)
-    clients = make_clients(cfg, data)
-    fig, axes = plt.subplots(2, 1, figsize=(12, 7), sharex=True)
-    for ax, (m, md) in zip(axes, data.items()):
-        y = md.train_y.numpy()
-        counts = np.array([np.bincount(y[c[m]], minlength=len(md.classes)) if m in c else
-                           np.zeros(len(md.classes), int) for c in clients])
-        bottom = np.zeros(len(clients))
-        cmap = plt.get_cmap("tab20")
-        for k in range(len(md.classes)):
-            ax.bar(range(len(clients)), counts[:, k], bottom=bottom, color=cmap(k % 20), width=0.85,
-                   label=md.classes[k])
-            bottom += counts[:, k]
-        ax.set_ylabel(f"{m} samples")
-        ax.set_title(f"{m}: per-client class counts (clients without {m} are empty)")
-        ax.legend(ncol=10, fontsize=6, loc="upper right")
-    axes[-1].set_xlabel("client")
-    axes[-1].set_xticks(range(len(clients)))
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
-
-
 # ----------------------------------------------------------------------------- ablations and findings
 
 def ablation_table(default: list[dict], ablations: dict[str, list[dict]], spec=None,
@@ -341,20 +279,49 @@ def ablation_table(default: list[dict], ablations: dict[str, list[dict]], spec=N
     return rows
 
 
+def monitor_agreement(run_dirs: dict[str, list[Path]]) -> list[str]:
+    """Does the logged monitor (kNN on standardised features) move with the linear probe? Spearman's rho between
+    the two over every evaluation round of every run that trained the modality, pooled over seeds and variants,
+    and the mean of the per-run rhos."""
+    lines = []
+    for m in ("image", "audio"):
+        pooled, per_run = ([], []), []
+        for v, dirs in run_dirs.items():
+            for d in dirs:
+                pts = [(r[f"knn_{m}"], r[f"probe_{m}"]) for r in read_log(d) if f"knn_{m}" in r and f"probe_{m}" in r]
+                if len(pts) < 3 or m not in VARIANTS[v]:
+                    continue
+                pooled[0].extend(p[0] for p in pts)
+                pooled[1].extend(p[1] for p in pts)
+                rho = spearman(*zip(*pts))
+                if rho == rho:
+                    per_run.append(rho)
+        if len(pooled[0]) >= 3:
+            lines.append(f"Monitor vs probe, {m}: Spearman rho = {spearman(*pooled):.2f} between the kNN monitor and the "
+                         f"linear probe over {len(pooled[0])} evaluations ({len(per_run)} runs, every evaluation round); "
+                         f"mean within-run rho {statistics.mean(per_run):.2f}" if per_run else "")
+    return [ln for ln in lines if ln]
+
+
 def findings(results: dict[str, list[dict]], ablations: dict[str, list[dict]], costs: dict,
              strategies: dict[str, list[dict]] | None = None) -> list[str]:
     """The "what these numbers say" lines, computed: linear probe at 100% labels unless stated."""
     lines = []
     for m, own in (("image", "image_only"), ("audio", "audio_only")):
         what = f"{m.capitalize()} task, linear probe, 100% labels"
-        f, o, r = (accs(results.get(v, []), m, m, "linear", 1.0) for v in ("fssuavl", own, "random_init"))
+        f, o, r, x = (accs(results.get(v, []), m, m, "linear", 1.0) for v in ("fssuavl", own, "random_init", "raw_input"))
         lines.append(finding(what, "FSSUAVL", f, LABELS[own], o))
+        lines.append(finding(what, "FSSUAVL", f, "the raw input", x))
+        lines.append(finding(what, LABELS[own], o, "the raw input", x))
         lines.append(finding(what, "FSSUAVL", f, "random init", r))
         lines.append(finding(what, LABELS[own], o, "random init", r))
     fs = results.get("fssuavl", [])
     fused, img, aud, ctrl = (accs(fs, "paired", k, "linear", 1.0) for k in ("fused", "image", "audio", "fused_random_audio"))
     lines.append(finding("Paired task, linear probe, 100% labels", "fused", fused, "image alone", img))
     lines.append(finding("Paired task, linear probe, 100% labels", "fused", fused, "audio alone", aud))
+    raw_fused = accs(results.get("raw_input", []), "paired", "fused", "linear", 1.0)
+    lines.append(finding("Paired task, linear probe, 100% labels", "fused FSSUAVL features", fused,
+                         "fused raw input", raw_fused))
     lines.append(finding("Paired task control (audio of a random class), linear probe, 100% labels",
                          "fused with random-class audio", ctrl, "image alone", img))
     if {"fssuavl", "image_only", "audio_only"} <= set(costs):
@@ -405,7 +372,7 @@ def run_grid(args, out: Path) -> tuple[dict, dict, dict]:
     """Every run and evaluation behind the tables (reused where finished): the three variants and random init per
     seed, then the ablation and strategy runs asked for. Returns (results, run_dirs, {kind: {name: results}})."""
     config_name = Path(args.config).name
-    results: dict[str, list[dict]] = {v: [] for v in [*VARIANTS, "random_init"]}
+    results: dict[str, list[dict]] = {v: [] for v in [*VARIANTS, "random_init", "raw_input"]}
     run_dirs: dict[str, list[Path]] = {v: [] for v in VARIANTS}
     for seed in args.seeds:
         for v, mods in VARIANTS.items():
@@ -417,6 +384,9 @@ def run_grid(args, out: Path) -> tuple[dict, dict, dict]:
         rd = out / "runs" / f"random_init_seed{seed}"
         res = ensure_evaluated(out / "runs" / f"fssuavl_seed{seed}" / "last.pt", rd, seed, True, args.eval_extra)
         results["random_init"].append({**res, "config_name": config_name})
+        # the bar: the input itself through the same probe and kNN, evaluated beside FSSUAVL (same data, splits, seed)
+        fs = results["fssuavl"][-1]
+        results["raw_input"].append({**fs, "rows": fs["raw_input_rows"]})
     extra_runs: dict[str, dict[str, list[dict]]] = {"ablation": {}, "strategy": {}}
     for kind, wanted, spec in (("ablation", args.ablations, ABLATIONS), ("strategy", args.strategies, STRATEGY_RUNS)):
         for seed in args.seeds if wanted else []:
@@ -434,10 +404,10 @@ def build_tables(args, results, run_dirs, extra_runs) -> tuple[dict, dict]:
     eff_rows, costs = efficiency_table(run_dirs)
     tables = {
         "table1_image": (f"Table 1: image task (Fashion-MNIST test), accuracy %, mean ± std over {n} seeds",
-                         accuracy_table(results, "image", "image", ["fssuavl", "image_only", "random_init"])),
+                         accuracy_table(results, "image", "image", ["fssuavl", "image_only", "raw_input", "random_init"])),
         "table2_audio": (f"Table 2: audio task (20 spoken words, held-out voices), accuracy %, mean ± std over {n} seeds",
-                         accuracy_table(results, "audio", "audio", ["fssuavl", "audio_only", "random_init"])),
-        "table3_paired": (f"Table 3: paired task, one FSSUAVL model, accuracy %, mean ± std over {n} seeds. Each test "
+                         accuracy_table(results, "audio", "audio", ["fssuavl", "audio_only", "raw_input", "random_init"])),
+        "table3_paired": (f"Table 3: paired task, one FSSUAVL model and the raw input, accuracy %, mean ± std over {n} seeds. Each test "
                           f"image is paired with a held-out voice speaking its class name (the audio carries the label "
                           f"by construction, as in AV-MNIST); the control pairs it with a clip of a random class",
                           paired_table(results)),
@@ -464,7 +434,7 @@ def main(argv=None) -> dict:
     t = runtime.Timer()
     results, run_dirs, extra_runs = run_grid(args, out)
     tables, costs = build_tables(args, results, run_dirs, extra_runs)
-    lines = findings(results, extra_runs["ablation"], costs, extra_runs["strategy"])
+    lines = findings(results, extra_runs["ablation"], costs, extra_runs["strategy"]) + monitor_agreement(run_dirs)
     md = [f"# FSSUAVL comparison tables\n\nConfig `{args.config}`, seeds {args.seeds}, "
           f"probe: {', '.join(EVAL_ARGS)}. Generated by `{args.command}`.\n"]
     for name, (title, rows) in tables.items():
@@ -474,7 +444,7 @@ def main(argv=None) -> dict:
         md.append(to_markdown(rows, title))
     md.append("### What these numbers say (computed; a win needs Welch's t-test p < 0.05 over seeds)\n\n"
               + "\n".join(f"- {ln}" for ln in lines) + "\n")
-    plot_knn_curves(run_dirs, out / "knn_curves.png")
+    plot_monitor_curves(run_dirs, LABELS, out / "monitor_curves.png")
     plot_partition(args.config, args.seeds[0], args.pre_extra, out / "partition.png")
     minutes = t() / 60
     md.append(f"Wall time of this command: {minutes:.1f} min (reused runs and evaluations are not re-timed).\n")

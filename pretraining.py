@@ -16,10 +16,11 @@ from tqdm import tqdm
 
 import runtime
 import torchrun_engine
-from checkpoints import CKPT_FORMAT, CheckpointError, JsonlLog, RunDir, RunDirError, launcher, load_checkpoint, \
-    load_latest_checkpoint, save_checkpoint
+from checkpoints import CKPT_FORMAT, CheckpointError, JsonlLog, RunDir, RunDirError, TensorBoardLog, launcher, \
+    load_checkpoint, load_latest_checkpoint, save_checkpoint
 from engine import Clients, InProcess, LostWorker, PretrainConfig, train_one_round
-from evaluation import knn_accuracy, probe_accuracy
+from diagnostics import representation_metrics
+from evaluation import RawInput, knn_accuracy, probe_accuracy
 from local_update import Interrupted, local_ssl_update
 from models import build_model, count_params
 from partition import describe_partition
@@ -30,7 +31,7 @@ from strategies import make_strategy
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.yaml"
 # keys a resumed run may change; everything else must match the checkpoint's config
 RESUME_MUTABLE = ("fed.rounds", "run.out_dir", "run.eval_every", "run.progress", "run.threads", "run.device", "run.compile",
-                  "run.final_probe")
+                  "run.final_probe", "run.tensorboard")
 
 
 RUNAWAY_RATIO = 100.0   # global weight norm / its value at random init: a run past this has not learned, it blew up
@@ -157,14 +158,22 @@ def dry_run(clients: Clients) -> dict:
     return out
 
 
-def evaluate(model, data, cfg: PretrainConfig, probe: bool = False) -> dict:
-    """kNN monitor (cosine, temperature-weighted, k suited to the bank) on held-out labelled data, per
-    modality; with probe=True also the fast linear probe (`evaluation.probe_accuracy`)."""
-    out = {f"knn_{m}": knn_accuracy(model, md, m, cfg.data.knn_bank, cfg.data.knn_queries, k=cfg.data.knn_k,
-                                    amp=cfg.run.amp) for m, md in data.items()}
-    if probe:
-        out.update({f"probe_{m}": probe_accuracy(model, md, m, amp=cfg.run.amp, seed=cfg.run.seed)
-                    for m, md in data.items()})
+def evaluate(model, data, cfg: PretrainConfig, probe: bool = False, raw_input: bool = False) -> dict:
+    """The monitor of one evaluation round, per modality: kNN on standardised features (`knn_M`), with probe=True
+    the fast linear probe (`probe_M`), and the representation diagnostics (`diagnostics.representation_metrics`).
+    raw_input=True adds the same probe and kNN on the input itself (`raw_probe_M`, `raw_knn_M`): the bar a
+    representation has to clear (round 0 only: it does not change with training)."""
+    seed, amp = cfg.run.seed, cfg.run.amp
+    models = [("", model)] + ([("raw_", RawInput({m: md.shape for m, md in data.items()}, next(model.parameters()).device))]
+                              if raw_input else [])
+    out = {}
+    for prefix, net in models:
+        for m, md in data.items():
+            out[f"{prefix}knn_{m}"] = knn_accuracy(net, md, m, cfg.data.knn_bank, cfg.data.knn_queries, k=cfg.data.knn_k,
+                                                   amp=amp, seed=seed)
+            if probe:
+                out[f"{prefix}probe_{m}"] = probe_accuracy(net, md, m, amp=amp, seed=seed)
+    out.update(representation_metrics(model, data, cfg.data, amp, seed))
     return out
 
 
@@ -277,6 +286,7 @@ class Pretraining:
         start = self.resume(ckpt) if ckpt is not None else 1
         if ckpt is None and self.main:  # a new run (or --resume of one killed before its first checkpoint)
             self.log.path.unlink(missing_ok=True)
+        self.tb = TensorBoardLog(self.out_dir / "tensorboard", start if ckpt else 0) if self.main and cfg.run.tensorboard else None
         if self.main:
             (self.out_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         self.env = runtime.environment_info(self.device)
@@ -329,9 +339,15 @@ class Pretraining:
             "forward_flops": self.flops, "env": self.env, "weight_norm0": self.norm0,
             **({"runaway": self.runaway} if self.runaway else {})}, self.out_dir / "last.pt")
 
-    def evaluate(self, r: int, probe: bool) -> dict:
+    def record(self, rec: dict) -> None:
+        """One record of the run's log (log.jsonl; also TensorBoard's event files with run.tensorboard)."""
+        self.log.write(rec)
+        if self.tb is not None:
+            self.tb.write(rec)
+
+    def evaluate(self, r: int, probe: bool, raw_input: bool = False) -> dict:
         self.model.load_state_dict(self.global_state)
-        ev = evaluate(self.model, self.data, self.cfg, probe=probe)
+        ev = evaluate(self.model, self.data, self.cfg, probe=probe, raw_input=raw_input)
         self.history.append({"round": r, **ev})
         return ev
 
@@ -341,9 +357,10 @@ class Pretraining:
         r = start
         try:
             if first and self.main:  # round 0 (the random init) is evaluated and logged once, never again on resume
-                ev = self.evaluate(0, probe=rc.final_probe)
-                self.log.write({"round": 0, **ev})
-                print("random init: " + ", ".join(f"{k}={v:.2f}" for k, v in ev.items()))
+                ev = self.evaluate(0, probe=rc.final_probe, raw_input=True)
+                self.record({"round": 0, **ev})
+                print("random init: " + ", ".join(f"{k}={v:.2f}" for k, v in ev.items() if k.startswith(("knn", "probe"))))
+                print("raw input:   " + ", ".join(f"{k[4:]}={v:.2f}" for k, v in ev.items() if k.startswith("raw_")))
                 self.checkpoint(0)
             bar = tqdm(range(start, cfg.fed.rounds + 1), desc="rounds", disable=not (self.progress and self.main),
                        initial=start - 1, total=cfg.fed.rounds)
@@ -362,6 +379,8 @@ class Pretraining:
         finally:
             stop.restore()
             self.engine.close()
+            if self.tb is not None:
+                self.tb.close()
 
     def one_round(self, r: int, stop) -> None:
         """Train, fold, evaluate when due, log, checkpoint."""
@@ -372,7 +391,7 @@ class Pretraining:
                                                      self.strategy, self.engine, lambda: stop.requested, self.flops)
         if metrics.get("rejected") and not metrics["per_client"]:
             if self.main:
-                self.log.write({**metrics, "diverged": True})
+                self.record({**metrics, "diverged": True})
             raise Diverged(f"round {r}: every sampled client's update was non-finite (NaN/Inf loss or weights), so "
                            f"the run diverged and round {r} was not saved; {self.out_dir}/last.pt holds round {r - 1}. "
                            f"Likely cause: {likely_cause(cfg)}; then start again")
@@ -385,15 +404,15 @@ class Pretraining:
         if ratio > RUNAWAY_RATIO:
             self.runaway = {"round": r, "weight_norm_ratio": ratio}
             if self.main:
-                self.log.write({**metrics, "runaway": True})
+                self.record({**metrics, "runaway": True})
             self.checkpoint(r)
             raise Runaway(f"round {r}: the global weights' norm reached {ratio:.3g}x the random init's (runaway: the run "
                           f"is not learning); {self.out_dir}/last.pt holds round {r}, marked as a runaway, and is not a "
                           f"trained model. Likely cause: {likely_cause(cfg)}; then start again")
         if self.main and (r == cfg.fed.rounds or (rc.eval_every and r % rc.eval_every == 0)):
-            metrics.update(self.evaluate(r, probe=rc.final_probe and r == cfg.fed.rounds))
+            metrics.update(self.evaluate(r, probe=rc.final_probe))
         if self.main:
-            self.log.write(metrics)
+            self.record(metrics)
         self.checkpoint(r)
         self.last = metrics
         if self.main and not self.progress:
@@ -404,8 +423,10 @@ class Pretraining:
         first, final = self.history[0], self.history[-1]
         for kind, what in (("probe", "linear probe"), ("knn", "kNN")):
             for m in self.data:
-                a, b = first.get(f"{kind}_{m}"), final.get(f"{kind}_{m}")
+                a, b, raw = first.get(f"{kind}_{m}"), final.get(f"{kind}_{m}"), first.get(f"raw_{kind}_{m}")
                 if a is not None and b is not None:
-                    print(f"{what} {m}: random init {a:.2f}% -> round {final['round']} {b:.2f}% ({b - a:+.2f})")
+                    bar = "" if raw is None else (f"; raw input {raw:.2f}% ({b - raw:+.2f}: "
+                                                  f"{'beats' if b > raw else 'does not beat'} the input)")
+                    print(f"{what} {m}: random init {a:.2f}% -> round {final['round']} {b:.2f}% ({b - a:+.2f}){bar}")
         print(f"results in {self.out_dir}/: config.yaml, log.jsonl, last.pt")
         return {"history": self.history, "out_dir": str(self.out_dir)}

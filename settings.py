@@ -45,8 +45,10 @@ class RunConfig:
     amp: str = "bf16"             # bf16 | fp16 | fp32 autocast on CUDA; on CPU bf16 where it is native (AVX512-BF16/AMX), else fp32
     deterministic: bool = False   # torch deterministic algorithms (bit-exact resume on CPU)
     threads: int = 0              # torch CPU threads per process; 0 = torch's default. Under torchrun on CPU the ranks of a machine split it
-    eval_every: int = 5           # kNN monitor every this many rounds (0 = only at the start and end)
-    final_probe: bool = True      # a fast linear probe on frozen features at round 0 (random init) and at the end
+    eval_every: int = 5           # the monitor (kNN, probe, diagnostics) every this many rounds (0 = only at the start and end)
+    final_probe: bool = True      # the fast linear probe on frozen features at every evaluation round (round 0: also
+                                  # of the raw input) and at the end
+    tensorboard: bool = False     # also write every scalar of log.jsonl as TensorBoard event files (OUT_DIR/tensorboard)
     compile: bool = False         # torch.compile the shared trunk in place (optional; first steps compile)
     progress: bool = True         # tqdm bars (hidden anyway when stderr is not a terminal)
     dry_run: bool = False         # build data, partition and model, take one local step on one client, write nothing

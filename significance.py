@@ -79,3 +79,29 @@ def multiple_comparisons(kinds: str, n: int, passed: int, alpha: float = 0.05) -
     return (f"{kinds}: {n} comparisons, each at p < {alpha:g} without correction for multiple comparisons, so about "
             f"{n * alpha:.1f} would pass by chance alone if nothing differed; {passed} passed. Read a lone pass with "
             f"a small effect as a lead to re-run with more seeds, not as a result.")
+
+
+def ranks(values: list[float]) -> list[float]:
+    """1-based ranks, ties given their mean rank."""
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    out = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            out[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    return out
+
+
+def spearman(x: list[float], y: list[float]) -> float:
+    """Spearman's rank correlation (Pearson's on the ranks, ties at their mean rank); NaN when either is constant."""
+    if len(x) != len(y) or len(x) < 2:
+        raise ValueError(f"spearman needs two equal-length lists of 2 or more values (got {len(x)} and {len(y)})")
+    rx, ry = ranks(x), ranks(y)
+    mx, my = statistics.mean(rx), statistics.mean(ry)
+    sxy = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    sxx, syy = sum((a - mx) ** 2 for a in rx), sum((b - my) ** 2 for b in ry)
+    return sxy / math.sqrt(sxx * syy) if sxx > 0 and syy > 0 else float("nan")
