@@ -19,7 +19,7 @@ import torch
 
 import readers
 from avfashion import load_avfashion
-from data import DataConfig, DataError, MissingData, ModalityData, audio_modality, image_modality
+from data import DataConfig, DataError, LogMel, MissingData, ModalityData, audio_modality, image_modality
 from settings import ConfigError
 
 
@@ -31,6 +31,7 @@ class DatasetSpec:
     download: Optional[Callable] = None   # (root) -> None, for data.download=true (needs internet)
     pairs: bool = False                   # both: image i and clip i come from one recording (real pairs)
     modalities: tuple = ("image", "audio")  # both: the modalities it yields (image/audio: the halves of IMAGE+AUDIO)
+    channels: int = 3                     # image/both: channels of its images (known before any file is read)
 
 
 def _load_vggsound(cfg: DataConfig, device, progress: bool = True) -> dict[str, ModalityData]:
@@ -50,7 +51,7 @@ def _load_vggsound(cfg: DataConfig, device, progress: bool = True) -> dict[str, 
 
 DATASETS = {
     "avfashion": DatasetSpec("both", load_avfashion, "built offline from Debian's dataset-fashion-mnist and espeak-ng "
-                             "(python avfashion.py)"),
+                             "(python avfashion.py)", channels=1),
     "vggsound": DatasetSpec("both", _load_vggsound, "vggsound.csv (youtube_id,start_seconds,label,split; no header), "
                             "frames/ID_START.jpg, audio/ID_START.wav|flac", pairs=True),
     "cifar10": DatasetSpec("image", lambda r, c, b: readers.read_cifar(r, 10, c, b),
@@ -97,6 +98,18 @@ def check_dataset_name(name: str) -> None:
     if len(parts) != 2 or parts[0] not in names("image") or parts[1] not in names("audio"):
         raise ConfigError(f"data.dataset={name!r}: expected {', '.join(names('both'))}, or IMAGE+AUDIO with IMAGE in "
                           f"{', '.join(names('image'))} and AUDIO in {', '.join(names('audio'))}")
+
+
+def expected_input(cfg: DataConfig) -> dict[str, tuple]:
+    """What the config alone says of each modality's input, before a file is read: image channels (the dataset's),
+    and the whole audio shape (1, n_mels, frames) of the front-end on one clip_seconds clip. A config edited to
+    another dataset or front-end is caught by this against a checkpoint's input shapes."""
+    image = DATASETS.get(cfg.dataset) or DATASETS.get(cfg.dataset.split("+")[0])
+    out = {"image": (image.channels,)} if image is not None and "image" in cfg.modalities else {}
+    if "audio" in cfg.modalities:
+        clip = torch.zeros(1, int(round(cfg.clip_seconds * cfg.sample_rate)))
+        out["audio"] = tuple(LogMel(cfg.sample_rate, cfg.n_mels, cfg.win_ms, cfg.hop_ms)(clip).shape[1:])
+    return out
 
 
 def _audio_params(cfg: DataConfig) -> dict:

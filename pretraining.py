@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 import runtime
 import torchrun_engine
+from catalog import expected_input
 from checkpoints import CKPT_FORMAT, CheckpointError, JsonlLog, RunDir, RunDirError, TensorBoardLog, launcher, \
     load_checkpoint, load_latest_checkpoint, save_checkpoint
 from engine import Clients, InProcess, LostWorker, PretrainConfig, train_one_round
@@ -127,6 +128,12 @@ def check_weights_fit(ckpt: dict, cfg: PretrainConfig) -> None:
     if set(shapes) != set(cfg.data.modalities):
         raise ConfigError(f"this checkpoint's config does not belong to its weights: data.modalities="
                           f"{list(cfg.data.modalities)} but the weights were trained on {sorted(shapes)}")
+    for m, expect in expected_input(cfg.data).items():
+        if shapes[m][:len(expect)] != expect:
+            raise ConfigError(f"this checkpoint's config does not belong to its weights (was it edited and signed "
+                              f"again?): data.dataset={cfg.data.dataset} with its data options gives {m} inputs "
+                              f"({', '.join(map(str, expect))}{', ...' if len(expect) < len(shapes[m]) else ''}) but the weights were "
+                              f"trained on {shapes[m]}")
     want = {k: tuple(v.shape) for k, v in build_model(cfg.model, shapes).state_dict().items()}
     have = {k: tuple(v.shape) for k, v in ckpt["model"].items()}
     wrong = sorted(set(want) ^ set(have)) + [k for k in want if k in have and want[k] != have[k]]

@@ -185,4 +185,11 @@ def test_a_checkpoint_signed_again_with_another_runs_config_is_named_before_any_
     ck["config"]["data"]["dataset"] = "cifar10+esc50"  # whose files are not here: the weights are named first
     checkpoints.save_checkpoint(ck, out / "last.pt", keep_previous=False)
     msg = one_line_error(pretrain.main, ["--resume", str(out), "--fed.rounds=2", "--run.progress=false"])
-    assert "this checkpoint's config does not belong to its weights" in msg and "cifar10" not in msg
+    assert "this checkpoint's config does not belong to its weights" in msg and "not found" not in msg
+    # the same model, only the data edited: named from what the config alone says of the inputs, before any file
+    good = {k: v for k, v in checkpoints.load_checkpoint(out / "last.pt.prev").items() if k not in ("sha256", "digest")}
+    for key, value, says in (("dataset", "cifar10+esc50", "image inputs (3, ...) but the weights were trained on (1, 28, 28)"), ("n_mels", 64, "audio inputs (1, 64,")):
+        ck = {**good, "config": {**good["config"], "data": {**good["config"]["data"], key: value}}}
+        checkpoints.save_checkpoint(ck, out / "last.pt", keep_previous=False)
+        msg = one_line_error(pretrain.main, ["--resume", str(out), "--fed.rounds=2", "--run.progress=false"])
+        assert "does not belong to its weights" in msg and says in msg and "not found" not in msg, msg
