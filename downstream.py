@@ -222,8 +222,8 @@ def evaluate_checkpoint(ckpt, config=None, overrides=(), random_init: bool = Fal
                           f"the modalities allow)")
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
-    runtime.seed_everything(cfg.run.seed, cfg.run.deterministic)
     device = runtime.resolve_device(cfg.run.device)
+    runtime.seed_everything(cfg.run.seed, cfg.run.deterministic, device)
     cfg.data.max_train_images = cfg.eval.max_train_images
     model, _ = load_backbone(ckpt_path, random_init, cfg.run.seed, device)
     data = load_data(cfg.data, device, progress=cfg.run.progress and sys.stderr.isatty())

@@ -6,7 +6,8 @@ fine-tuning on image, audio and paired audio+image tasks, at several label fract
     python finetune.py --ckpt runs/default/last.pt --eval.protocols=[linear,knn,finetune] --eval.label_fractions=[1.0]
 
 The backbone (stems + trunk) is taken from the checkpoint by explicit key prefix; the data section of the
-checkpoint's config defines the tasks (overridable with --data.key=value).
+checkpoint's config defines the tasks (overridable with --data.key=value). Every row has its bar beside it: the raw
+input itself (standardised pixels / log-mel bins) through the same probe and kNN (--eval.raw_input=false skips it).
 """
 import argparse
 import sys

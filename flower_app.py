@@ -126,8 +126,9 @@ def _clients_for(config_yaml: str) -> "Clients":
         cfg = build_dataclass(PretrainConfig, yaml.safe_load(config_yaml))
         if cfg.run.threads:
             torch.set_num_threads(cfg.run.threads)
-        runtime.seed_everything(cfg.run.seed, cfg.run.deterministic)
-        _CLIENTS[config_yaml] = Clients(cfg, runtime.resolve_device(cfg.run.device))
+        device = runtime.resolve_device(cfg.run.device)
+        runtime.seed_everything(cfg.run.seed, cfg.run.deterministic, device)
+        _CLIENTS[config_yaml] = Clients(cfg, device)
     return _CLIENTS[config_yaml]
 
 

@@ -266,7 +266,7 @@ class Pretraining:
         self.device = torchrun_engine.local_device(runtime.resolve_device(rc.device))  # under torchrun: this rank's GPU
         if rc.threads:  # under torchrun on CPU the ranks of a machine share the budget
             torch.set_num_threads(torchrun_engine.threads_per_rank(rc.threads, self.device))
-        runtime.seed_everything(rc.seed, rc.deterministic)
+        runtime.seed_everything(rc.seed, rc.deterministic, self.device)
         self.progress = rc.progress and sys.stderr.isatty()
         self.clients = Clients(cfg, self.device, progress=self.progress)
         self.data, self.model = self.clients.data, self.clients.model
@@ -332,6 +332,9 @@ class Pretraining:
               f"{holders} of {len(clients.clients)} clients hold trained data; effective lr {cfg.optim.peak_lr:g}; "
               f"autocast {cfg.run.amp if runtime.amp_active(self.device, cfg.run.amp) else 'off (fp32)'}; "
               f"engine {self.env['engine']}")
+        if not runtime.deterministic_on(cfg.run.deterministic, self.device):
+            print("note: run.deterministic is off, so the same seed may not repeat these numbers to the digit "
+                  "(--run.deterministic=true makes it repeat, at some speed on CUDA)")
 
     def checkpoint(self, r: int) -> None:
         if not self.main:
@@ -373,7 +376,7 @@ class Pretraining:
                        initial=start - 1, total=cfg.fed.rounds)
             for r in bar:
                 self.one_round(r, stop)
-                bar.set_postfix({k: f"{v:.3g}" for k, v in self.last.items() if k.startswith(("loss", "knn"))})
+                bar.set_postfix({k: f"{v:.3g}" for k, v in self.last.items() if k.startswith(("loss", "probe"))})
         except LostWorker as e:
             raise LostWorker(f"round {r}: {e}; {self.out_dir}/last.pt holds round {r - 1}, the last completed one. "
                              f"Resume with: {launcher()} --resume {self.out_dir}") from e

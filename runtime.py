@@ -48,11 +48,17 @@ def make_generator(device: torch.device | str, *keys) -> torch.Generator:
     return g
 
 
-def seed_everything(seed: int, deterministic: bool = False) -> None:
+def deterministic_on(deterministic: bool | None, device) -> bool:
+    """run.deterministic resolved for `device`: None (the default) means on for CPU runs, where it costs nothing
+    measurable (docs/results.md), and off on CUDA, where deterministic kernels are slower."""
+    return deterministic if deterministic is not None else torch.device(device).type == "cpu"
+
+
+def seed_everything(seed: int, deterministic: bool | None = False, device="cpu") -> None:
     random.seed(seed)
     np.random.seed(seed % (2 ** 32))
     torch.manual_seed(seed)
-    if deterministic:
+    if deterministic_on(deterministic, device):
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False

@@ -43,7 +43,7 @@ class RunConfig:
     seed: int = 0
     device: str = "auto"          # auto | cpu | cuda | cuda:N
     amp: str = "bf16"             # bf16 | fp16 | fp32 autocast on CUDA; on CPU bf16 where it is native (AVX512-BF16/AMX), else fp32
-    deterministic: bool = False   # torch deterministic algorithms (bit-exact resume on CPU)
+    deterministic: typing.Optional[bool] = None  # torch deterministic algorithms; null = on for CPU runs, off on CUDA (slower there)
     threads: int = 0              # torch CPU threads per process; 0 = torch's default. Under torchrun on CPU the ranks of a machine split it
     eval_every: int = 5           # the monitor (kNN, probe, diagnostics) every this many rounds (0 = only at the start and end)
     final_probe: bool = True      # the fast linear probe on frozen features at every evaluation round (round 0: also

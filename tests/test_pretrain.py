@@ -127,3 +127,14 @@ def test_a_round_logs_what_moved_and_what_ran(tmp_path, cache_dir):
     assert rec["fwd_flops"] == 2 * (rec["samples_image"] * flops["image"] + rec["samples_audio"] * flops["audio"])
     hist = res["history"]
     assert {"probe_image", "probe_audio"} <= set(hist[0]) and {"probe_image", "probe_audio"} <= set(hist[-1])
+
+
+def test_the_same_seed_twice_gives_the_same_weights_with_the_cpu_default(tmp_path, cache_dir):
+    """run.deterministic is left at its default (null: on for CPU): one seed, one answer."""
+    finals = []
+    for name in ("a", "b"):
+        out, _ = run(tmp_path, cache_dir, "--fed.rounds=2", "--run.final_probe=false", "--run.eval_every=0", name=name)
+        assert yaml.safe_load((out / "config.yaml").read_text())["run"]["deterministic"] is None
+        finals.append(torch.load(out / "last.pt", weights_only=True)["model"])
+    assert finals[0].keys() == finals[1].keys()
+    assert all(torch.equal(finals[0][k], finals[1][k]) for k in finals[0])

@@ -8,6 +8,7 @@ import paper_tables
 from checkpoints import load_checkpoint
 from helpers import ROOT, TINY_DATA
 from settings import ConfigError
+from significance import spearman
 
 
 def _res(seed, accs):
@@ -40,9 +41,18 @@ def test_tables_end_to_end_tiny(tmp_path, cache_dir, monkeypatch):
             "--run.progress=false", *TINY_DATA, "--eval.max_train_images=300", "--eval.wd_grid=[1e-3]"]
     res = paper_tables.main(args)
     t = {name: rows for name, (title, rows) in res["tables"].items()}
-    assert [r["model"] for r in t["table1_image"][0:6:2]] == ["FSSUAVL (one model)", "image-only model", "random init"]
-    assert [r["model"] for r in t["table2_audio"][0:6:2]] == ["FSSUAVL (one model)", "audio-only model", "random init"]
+    assert [r["model"] for r in t["table1_image"][0:8:2]] == ["FSSUAVL (one model)", "image-only model",
+                                                              "raw input (standardised)", "random init"]
+    assert [r["model"] for r in t["table2_audio"][0:8:2]] == ["FSSUAVL (one model)", "audio-only model",
+                                                              "raw input (standardised)", "random init"]
     assert {r["features"] for r in t["table3_paired"]} == set(paper_tables.PAIRED_FEATURES.values())
+    assert {r["model"] for r in t["table3_paired"]} == {"FSSUAVL (one model)", "raw input (standardised)"}
+    # the raw-input row is the mean of the raw-input rows each FSSUAVL evaluation computed beside its own
+    raw = [json.loads((out / "runs" / f"fssuavl_seed{s}" / "results.json").read_text())["raw_input_rows"] for s in (0, 1)]
+    vals = [x["acc"] for rows in raw for x in rows if (x["task"], x["protocol"], x["label_frac"]) == ("image", "linear", 1.0)]
+    row = next(r for r in t["table1_image"] if r["model"] == "raw input (standardised)" and r["protocol"] == "linear")
+    assert row["100% labels"] == f"{statistics.mean(vals):.2f} ± {statistics.stdev(vals):.2f}"
+    assert any(ln.startswith("Image task, linear probe, 100% labels") and "the raw input" in ln for ln in res["findings"])
     assert all("±" in r["100% labels"] for r in t["table1_image"])
     eff = {r["setup"]: r for r in t["table4_efficiency"]}
     ratio = eff["ratio FSSUAVL / two models"]
@@ -50,7 +60,7 @@ def test_tables_end_to_end_tiny(tmp_path, cache_dir, monkeypatch):
     assert 0.4 < ratio["parameters"] < 0.7 and 0.4 < ratio["MB up (run)"] < 0.7
     assert eff["FSSUAVL (one model)"]["GFLOPs/image"] == pytest.approx(eff["two models: image-only + audio-only"]["GFLOPs/image"])
     assert any("Welch p =" in ln for ln in res["findings"])
-    for f in ("tables.md", "table1_image.csv", "table2_audio.csv", "table3_paired.csv", "table4_efficiency.csv"):
+    for f in ("tables.md", "monitor_curves.png", "table1_image.csv", "table2_audio.csv", "table3_paired.csv", "table4_efficiency.csv"):
         assert (out / f).stat().st_size > 0
     mtime = (out / "runs" / "fssuavl_seed0" / "results.json").stat().st_mtime_ns
     paper_tables.main(args)  # a second call reuses every finished run and evaluation
@@ -92,3 +102,16 @@ def test_the_paper_plain_variant_is_read_from_its_config_file():
     """Table 5's paper-plain row runs exactly the lines configs/paper_plain.yaml adds to its base."""
     assert sorted(paper_tables.PAPER_PLAIN) == ["--fed.weighting=total", "--model.bn_momentum=0.1",
                                                 "--model.bn_stats=shared"]
+
+
+def test_monitor_agreement_is_spearmans_rho_over_the_logged_rounds(tmp_path):
+    knn, probe = [60.0, 62.0, 61.0, 65.0], [70.0, 71.0, 73.0, 74.0]
+    for name, shift in (("a", 0.0), ("b", 5.0)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "log.jsonl").write_text("".join(json.dumps({"round": 10 * i, "knn_image": k + shift,
+                                                                      "probe_image": p + shift}) + "\n"
+                                                           for i, (k, p) in enumerate(zip(knn, probe))))
+    lines = paper_tables.monitor_agreement({"image_only": [tmp_path / "a", tmp_path / "b"]})
+    pooled = spearman(knn + [k + 5 for k in knn], probe + [p + 5 for p in probe])
+    assert len(lines) == 1 and lines[0].startswith(f"Monitor vs probe, image: Spearman rho = {pooled:.2f}")
+    assert "over 8 evaluations (2 runs" in lines[0] and f"mean within-run rho {spearman(knn, probe):.2f}" in lines[0]
