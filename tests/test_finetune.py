@@ -9,7 +9,7 @@ import downstream
 import finetune
 import pretrain
 from checkpoints import CheckpointError
-from evaluation import fuse, knn_predict, label_subset, linear_probe, load_backbone, make_pairs
+from evaluation import RawInput, fuse, knn_predict, label_subset, linear_probe, load_backbone, make_pairs
 from helpers import ROOT, TINY_DATA
 
 
@@ -85,7 +85,8 @@ def test_finetune_end_to_end_and_backbone_unchanged(pretrained, tmp_path, monkey
 
     def spy(model, *a, **kw):
         rows = real_evaluate(model, *a, **kw)
-        captured["after"] = {k: v.clone() for k, v in model.state_dict().items()}
+        captured["raw" if isinstance(model, RawInput) else "after"] = {k: v.clone() for k, v in model.state_dict().items()}
+        captured.setdefault("rows_of", []).append((type(model).__name__, rows))
         return rows
     monkeypatch.setattr(downstream, "evaluate_tasks", spy)
     res = finetune.main(["--ckpt", str(pretrained.parent), f"--run.out_dir={tmp_path}", "--run.progress=false",
@@ -100,8 +101,12 @@ def test_finetune_end_to_end_and_backbone_unchanged(pretrained, tmp_path, monkey
     for r in rows:  # an accuracy is a count of correct test predictions over n_test (rounded to 3 decimals)
         correct = r["acc"] * r["n_test"] / 100
         assert abs(correct - round(correct)) < 1e-3 * r["n_test"] / 100 + 1e-6 and 0 <= round(correct) <= r["n_test"]
-    assert json.loads((tmp_path / "results.json").read_text())["rows"] == rows
-    assert "| paired | fused | linear |" in (tmp_path / "results.md").read_text()
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["rows"] == rows and saved["raw_input_rows"] == dict(captured["rows_of"])["RawInput"]
+    raw_kinds = {(r["task"], r["features"], r["protocol"]) for r in saved["raw_input_rows"]}
+    assert raw_kinds == {k for k in kinds if k[2] != "finetune"}  # the bar beside every frozen-feature row
+    md = (tmp_path / "results.md").read_text()
+    assert "| paired | fused | linear |" in md and "| paired | fused (raw input) | linear |" in md
     rnd = finetune.main(["--ckpt", str(pretrained), "--random-init", f"--run.out_dir={tmp_path}",
                          "--run.progress=false", "--eval.label_fractions=[1.0]", "--eval.tasks=[image]",
                          "--eval.max_train_images=300", "--eval.protocols=[knn]"])
