@@ -116,6 +116,7 @@ def test_spearman_against_ranks_computed_by_numpy():
         spearman([1.0], [2.0])
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("in_root")
 def test_log_holds_monitor_diagnostics_and_the_raw_input_and_tensorboard_mirrors_it(tmp_path, cache_dir):
     off = tmp_path / "off"

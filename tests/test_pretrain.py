@@ -129,6 +129,7 @@ def test_a_round_logs_what_moved_and_what_ran(tmp_path, cache_dir):
     assert {"probe_image", "probe_audio"} <= set(hist[0]) and {"probe_image", "probe_audio"} <= set(hist[-1])
 
 
+@pytest.mark.slow
 def test_the_same_seed_twice_gives_the_same_weights_with_the_cpu_default(tmp_path, cache_dir):
     """run.deterministic is left at its default (null: on for CPU): one seed, one answer."""
     finals = []
