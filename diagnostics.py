@@ -62,8 +62,9 @@ def centroid_gap(za: torch.Tensor, zb: torch.Tensor) -> float:
 
 def modality_separability(ha: torch.Tensor, hb: torch.Tensor, seed: int = 0) -> float:
     """Test accuracy (%) of a linear classifier telling modality a from modality b by their features: it is trained
-    on a random half of each set (the first n of each, n the smaller size) and tested on the rest. 50 = indistinguishable; 100 = apart. The classifier is the
-    package's linear probe."""
+    on a random half of each set (the first n of each, n the smaller size) and tested on the rest. 50 =
+    indistinguishable; 100 = apart. The classifier is the package's linear probe (its L-BFGS closure enables
+    gradients itself, so this runs inside representation_metrics' no_grad)."""
     g = torch.Generator().manual_seed(seed)
     n = min(len(ha), len(hb))
     if n < 4:
