@@ -18,8 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data import (DataConfig, DataError, ModalityData, cache_root, logmel_stats, read_npz, source_fingerprint,
-                  stratified_subset, waveforms_to_logmel, write_npz)
+from data import (DataConfig, DataError, ModalityData, cache_root, logmel_stats, pick_tier, read_npz, source_fingerprint,
+                  spill_path, stratified_subset, waveforms_to_logmel, write_npz)
+from residency import place
 
 FASHION_CLASSES = ["T-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot"]
 DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
@@ -202,7 +203,7 @@ def load_avfashion(cfg: DataConfig, device, progress: bool = True) -> dict[str, 
     z = read_npz(path)
     if z is None:
         raise DataError(f"AV-Fashion cache {path} could not be read back right after it was built: check the disk")
-    out = {}
+    parts = {}  # modality: (train_x, train_y, test_x, test_y, classes, mean, std, groups...), samples not yet placed
     if "image" in cfg.modalities:
         tx = torch.from_numpy(z["image_train_x"]).unsqueeze(1)
         ty = torch.from_numpy(z["image_train_y"])
@@ -210,17 +211,22 @@ def load_avfashion(cfg: DataConfig, device, progress: bool = True) -> dict[str, 
         tx, ty = tx[keep], ty[keep]
         mean = tx.float().mean() / 255
         std = tx.float().std() / 255
-        out["image"] = ModalityData(tx.to(device), ty.to(device), torch.from_numpy(z["image_test_x"]).unsqueeze(1).to(device),
-                                    torch.from_numpy(z["image_test_y"]).to(device), list(FASHION_CLASSES),
-                                    mean.view(1).to(device), std.view(1).to(device))
+        parts["image"] = (tx, ty.to(device), torch.from_numpy(z["image_test_x"]).unsqueeze(1),
+                          torch.from_numpy(z["image_test_y"]).to(device), list(FASHION_CLASSES),
+                          mean.view(1).to(device), std.view(1).to(device))
     if "audio" in cfg.modalities:
         test = torch.from_numpy(z["test_voice"][z["audio_speaker"]])
-        spec = waveforms_to_logmel(torch.from_numpy(z["audio"]), cfg, device, seed=cfg.build_seed)
+        spec, _ = waveforms_to_logmel(torch.from_numpy(z["audio"]), cfg, device, seed=cfg.build_seed)
         y, spk = torch.from_numpy(z["audio_y"]).to(device), torch.from_numpy(z["audio_speaker"]).to(device)
         tr, te = (~test).to(device), test.to(device)
         mean, std = logmel_stats(spec[tr])
-        out["audio"] = ModalityData(spec[tr], y[tr], spec[te], y[te], list(WORDS), mean, std,
-                                    spk[tr], spk[te])
+        parts["audio"] = (spec[tr], y[tr], spec[te], y[te], list(WORDS), mean, std, spk[tr], spk[te])
+    tier = pick_tier(cfg, device, sum(p[0].nbytes + p[2].nbytes for p in parts.values()))
+    out = {}
+    for m, (tx, ty, ex, ey, *rest) in parts.items():
+        (tx, m1), (ex, m2) = (place(x, tier, device, spill_path(cfg, str(path), m, split))
+                              for x, split in ((tx, "train"), (ex, "test")))
+        out[m] = ModalityData(tx, ty, ex, ey, *rest, residency=tier, maps=tuple(a for a in (m1, m2) if a))
     return out
 
 

@@ -17,9 +17,11 @@ from typing import Callable, Optional
 
 import torch
 
+import downloads
 import readers
 from avfashion import load_avfashion
-from data import DataConfig, DataError, LogMel, MissingData, ModalityData, audio_modality, image_modality
+from data import (DataConfig, DataError, MissingData, ModalityData, audio_modality, expected_audio_shape, image_modality,
+                  modality_bytes, pick_tier)
 from settings import ConfigError
 
 
@@ -44,9 +46,16 @@ def _load_vggsound(cfg: DataConfig, device, progress: bool = True) -> dict[str, 
         return flat | {f"audio_{k}": v for k, v in audio.items() if k != "classes"} | {"classes": image["classes"]}
     both = readers._cached("paired", cfg.dataset, root, cfg, {**_audio_params(cfg), "size": cfg.image_size}, build)
     split = {m: {k[len(m) + 1:]: v for k, v in both.items() if k.startswith(m + "_")} | {"classes": both["classes"]}
-             for m in ("image", "audio")}
-    convert = {"image": image_modality, "audio": audio_modality}
-    return {m: convert[m](split[m], cfg, device) for m in ("image", "audio") if m in cfg.modalities}
+             for m in ("image", "audio") if m in cfg.modalities}
+    return convert(split, cfg, device, both["source"])
+
+
+def convert(arrays: dict, cfg: DataConfig, device, *sources: str) -> dict[str, ModalityData]:
+    """Decoded arrays {modality: arrays} -> {modality: ModalityData} in the residency tier chosen for all of them
+    together (data.residency; auto says which and why)."""
+    tier = pick_tier(cfg, device, sum(modality_bytes(a, m, cfg) for m, a in arrays.items()))
+    make = {"image": image_modality, "audio": audio_modality}
+    return {m: make[m](a, cfg, device, tier, sources[min(i, len(sources) - 1)]) for i, (m, a) in enumerate(arrays.items())}
 
 
 DATASETS = {
@@ -64,15 +73,17 @@ DATASETS = {
                          "stl10_binary/{train_X.bin, train_y.bin, test_X.bin, test_y.bin, class_names.txt}",
                          readers.torchvision_download("stl10")),
     "tinyimagenet": DatasetSpec("image", readers.read_tinyimagenet, "tiny-imagenet-200/{wnids.txt, words.txt, "
-                                "train/WNID/images/*.JPEG, val/val_annotations.txt, val/images/*.JPEG}"),
+                                "train/WNID/images/*.JPEG, val/val_annotations.txt, val/images/*.JPEG}",
+                                downloads.fetcher("tinyimagenet")),
     "imagefolder": DatasetSpec("image", readers.read_imagefolder,
                                "train/CLASS/*.jpg|png... and val/CLASS/... (or test/CLASS/...)"),
     "esc50": DatasetSpec("audio", readers.audio_files(readers.list_esc50),
-                         "meta/esc50.csv and audio/*.wav (the ESC-50 repository layout)"),
+                         "meta/esc50.csv and audio/*.wav (the ESC-50 repository layout)", downloads.fetcher("esc50")),
     "speechcommands": DatasetSpec("audio", readers.audio_files(readers.list_speechcommands),
-                                  "WORD/*.wav folders, validation_list.txt and testing_list.txt (speech_commands_v0.02)"),
+                                  "WORD/*.wav folders, validation_list.txt and testing_list.txt (speech_commands_v0.02)",
+                                  downloads.fetcher("speechcommands")),
     "urbansound8k": DatasetSpec("audio", readers.audio_files(readers.list_urbansound8k),
-                                "metadata/UrbanSound8K.csv and audio/fold1..fold10/*.wav"),
+                                "metadata/UrbanSound8K.csv and audio/fold1..fold10/*.wav", downloads.fetcher("urbansound8k")),
     "audiofolder": DatasetSpec("audio", readers.audio_files(readers.list_audiofolder),
                                "labels.csv with columns file,label (optional split=train|test, group) and the files it names"),
     "fluidr3": DatasetSpec("audio", readers.render_fluidr3, f"a General MIDI .sf2 soundfont (default "
@@ -107,8 +118,7 @@ def expected_input(cfg: DataConfig) -> dict[str, tuple]:
     image = DATASETS.get(cfg.dataset) or DATASETS.get(cfg.dataset.split("+")[0])
     out = {"image": (image.channels,)} if image is not None and "image" in cfg.modalities else {}
     if "audio" in cfg.modalities:
-        clip = torch.zeros(1, int(round(cfg.clip_seconds * cfg.sample_rate)))
-        out["audio"] = tuple(LogMel(cfg.sample_rate, cfg.n_mels, cfg.win_ms, cfg.hop_ms)(clip).shape[1:])
+        out["audio"] = expected_audio_shape(cfg)
     return out
 
 
@@ -119,10 +129,10 @@ def _audio_params(cfg: DataConfig) -> dict:
 def read_arrays(name: str, root: Path, cfg: DataConfig) -> dict:
     """One half of IMAGE+AUDIO, decoded (or downloaded first, with data.download=true) into its cache entry."""
     spec = DATASETS[name]
+    if cfg.download and spec.download is not None:  # before the cache key, which hashes the files under root
+        spec.download(root)
 
     def build(bad):
-        if cfg.download and spec.download is not None:
-            spec.download(root)
         arrays = spec.read(root, cfg, bad)
         if spec.kind == "image":
             bad.finish(len(arrays["train_y"]) + len(arrays["test_y"]) + len(bad.bad))
@@ -137,15 +147,15 @@ def load_named(cfg: DataConfig, device, progress: bool = True) -> dict[str, Moda
     check_dataset_name(cfg.dataset)
     if DATASETS.get(cfg.dataset) is not None:
         return DATASETS[cfg.dataset].read(cfg, device, progress)
-    out = {}
+    arrays = {}
     image_name, audio_name = cfg.dataset.split("+")
     if "image" in cfg.modalities:
         root = Path(cfg.image_root) if cfg.image_root else readers.default_root(image_name)
-        out["image"] = image_modality(read_arrays(image_name, root, cfg), cfg, device)
+        arrays["image"] = read_arrays(image_name, root, cfg)
     if "audio" in cfg.modalities:
         root = Path(cfg.audio_root) if cfg.audio_root else readers.default_root(audio_name)
-        out["audio"] = audio_modality(read_arrays(audio_name, root, cfg), cfg, device)
-    return out
+        arrays["audio"] = read_arrays(audio_name, root, cfg)
+    return convert(arrays, cfg, device, *(a["source"] for a in arrays.values()))
 
 
 def load_data(cfg: DataConfig, device, progress: bool = True) -> dict[str, ModalityData]:

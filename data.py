@@ -5,7 +5,9 @@ Which datasets exist and how they are read is catalog.py; the file formats are r
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -13,9 +15,11 @@ from typing import Optional
 import numpy as np
 import torch
 
+import residency
 from augment import AudioAugConfig, ImageAugConfig
 from modality_specs import MODALITIES
-from settings import ConfigError, UserError, check_range, expand_path
+from residency import Sink, as_tensor, place
+from settings import ConfigError, UserError, check_choice, check_range, expand_path
 
 
 class DataError(UserError, RuntimeError):
@@ -38,7 +42,10 @@ class DataConfig:
     image_root: Optional[str] = None  # files of the image dataset of IMAGE+AUDIO; None = $FSSUAVL_DATA/NAME or ~/data/NAME
     audio_root: Optional[str] = None  # files of the audio dataset of IMAGE+AUDIO (fluidr3: the .sf2 soundfont)
     cache_dir: Optional[str] = None   # None = $FSSUAVL_CACHE or ~/.cache/fssuavl
-    download: bool = False            # fetch datasets torchvision can download (CIFAR, STL-10) when missing
+    download: bool = False            # fetch a missing dataset from its public archive (downloads.py; needs internet)
+    residency: str = "auto"           # auto | device | host | disk: where the samples live while training (residency.py)
+    device_budget_gb: float = 0.0     # auto: device memory it may plan with (0 = the free memory, measured)
+    host_budget_gb: float = 0.0       # auto: host memory it may plan with (0 = MemAvailable, measured)
     image_size: int = 0               # decoded image side for folder/JPEG datasets (0 = the dataset's own, 64 otherwise)
     test_fold: int = 1                # ESC-50 (1-5) / UrbanSound8K (1-10): the official fold held out for testing
     max_bad_frac: float = 0.01        # stop when more than this fraction of files is unreadable or corrupt
@@ -63,6 +70,9 @@ class DataConfig:
 
     def __post_init__(self):
         check_range("data.max_bad_frac", self.max_bad_frac, lo=0.0, hi=1.0)
+        check_choice("data.residency", self.residency, ("auto", *residency.TIERS))
+        check_range("data.device_budget_gb", self.device_budget_gb, lo=0.0)
+        check_range("data.host_budget_gb", self.host_budget_gb, lo=0.0)
         check_range("data.image_size", self.image_size, lo=0, hi=4096)
         if not self.modalities or set(self.modalities) - set(MODALITIES) or len(set(self.modalities)) != len(self.modalities):
             raise ConfigError(f"data.modalities={list(self.modalities)}: expected a non-empty subset of {list(MODALITIES)}")
@@ -84,6 +94,21 @@ class DataConfig:
 
 def cache_root(cfg: DataConfig) -> Path:
     return Path(cfg.cache_dir or os.environ.get("FSSUAVL_CACHE") or Path.home() / ".cache" / "fssuavl")
+
+
+def spill_path(cfg: DataConfig, *keys) -> Path:
+    """The disk tier's file for one array, named by everything that shapes it (`keys`: its source cache entry,
+    modality and split, and the data options), so a second run maps it instead of computing it again."""
+    recipe = (keys, cfg.max_train_images, cfg.build_seed, cfg.sample_rate, cfg.clip_seconds, cfg.n_mels, cfg.win_ms,
+              cfg.hop_ms, cfg.dither_db)
+    return cache_root(cfg) / "resident" / f"{hashlib.sha1(repr(recipe).encode()).hexdigest()[:16]}.npy"
+
+
+def pick_tier(cfg: DataConfig, device, need: int, say=print) -> str:
+    """data.residency for `need` bytes of samples (auto: the fastest tier that fits), said in one line."""
+    tier, line = residency.choose(need, device, cfg.residency, cfg.device_budget_gb, cfg.host_budget_gb)
+    say(line)
+    return tier
 
 
 # ----------------------------------------------------------------------------- subsets
@@ -155,6 +180,43 @@ def write_npz(path: Path, arrays: dict) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def read_array_dir(path: Path, warn=print, small: int = 16 << 20) -> dict | None:
+    """A cache entry written by write_array_dir: every ARRAY.npy memory-mapped (arrays under `small` bytes are read
+    into memory), and classes.json. None (with a message naming it) when it is missing or damaged."""
+    if not (path / "classes.json").is_file():
+        return None
+    try:
+        out = {}
+        for f in sorted(path.glob("*.npy")):
+            a = np.load(f, mmap_mode="r")
+            out[f.stem] = np.array(a) if a.nbytes < small else a
+        out["classes"] = json.loads((path / "classes.json").read_text())
+        return out
+    except Exception as e:  # noqa: BLE001 - numpy and json raise several types for a damaged file
+        warn(f"cache {path} is unreadable ({type(e).__name__}: {str(e)[:120]}); rebuilding it")
+        return None
+
+
+def write_array_dir(path: Path, arrays: dict) -> None:
+    """A cache entry as a folder of uncompressed .npy files (memory-mappable: nothing is decompressed whole) plus
+    classes.json, written under a temp name and renamed when complete, so an interrupted build leaves nothing that
+    looks finished. A concurrent build that finished first wins (same content)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}-{os.urandom(4).hex()}.tmp")
+    tmp.mkdir()
+    try:
+        for k, v in arrays.items():
+            if k == "classes":
+                (tmp / "classes.json").write_text(json.dumps([str(c) for c in v]))
+            else:
+                np.save(tmp / f"{k}.npy", np.asarray(v), allow_pickle=False)
+        if path.exists():
+            shutil.rmtree(path)  # a damaged entry read_array_dir refused
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 # ----------------------------------------------------------------------------- the data in memory
 
 @dataclass
@@ -170,6 +232,8 @@ class ModalityData:
     std: torch.Tensor
     train_group: Optional[torch.Tensor] = None  # natural client id (speaker) where the data has one
     test_group: Optional[torch.Tensor] = None
+    residency: str = "device"                   # where train_x/test_x live (residency.py); the rest is on the device
+    maps: tuple = ()                            # the disk tier's MappedArrays, released after every read
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -177,7 +241,43 @@ class ModalityData:
 
     def to(self, device) -> "ModalityData":
         mv = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()}
-        return ModalityData(**mv)
+        return ModalityData(**(mv | {"residency": "device", "maps": ()}))
+
+    def take(self, split: str, rows, device) -> torch.Tensor:
+        """Samples of a split on `device`: `rows` is a slice or an index tensor (on any device). The device tier
+        indexes in place; host and disk gather on the host, copy, and (disk) release the mapped pages."""
+        x = self.train_x if split == "train" else self.test_x
+        if isinstance(rows, torch.Tensor) and rows.device != x.device:
+            rows = rows.to(x.device)
+        out = x[rows]
+        if self.residency == "device":
+            return out
+        out = out.to(device, non_blocking=out.is_pinned(), copy=True)
+        self.release()
+        return out
+
+    def release(self) -> None:
+        for m in self.maps:
+            m.release()
+
+    def client_view(self, rows: torch.Tensor, device, pin: bool = False) -> "ModalityData":
+        """The training samples `rows` gathered into a dataset of their own (the host and disk tiers, before a
+        client trains): row i of the view is row rows[i] here, so training on the view's indices 0..n-1 reads the
+        very samples (and draws the very batches) the device tier would. pin: gather into pinned host memory and
+        stop there (a prefetch thread's half of the copy); `on_device` finishes it."""
+        rows = rows.cpu()
+        if pin:
+            out = torch.empty((len(rows), *self.train_x.shape[1:]), dtype=self.train_x.dtype, pin_memory=True)
+            torch.index_select(self.train_x, 0, rows, out=out)
+            self.release()
+        else:
+            out = self.take("train", rows, device)
+        return ModalityData(**(self.__dict__ | {"train_x": out, "residency": "device", "maps": ()}))
+
+    def on_device(self, device) -> "ModalityData":
+        if residency.same_device(self.train_x.device, device):
+            return self
+        return ModalityData(**(self.__dict__ | {"train_x": self.train_x.to(device, non_blocking=self.train_x.is_pinned())}))
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 image or raw log-mel -> normalised float32."""
@@ -209,26 +309,40 @@ class LogMel(torch.nn.Module):
         return torch.log(self.mel(wav) + 1e-10).unsqueeze(1)
 
 
-def waveforms_to_logmel(wav: torch.Tensor, cfg: DataConfig, device, seed: int = 0, batch: int = 512) -> torch.Tensor:
-    """int16 (N, L) -> float16 log-mel (N, 1, F, T) on `device`, with the configured dither added
-    (seeded, so the features are reproducible)."""
+def waveforms_to_logmel(wav, cfg: DataConfig, device, seed: int = 0, batch: int = 512, tier: str = "device",
+                        spill: Optional[Path] = None):
+    """int16 (N, L) waveforms (a tensor, an array or a memmap) -> float16 log-mel (N, 1, F, T) in `tier`
+    (residency.py), with the configured dither added (seeded, so the features are reproducible). Computed on
+    `device` a batch at a time and written straight to the tier, so the whole set is never held twice.
+    Returns (tensor, MappedArray or None). The disk tier maps a finished `spill` file instead of computing it."""
+    shape = (len(wav), *expected_audio_shape(cfg, wav.shape[1]))
+    if tier == "disk" and spill is not None and (m := residency.reuse(spill, shape)) is not None:
+        return m.tensor, m
     front = LogMel(cfg.sample_rate, cfg.n_mels, cfg.win_ms, cfg.hop_ms).to(device)
     g = torch.Generator(device=device).manual_seed(seed)
     amp = 10 ** (cfg.dither_db / 20)
-    out = []
+    sink = Sink(tier, shape, torch.float16, device, spill)
     for i in range(0, len(wav), batch):
-        x = wav[i:i + batch].to(device).float() / 32768.0
+        x = as_tensor(wav[i:i + batch]).to(device).float() / 32768.0
         x = x + amp * torch.randn(x.shape, generator=g, device=device)
-        out.append(front(x).half())
-    return torch.cat(out)
+        sink.write(i, front(x).half())
+    return sink.finish()
 
 
-def logmel_stats(train: torch.Tensor, chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and std (shape (1,)) of the training log-mels, accumulated in fp64 chunk by chunk so a large
-    fp16 set is never copied to fp32 whole."""
-    s = s2 = torch.zeros((), dtype=torch.float64, device=train.device)
+def expected_audio_shape(cfg: DataConfig, length: int = 0) -> tuple:
+    """(1, n_mels, frames) of the configured front-end on one clip of `length` samples (0: clip_seconds), known
+    before any file is read."""
+    clip = torch.zeros(1, length or int(round(cfg.clip_seconds * cfg.sample_rate)))
+    return tuple(LogMel(cfg.sample_rate, cfg.n_mels, cfg.win_ms, cfg.hop_ms)(clip).shape[1:])
+
+
+def logmel_stats(train: torch.Tensor, chunk: int = 4096, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std (shape (1,)) of the training log-mels, accumulated in fp64 chunk by chunk on `device` (default:
+    the tensor's), so a large fp16 set is never copied to fp32 whole and every residency tier gets the same bits."""
+    device = train.device if device is None else device
+    s = s2 = torch.zeros((), dtype=torch.float64, device=device)
     for i in range(0, len(train), chunk):
-        x = train[i:i + chunk].double()
+        x = train[i:i + chunk].to(device).double()
         s, s2 = s + x.sum(), s2 + (x * x).sum()
     n = train.numel()
     mean = s / n
@@ -236,26 +350,55 @@ def logmel_stats(train: torch.Tensor, chunk: int = 4096) -> tuple[torch.Tensor, 
     return mean.float().view(1), std.float().view(1)
 
 
-def image_modality(arrays: dict, cfg: DataConfig, device) -> ModalityData:
-    tx, ty = torch.from_numpy(np.ascontiguousarray(arrays["train_x"])), torch.from_numpy(arrays["train_y"])
-    keep = torch.from_numpy(stratified_subset(ty, cfg.max_train_images, cfg.build_seed))
-    tx, ty = tx[keep], ty[keep]
+def image_stats(x, device, chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std of uint8 images (N, C, H, W) scaled to [0, 1], in fp64 a chunk at a time on
+    `device` (never the whole set as float32, which is four times the images)."""
+    c = x.shape[1]
+    s = s2 = torch.zeros(c, dtype=torch.float64, device=device)
+    for i in range(0, len(x), chunk):
+        f = as_tensor(x[i:i + chunk]).to(device).double() / 255
+        s, s2 = s + f.sum(dim=(0, 2, 3)), s2 + (f * f).sum(dim=(0, 2, 3))
+    n = len(x) * x.shape[2] * x.shape[3]
+    mean = s / n
+    std = ((s2 - n * mean * mean) / max(1, n - 1)).clamp_min(0).sqrt()
+    return mean.float(), std.float().clamp_min(1e-3)
+
+
+def image_modality(arrays: dict, cfg: DataConfig, device, tier: str = "device", source: str = "") -> ModalityData:
+    """Images in `tier`; `source` names the cache entry they came from (the disk tier's files are keyed by it)."""
+    ty = np.asarray(arrays["train_y"])
+    keep = stratified_subset(ty, cfg.max_train_images, cfg.build_seed)
+    tx = arrays["train_x"] if len(keep) == len(ty) else arrays["train_x"][keep]
     if len(tx) == 0 or len(arrays["test_x"]) == 0:
         raise DataError("the image dataset has an empty train or test split")
-    f = tx.float() / 255
-    mean, std = f.mean(dim=(0, 2, 3)), f.std(dim=(0, 2, 3)).clamp_min(1e-3)
-    return ModalityData(tx.to(device), ty.to(device), torch.from_numpy(np.ascontiguousarray(arrays["test_x"])).to(device),
-                        torch.from_numpy(arrays["test_y"]).to(device), list(arrays["classes"]), mean.to(device), std.to(device))
+    mean, std = image_stats(tx, device)
+    train_x, m1 = place(tx, tier, device, spill_path(cfg, source, "image", "train"))
+    test_x, m2 = place(arrays["test_x"], tier, device, spill_path(cfg, source, "image", "test"))
+    t = lambda a: torch.from_numpy(np.array(a)).to(device)  # noqa: E731 - labels: small, always on the device
+    return ModalityData(train_x, t(ty[keep]), test_x, t(arrays["test_y"]), list(arrays["classes"]), mean, std,
+                        residency=tier, maps=tuple(m for m in (m1, m2) if m))
 
 
-def audio_modality(arrays: dict, cfg: DataConfig, device) -> ModalityData:
-    """Log-mels of both splits; the normalising mean/std come from this run's own training split (never a
+def audio_modality(arrays: dict, cfg: DataConfig, device, tier: str = "device", source: str = "") -> ModalityData:
+    """Log-mels of both splits in `tier`; the normalising mean/std come from this run's own training split (never a
     cache shared across test folds, clip lengths or seeds)."""
     if len(arrays["train_x"]) == 0 or len(arrays["test_x"]) == 0:
         raise DataError("the audio dataset has an empty train or test split")
-    tr = waveforms_to_logmel(torch.from_numpy(arrays["train_x"]), cfg, device, seed=cfg.build_seed)
-    te = waveforms_to_logmel(torch.from_numpy(arrays["test_x"]), cfg, device, seed=cfg.build_seed + 1)
-    mean, std = logmel_stats(tr)
-    g = lambda k: torch.from_numpy(arrays[k]).to(device) if k in arrays else None  # noqa: E731
+    tr, m1 = waveforms_to_logmel(arrays["train_x"], cfg, device, seed=cfg.build_seed, tier=tier,
+                                 spill=spill_path(cfg, source, "audio", "train"))
+    te, m2 = waveforms_to_logmel(arrays["test_x"], cfg, device, seed=cfg.build_seed + 1, tier=tier,
+                                 spill=spill_path(cfg, source, "audio", "test"))
+    mean, std = logmel_stats(tr, device=device)
+    if m1:
+        m1.release()
+    g = lambda k: torch.from_numpy(np.array(arrays[k])).to(device) if k in arrays else None  # noqa: E731
     return ModalityData(tr, g("train_y"), te, g("test_y"), list(arrays["classes"]), mean, std,
-                        g("train_group"), g("test_group"))
+                        g("train_group"), g("test_group"), residency=tier, maps=tuple(m for m in (m1, m2) if m))
+
+
+def modality_bytes(arrays: dict, modality: str, cfg: DataConfig) -> int:
+    """Bytes the samples of one modality's arrays take once converted (images as they are; audio as fp16 log-mels)."""
+    n = len(arrays["train_x"]) + len(arrays["test_x"])
+    if modality == "audio":
+        return n * int(np.prod(expected_audio_shape(cfg, arrays["train_x"].shape[1]))) * 2
+    return n * int(np.prod(arrays["train_x"].shape[1:])) * arrays["train_x"].dtype.itemsize

@@ -90,7 +90,7 @@ def representation_metrics(model, data: dict, data_cfg, amp: str = "fp32", seed:
     out, h_of, z_of = {}, {}, {}
     for m, md in data.items():
         keep = stratified_subset(md.test_y, min(n, len(md.test_y)), runtime.derive_seed(seed, "diagnostics", m))
-        x = md.test_x[torch.from_numpy(keep).to(md.test_x.device)]
+        x = md.take("test", torch.from_numpy(keep), device)
         g = runtime.make_generator(device, seed, "diagnostics_views", m)
         with autocast(device, amp):
             h = model.features(md.normalize(x), m).float()

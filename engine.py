@@ -6,6 +6,7 @@ same two functions, so on the same seed every engine gives the same global weigh
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Protocol
 
@@ -110,6 +111,37 @@ class Clients:
         # fp16's loss scale is the one state that outlives a client: it carries over the clients a process trains
         self.scaler = runtime.make_scaler(device, cfg.run.amp)
         self.settings = LocalSettings.of(cfg, STRATEGIES[cfg.fed.aggregation].client_hook(cfg.fed))
+        self.resident = all(md.residency == "device" for md in self.data.values())
+        self.upcoming: list[int] = []   # host/disk tiers: the clients this process trains next, in order
+        self._prefetch = None           # (cid, future of its gathered samples)
+        self._pool = None
+
+    def client_data(self, cid: int) -> tuple[dict, dict]:
+        """({modality: ModalityData}, {modality: indices}) client `cid` trains on. Device tier: the whole data and
+        the client's indices. Host and disk tiers: the client's samples gathered onto the device (from the
+        prefetch when it was started) and indices 0..n-1, the very rows and batches of the device tier; the next
+        client of `upcoming` is then gathered in the background while this one trains."""
+        held = {m: self.clients[cid][m] for m in self.data if m in self.clients[cid]}
+        if self.resident:
+            return self.data, held
+        if self._prefetch is not None and self._prefetch[0] == cid:
+            views = self._prefetch[1].result()
+        else:
+            views = self._gather(cid)
+        self._prefetch = None
+        if cid in self.upcoming:
+            rest = self.upcoming[self.upcoming.index(cid) + 1:]
+            if rest:
+                if self._pool is None:
+                    self._pool = ThreadPoolExecutor(1, thread_name_prefix="prefetch")
+                self._prefetch = (rest[0], self._pool.submit(self._gather, rest[0], True))
+        views = {m: v.on_device(self.device) for m, v in views.items()}
+        return views, {m: torch.arange(len(v), device=self.device) for m, v in held.items()}
+
+    def _gather(self, cid: int, background: bool = False) -> dict:
+        pin = background and torch.device(self.device).type == "cuda"
+        return {m: self.data[m].client_view(self.clients[cid][m], self.device, pin=pin)
+                for m in self.data if m in self.clients[cid]}
 
     def holds(self, cid: int) -> bool:
         return bool(self.clients[cid])
@@ -126,8 +158,8 @@ class Clients:
         state.update(private or {})
         self.model.load_state_dict(state)
         g = runtime.make_generator(self.device, cfg.run.seed, "client", r, cid)
-        idx = {m: self.clients[cid][m] for m in self.data if m in self.clients[cid]}
-        metrics = local_ssl_update(self.model, self.optimizer, self.scaler, self.data, idx, self.settings,
+        data, idx = self.client_data(cid)
+        metrics = local_ssl_update(self.model, self.optimizer, self.scaler, data, idx, self.settings,
                                    lr_at(r, cfg.optim, cfg.fed.rounds), g, should_stop)
         return ClientUpdate(cid, self.model.state_dict(), {m: len(v) for m, v in idx.items()}, metrics)
 
@@ -211,6 +243,7 @@ class InProcess:
         self.c = clients
 
     def round(self, r, active, global_state, client_state, should_stop):
+        self.c.upcoming = list(active)  # the host and disk tiers gather the next client while one trains
         return lambda cid: self.c.update(global_state, cid, r, client_state.get(cid), should_stop)
 
     def stop_requested(self, local: bool) -> bool:

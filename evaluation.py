@@ -29,18 +29,19 @@ def extract_features(model, md: ModalityData, split: str, modality: str, limit: 
     """Backbone features h (before the projection head) of a split, fp32, L2-normalised unless
     normalize=False. limit > 0 takes a seeded, class-stratified subset of that many samples (the same one
     for every model and round of a seed). Eval mode, restored afterwards."""
-    x = md.train_x if split == "train" else md.test_x
     y = md.train_y if split == "train" else md.test_y
+    keep = None
     if limit and limit < len(y):
         keep = torch.from_numpy(stratified_subset(y, limit, runtime.derive_seed(seed, "subset", split))).to(y.device)
-        x, y = x[keep], y[keep]
+        y = y[keep]
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     feats = []
-    for i in range(0, len(x), batch_size):
+    for i in range(0, len(y), batch_size):  # a batch at a time from any residency tier
+        x = md.take(split, slice(i, i + batch_size) if keep is None else keep[i:i + batch_size], device)
         with autocast(device, amp):
-            feats.append(model.features(md.normalize(x[i:i + batch_size]), modality).float())
+            feats.append(model.features(md.normalize(x), modality).float())
     model.train(was_training)
     h = torch.cat(feats)
     return (F.normalize(h, dim=1) if normalize else h), y
@@ -174,7 +175,7 @@ def finetune_model(model, md: ModalityData, modality: str, idx: torch.Tensor, da
         for b in perm.split(cfg.batch_size):
             if len(b) < 2:
                 continue
-            x = augment(modality, md.train_x[b], md, data_cfg, g)  # the view in fp32, outside autocast
+            x = augment(modality, md.take("train", b, device), md, data_cfg, g)  # the view in fp32, outside autocast
             with autocast(device, amp):
                 logits = head(net.features(x, modality))
             loss = F.cross_entropy(logits.float(), md.train_y[b])

@@ -25,9 +25,9 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from data import DataConfig, DataError, MissingData, cache_root, read_npz, source_fingerprint, write_npz
+from data import DataConfig, DataError, MissingData, cache_root, read_array_dir, source_fingerprint, write_array_dir
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: a folder of .npy files (memory-mappable), was one .npz
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 FLUIDR3_SF2 = "/usr/share/sounds/sf2/FluidR3_GM.sf2"
 GM_FAMILIES = ["piano", "chromatic percussion", "organ", "guitar", "bass", "strings", "ensemble", "brass", "reed",
@@ -128,6 +128,29 @@ def decode_all(fn: Callable, items: list, workers: int = 0) -> list:
         return list(pool.map(fn, items))
 
 
+def decode_into(fn: Callable, items: list, shapes: list[tuple], dtypes: list, workers: int = 0):
+    """Decode every item straight into preallocated arrays, one per output of fn(item) -> tuple of rows (or None
+    for a bad item): never a list of decoded samples and then a stacked copy (twice the data). Returns the arrays
+    holding the good items in order, compacted in place, and the keep mask."""
+    outs = [np.empty((len(items), *sh), dtype=dt) for sh, dt in zip(shapes, dtypes)]
+    keep = np.zeros(len(items), dtype=bool)
+
+    def one(i):
+        rows = fn(items[i])
+        if rows is not None:
+            for out, r in zip(outs, rows):
+                out[i] = r
+            keep[i] = True
+    decode_all(one, range(len(items)), workers)
+    j = 0
+    for i in np.flatnonzero(keep):
+        if i != j:
+            for out in outs:
+                out[j] = out[i]
+        j += 1
+    return [out[:j] for out in outs], keep
+
+
 # ----------------------------------------------------------------------------- image datasets
 # each returns dict(train_x (N,3,H,W) uint8, train_y, test_x, test_y, classes)
 
@@ -183,9 +206,10 @@ def read_stl10(root: Path, cfg: DataConfig, bad: BadFiles) -> dict:
 
 
 def _decode_images(paths: list[Path], size: int, bad: BadFiles) -> tuple[np.ndarray, np.ndarray]:
-    imgs = decode_all(lambda p: read_image(p, size, bad), paths)
-    keep = np.array([im is not None for im in imgs], dtype=bool)
-    x = np.stack([im for im in imgs if im is not None]) if keep.any() else np.zeros((0, 3, size, size), np.uint8)
+    def one(p):
+        im = read_image(p, size, bad)
+        return None if im is None else (im,)
+    (x,), keep = decode_into(one, paths, [(3, size, size)], [np.uint8])
     return x, keep
 
 
@@ -391,19 +415,24 @@ def decode_audio(name: str, lister: Callable, root: Path, cfg: DataConfig, bad: 
     if not items:
         raise MissingData(name, root, "audio files")
     length = int(round(cfg.clip_seconds * cfg.sample_rate))
-    wavs = decode_all(lambda it: read_audio(it[0], cfg.sample_rate, length, bad), items)
-    keep = [w is not None for w in wavs]
-    kept = [(w, it) for w, it, k in zip(wavs, items, keep) if k]
-    if not kept:
+    out = {}
+    for split, test in (("train", False), ("test", True)):  # each split decoded into its own array: no split copy
+        its = [it for it in items if bool(it[3]) == test]
+
+        def one(it):
+            w = read_audio(it[0], cfg.sample_rate, length, bad)
+            return None if w is None else (w,)
+        (x,), keep = decode_into(one, its, [(length,)], [np.int16])
+        kept = [it for it, k in zip(its, keep) if k]
+        out[f"{split}_x"], out[f"{split}_y"] = x, np.array([it[1] for it in kept], dtype=np.int64)
+        out[f"{split}_group"] = [str(it[2]) for it in kept]
+    if not len(out["train_x"]) + len(out["test_x"]):
         raise DataError(f"{name}: none of the {len(items)} audio files under {root} could be read")
-    x = np.stack([w for w, _ in kept])
-    y = np.array([it[1] for _, it in kept], dtype=np.int64)
-    gnames = {g: i for i, g in enumerate(sorted({str(it[2]) for _, it in kept}))}
-    grp = np.array([gnames[str(it[2])] for _, it in kept], dtype=np.int64)
-    te = np.array([it[3] for _, it in kept], dtype=bool)
+    gnames = {g: i for i, g in enumerate(sorted(set(out["train_group"]) | set(out["test_group"])))}
+    for split in ("train", "test"):
+        out[f"{split}_group"] = np.array([gnames[g] for g in out[f"{split}_group"]], dtype=np.int64)
     bad.finish(len(items))
-    return {"train_x": x[~te], "train_y": y[~te], "train_group": grp[~te], "test_x": x[te], "test_y": y[te],
-            "test_group": grp[te], "classes": classes}
+    return out | {"classes": classes}
 
 
 def read_vggsound(root: Path, cfg: DataConfig, bad: BadFiles) -> tuple[dict, dict]:
@@ -426,36 +455,40 @@ def read_vggsound(root: Path, cfg: DataConfig, bad: BadFiles) -> tuple[dict, dic
             bad.skip(root / "frames" / cid, "frame or audio file missing")
             return None
         im, wav = read_image(frame, size, bad), read_audio(audio, cfg.sample_rate, length, bad)
-        return None if im is None or wav is None else (im, wav, index[r[2].strip()], r[3].strip().lower() == "test")
-    got = [g for g in decode_all(one, rows) if g is not None]
+        return None if im is None or wav is None else (im, wav)
+    image, audio = {"classes": classes}, {"classes": classes}
+    n = 0
+    for split in ("train", "test"):  # each split decoded into its own arrays: no split copy
+        its = [r for r in rows if (r[3].strip().lower() == "test") == (split == "test")]
+        (ims, wavs), keep = decode_into(one, its, [(3, size, size), (length,)], [np.uint8, np.int16])
+        y = np.array([index[r[2].strip()] for r in its], dtype=np.int64)[keep]
+        image |= {f"{split}_x": ims, f"{split}_y": y}
+        audio |= {f"{split}_x": wavs, f"{split}_y": y, f"{split}_group": np.arange(n, n + len(y))}
+        n += len(y)
     bad.finish(len(rows))
-    if not got:
+    if not n:
         raise DataError(f"vggsound: no usable clip under {root}")
-    te = np.array([g[3] for g in got])
-    y = np.array([g[2] for g in got], dtype=np.int64)
-    ims, wavs = np.stack([g[0] for g in got]), np.stack([g[1] for g in got])
-    groups = np.arange(len(got))
-    image = {"train_x": ims[~te], "train_y": y[~te], "test_x": ims[te], "test_y": y[te], "classes": classes}
-    audio = {"train_x": wavs[~te], "train_y": y[~te], "train_group": groups[~te], "test_x": wavs[te],
-             "test_y": y[te], "test_group": groups[te], "classes": classes}
     return image, audio
 
 
 # ----------------------------------------------------------------------------- cache and conversion
 
 def _cached(kind: str, name: str, root: Path, cfg: DataConfig, params: dict, build: Callable[[BadFiles], dict]) -> dict:
-    """Decode once: arrays are kept in an npz under the cache root, keyed by dataset, the parameters that shape
-    the arrays and the content they were built from (every file under root with its size and mtime), so an
-    edited labels.csv or an added clip builds a new entry. A corrupt entry is named and rebuilt."""
+    """Decode once: arrays are kept in a folder of .npy files under the cache root (memory-mapped when read, so a
+    large entry is never loaded whole), keyed by dataset, the parameters that shape the arrays and the content they
+    were built from (every file under root with its size and mtime), so an edited labels.csv or an added clip builds
+    a new entry. A damaged entry is named and rebuilt. The entry's path is returned under "source"."""
     key = hashlib.sha1(repr((CACHE_VERSION, kind, name, source_fingerprint(root), sorted(params.items()))).encode()).hexdigest()[:12]
-    path = cache_root(cfg) / f"{name}-{kind}-v{CACHE_VERSION}-{key}.npz"
-    out = read_npz(path)
-    if out is not None and "classes" in out:
-        out["classes"] = [str(c) for c in out["classes"]]
-        return out
-    arrays = build(BadFiles(name, cfg.max_bad_frac))
-    write_npz(path, {k: (np.asarray(v) if k != "classes" else np.asarray(v, dtype=str)) for k, v in arrays.items()})
-    return arrays
+    path = cache_root(cfg) / f"{name}-{kind}-v{CACHE_VERSION}-{key}"
+    out = read_array_dir(path)
+    if out is None:
+        arrays = build(BadFiles(name, cfg.max_bad_frac))
+        write_array_dir(path, arrays)
+        del arrays  # the decoded copy: what follows reads the memory-mapped files
+        out = read_array_dir(path)
+        if out is None:
+            raise DataError(f"{name}: cache entry {path} could not be read back right after it was built: check the disk")
+    return out | {"source": str(path)}
 
 
 def torchvision_download(name: str) -> Callable:

@@ -132,6 +132,7 @@ class Torchrun:
         owner = {cid: i % self.g.world for i, cid in enumerate(active)}
         mine: dict[int, ClientUpdate] = {}
         stopped = False
+        self.c.upcoming = [cid for cid in active if owner[cid] == self.g.rank]  # host/disk tiers: prefetch the next
         try:
             for cid in active:
                 if owner[cid] == self.g.rank:

@@ -63,9 +63,9 @@ def platform_key() -> dict:
     return {"torch": torch.__version__.split("+")[0], "machine": platform.machine(), "isa": isa}
 
 
-def run_case(name: str, cache_dir: str, work: Path, launcher: list[str] | None = None) -> str:
+def run_case(name: str, cache_dir: str, work: Path, launcher: list[str] | None = None, extra: tuple = ()) -> str:
     out = work / name
-    cmd = (launcher or [sys.executable, "pretrain.py"]) + BASE + CASES.get(name, []) + \
+    cmd = (launcher or [sys.executable, "pretrain.py"]) + BASE + CASES.get(name, []) + list(extra) + \
         [f"--data.cache_dir={cache_dir}", f"--run.out_dir={out}"]
     if launcher and "{port}" in " ".join(launcher):
         import socket
