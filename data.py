@@ -309,7 +309,7 @@ class LogMel(torch.nn.Module):
         return torch.log(self.mel(wav) + 1e-10).unsqueeze(1)
 
 
-def waveforms_to_logmel(wav, cfg: DataConfig, device, seed: int = 0, batch: int = 512, tier: str = "device",
+def waveforms_to_logmel(wav, cfg: DataConfig, device, seed: int = 0, batch: int = 0, tier: str = "device",
                         spill: Optional[Path] = None):
     """int16 (N, L) waveforms (a tensor, an array or a memmap) -> float16 log-mel (N, 1, F, T) in `tier`
     (residency.py), with the configured dither added (seeded, so the features are reproducible). Computed on
@@ -319,6 +319,9 @@ def waveforms_to_logmel(wav, cfg: DataConfig, device, seed: int = 0, batch: int 
     if tier == "disk" and spill is not None and (m := residency.reuse(spill, shape)) is not None:
         return m.tensor, m
     front = LogMel(cfg.sample_rate, cfg.n_mels, cfg.win_ms, cfg.hop_ms).to(device)
+    # at most 512 clips a batch, and about 2^24 STFT values (frames x n_fft): the frames, spectrum and power of 512
+    # five-second clips at n_fft 1024 would take several GB at once
+    batch = batch or max(1, min(512, (1 << 24) // (shape[-1] * front.mel.spectrogram.n_fft)))
     g = torch.Generator(device=device).manual_seed(seed)
     amp = 10 ** (cfg.dither_db / 20)
     sink = Sink(tier, shape, torch.float16, device, spill)
@@ -336,10 +339,16 @@ def expected_audio_shape(cfg: DataConfig, length: int = 0) -> tuple:
     return tuple(LogMel(cfg.sample_rate, cfg.n_mels, cfg.win_ms, cfg.hop_ms)(clip).shape[1:])
 
 
-def logmel_stats(train: torch.Tensor, chunk: int = 4096, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+def stat_chunk(x, cap: int = 4096, elements: int = 1 << 24) -> int:
+    """Rows per chunk of a statistic in fp64: at most `cap`, and about `elements` values (128 MB) at a time."""
+    return max(1, min(cap, elements // max(1, int(np.prod(x.shape[1:])))))
+
+
+def logmel_stats(train: torch.Tensor, chunk: int = 0, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and std (shape (1,)) of the training log-mels, accumulated in fp64 chunk by chunk on `device` (default:
     the tensor's), so a large fp16 set is never copied to fp32 whole and every residency tier gets the same bits."""
     device = train.device if device is None else device
+    chunk = chunk or stat_chunk(train)
     s = s2 = torch.zeros((), dtype=torch.float64, device=device)
     for i in range(0, len(train), chunk):
         x = train[i:i + chunk].to(device).double()
@@ -350,10 +359,10 @@ def logmel_stats(train: torch.Tensor, chunk: int = 4096, device=None) -> tuple[t
     return mean.float().view(1), std.float().view(1)
 
 
-def image_stats(x, device, chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+def image_stats(x, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel mean and std of uint8 images (N, C, H, W) scaled to [0, 1], in fp64 a chunk at a time on
     `device` (never the whole set as float32, which is four times the images)."""
-    c = x.shape[1]
+    c, chunk = x.shape[1], stat_chunk(x)
     s = s2 = torch.zeros(c, dtype=torch.float64, device=device)
     for i in range(0, len(x), chunk):
         f = as_tensor(x[i:i + chunk]).to(device).double() / 255

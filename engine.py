@@ -96,9 +96,9 @@ class Clients:
     comes only from (seed, round, client), so any process that holds the same data computes the same update
     (the in-process loop, a torchrun rank and a Flower ClientApp all call it)."""
 
-    def __init__(self, cfg: PretrainConfig, device, progress: bool = False):
+    def __init__(self, cfg: PretrainConfig, device, progress: bool = False, data: dict | None = None):
         self.cfg, self.device = cfg, device
-        self.data = load_data(cfg.data, device, progress=progress)
+        self.data = data if data is not None else load_data(cfg.data, device, progress=progress)
         parts = make_clients(cfg, self.data)
         check_clients(cfg, parts)
         self.parts = parts  # numpy indices, for --show-partition and dry runs
