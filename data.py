@@ -208,6 +208,14 @@ def write_array_dir(path: Path, arrays: dict) -> None:
         for k, v in arrays.items():
             if k == "classes":
                 (tmp / "classes.json").write_text(json.dumps([str(c) for c in v]))
+            elif isinstance(v, np.memmap) and v.nbytes:  # decoded into a file: moved, or copied a chunk at a time
+                whole = np.load(v.filename, mmap_mode="r")
+                if whole.shape == v.shape and whole.dtype == v.dtype:
+                    v.flush()
+                    os.replace(v.filename, tmp / f"{k}.npy")
+                else:
+                    residency.write_npy(tmp / f"{k}.npy", residency.chunks_of(v), v.shape, v.dtype)
+                    residency.release_pages(v)
             else:
                 np.save(tmp / f"{k}.npy", np.asarray(v), allow_pickle=False)
         if path.exists():
@@ -329,6 +337,7 @@ def waveforms_to_logmel(wav, cfg: DataConfig, device, seed: int = 0, batch: int 
         x = as_tensor(wav[i:i + batch]).to(device).float() / 32768.0
         x = x + amp * torch.randn(x.shape, generator=g, device=device)
         sink.write(i, front(x).half())
+        residency.release_pages(wav)
     return sink.finish()
 
 
@@ -344,15 +353,18 @@ def stat_chunk(x, cap: int = 4096, elements: int = 1 << 24) -> int:
     return max(1, min(cap, elements // max(1, int(np.prod(x.shape[1:])))))
 
 
-def logmel_stats(train: torch.Tensor, chunk: int = 0, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+def logmel_stats(train: torch.Tensor, chunk: int = 0, device=None, release=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and std (shape (1,)) of the training log-mels, accumulated in fp64 chunk by chunk on `device` (default:
-    the tensor's), so a large fp16 set is never copied to fp32 whole and every residency tier gets the same bits."""
+    the tensor's), so a large fp16 set is never copied to fp32 whole and every residency tier gets the same bits.
+    `release` (a memory-mapped set's) is called after every chunk."""
     device = train.device if device is None else device
     chunk = chunk or stat_chunk(train)
     s = s2 = torch.zeros((), dtype=torch.float64, device=device)
     for i in range(0, len(train), chunk):
         x = train[i:i + chunk].to(device).double()
         s, s2 = s + x.sum(), s2 + (x * x).sum()
+        if release is not None:
+            release()
     n = train.numel()
     mean = s / n
     std = ((s2 - n * mean * mean) / max(1, n - 1)).clamp_min(1e-12).sqrt()
@@ -367,6 +379,7 @@ def image_stats(x, device) -> tuple[torch.Tensor, torch.Tensor]:
     for i in range(0, len(x), chunk):
         f = as_tensor(x[i:i + chunk]).to(device).double() / 255
         s, s2 = s + f.sum(dim=(0, 2, 3)), s2 + (f * f).sum(dim=(0, 2, 3))
+        residency.release_pages(x)
     n = len(x) * x.shape[2] * x.shape[3]
     mean = s / n
     std = ((s2 - n * mean * mean) / max(1, n - 1)).clamp_min(0).sqrt()
@@ -397,9 +410,7 @@ def audio_modality(arrays: dict, cfg: DataConfig, device, tier: str = "device", 
                                  spill=spill_path(cfg, source, "audio", "train"))
     te, m2 = waveforms_to_logmel(arrays["test_x"], cfg, device, seed=cfg.build_seed + 1, tier=tier,
                                  spill=spill_path(cfg, source, "audio", "test"))
-    mean, std = logmel_stats(tr, device=device)
-    if m1:
-        m1.release()
+    mean, std = logmel_stats(tr, device=device, release=m1.release if m1 else None)
     g = lambda k: torch.from_numpy(np.array(arrays[k])).to(device) if k in arrays else None  # noqa: E731
     return ModalityData(tr, g("train_y"), te, g("test_y"), list(arrays["classes"]), mean, std,
                         g("train_group"), g("test_group"), residency=tier, maps=tuple(m for m in (m1, m2) if m))

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from data import DataConfig, DataError, MissingData, cache_root, read_array_dir, source_fingerprint, write_array_dir
+from residency import release_pages
 
 CACHE_VERSION = 2  # 2: a folder of .npy files (memory-mappable), was one .npz
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
@@ -132,7 +133,7 @@ def decode_into(fn: Callable, items: list, shapes: list[tuple], dtypes: list, wo
     """Decode every item straight into preallocated arrays, one per output of fn(item) -> tuple of rows (or None
     for a bad item): never a list of decoded samples and then a stacked copy (twice the data). Returns the arrays
     holding the good items in order, compacted in place, and the keep mask."""
-    outs = [np.empty((len(items), *sh), dtype=dt) for sh, dt in zip(shapes, dtypes)]
+    outs = [_allocate((len(items), *sh), np.dtype(dt)) for sh, dt in zip(shapes, dtypes)]
     keep = np.zeros(len(items), dtype=bool)
 
     def one(i):
@@ -141,7 +142,12 @@ def decode_into(fn: Callable, items: list, shapes: list[tuple], dtypes: list, wo
             for out, r in zip(outs, rows):
                 out[i] = r
             keep[i] = True
-    decode_all(one, range(len(items)), workers)
+    row = sum(int(np.prod(sh)) * np.dtype(dt).itemsize for sh, dt in zip(shapes, dtypes))
+    block = max(64, (128 << 20) // max(1, row))  # about 128 MB of samples a block: then a file's pages are released
+    for start in range(0, len(items), block):
+        decode_all(one, range(start, min(start + block, len(items))), workers)
+        for out in outs:
+            release_pages(out)
     j = 0
     for i in np.flatnonzero(keep):
         if i != j:
@@ -149,6 +155,18 @@ def decode_into(fn: Callable, items: list, shapes: list[tuple], dtypes: list, wo
                 out[j] = out[i]
         j += 1
     return [out[:j] for out in outs], keep
+
+
+FILE_BACKED_BYTES = 64 << 20  # decoded arrays at least this large are files, not memory
+BUILD_DIR: Optional[Path] = None  # set by _cached while an entry is built: large decoded arrays go to files there
+
+
+def _allocate(shape: tuple, dtype: np.dtype) -> np.ndarray:
+    """Memory for decoded samples: a .npy file in the cache entry being built when it is large (the decoded data
+    then never has to fit in RAM), else plain memory."""
+    if BUILD_DIR is None or int(np.prod(shape)) * dtype.itemsize < FILE_BACKED_BYTES:
+        return np.empty(shape, dtype=dtype)
+    return np.lib.format.open_memmap(BUILD_DIR / f"decode-{os.urandom(6).hex()}.npy", mode="w+", dtype=dtype, shape=shape)
 
 
 # ----------------------------------------------------------------------------- image datasets
@@ -482,9 +500,17 @@ def _cached(kind: str, name: str, root: Path, cfg: DataConfig, params: dict, bui
     path = cache_root(cfg) / f"{name}-{kind}-v{CACHE_VERSION}-{key}"
     out = read_array_dir(path)
     if out is None:
-        arrays = build(BadFiles(name, cfg.max_bad_frac))
-        write_array_dir(path, arrays)
-        del arrays  # the decoded copy: what follows reads the memory-mapped files
+        global BUILD_DIR
+        cache_root(cfg).mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=cache_root(cfg)))
+        try:
+            BUILD_DIR = work
+            arrays = build(BadFiles(name, cfg.max_bad_frac))
+            write_array_dir(path, arrays)
+            del arrays  # the decoded copy: what follows reads the memory-mapped files
+        finally:
+            BUILD_DIR = None
+            shutil.rmtree(work, ignore_errors=True)
         out = read_array_dir(path)
         if out is None:
             raise DataError(f"{name}: cache entry {path} could not be read back right after it was built: check the disk")

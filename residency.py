@@ -117,12 +117,25 @@ def write_npy(path: Path, chunks, shape: tuple, dtype) -> Path:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
         for i, rows in chunks:
             out[i:i + len(rows)] = rows.cpu().numpy() if isinstance(rows, torch.Tensor) else rows
+            release_pages(out)
         out.flush()
         del out
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def release_pages(x) -> None:
+    """Drop the pages of a numpy memmap (or a MappedArray's tensor source) from this process after a chunk was read:
+    clean pages go back to the page cache, written pages of a shared file mapping are kept for write-back, so
+    streaming through a file never grows the process by the file's size."""
+    mm = getattr(x, "_mmap", None)  # numpy keeps the mapping of a memmap (and of its views) here
+    if mm is not None:
+        try:
+            mm.madvise(mmap.MADV_DONTNEED)
+        except (ValueError, OSError):  # closed, or a platform without madvise
+            pass
 
 
 def rows_per_chunk(x) -> int:
@@ -162,6 +175,7 @@ class Sink:
     def write(self, i: int, rows) -> None:
         if self.tier == "disk":
             self.out[i:i + len(rows)] = rows.cpu().numpy() if isinstance(rows, torch.Tensor) else rows
+            release_pages(self.out)
         else:
             self.out[i:i + len(rows)].copy_(as_tensor(rows))
 
@@ -204,6 +218,7 @@ def place(x, tier: str, device, spill: Path | None = None) -> tuple[torch.Tensor
     sink = Sink(tier, tuple(x.shape), dtype, device, spill)
     for i, rows in chunks_of(x):
         sink.write(i, rows)
+        release_pages(x)
     return sink.finish()
 
 

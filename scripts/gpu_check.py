@@ -101,14 +101,18 @@ def markdown(rep: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None) -> dict:
+def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=ROOT / "results" / "gpu_check")
     p.add_argument("--smoke", action="store_true", help="CPU, tiny everything: checks the plumbing in under a minute")
     p.add_argument("--standins", type=Path, help="stand-ins folder (default: made in a temp folder)")
     p.add_argument("--scale", type=float, default=0.25, help="stand-in size as a fraction of the official counts")
     p.add_argument("--budget-s", type=float, default=480)
-    a = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    a = parse_args(argv)
     sys.path.insert(0, str(ROOT / "scripts"))
     import standins
     env = environment()

@@ -119,24 +119,43 @@ HEADER = ("| config | build s | tier | samples GiB | on device GiB | peak RSS Gi
           "s per local step | round s (measured) | ESTIMATE: paper round s / run h |\n" + "|---" * 10 + "|")
 
 
-def compare_tiers(argv: list[str], tiers: list[str]) -> None:
-    """Each tier in its own process on the same config; the round's cost as a ratio to the device tier's."""
-    got = {}
-    for t in tiers:
-        with tempfile.NamedTemporaryFile(suffix=".json") as f:
-            subprocess.run([sys.executable, __file__, *argv, f"--data.residency={t}", "--json", f.name], check=True)
-            got[t] = json.loads(Path(f.name).read_text())
+def compare_tiers(argv: list[str], tiers: list[str], repeats: int) -> None:
+    """Each tier in its own process on the same config, `repeats` times interleaved; a tier's round cost is the
+    median over its processes of their median round, as a ratio to the device tier's."""
+    got = {t: [] for t in tiers}
+    for _ in range(repeats):
+        for t in tiers:
+            with tempfile.NamedTemporaryFile(suffix=".json") as f:
+                subprocess.run([sys.executable, __file__, *argv, f"--data.residency={t}", "--json", f.name], check=True,
+                               stdout=subprocess.DEVNULL)
+                got[t].append(json.loads(Path(f.name).read_text()))
     print(HEADER)
     for t in tiers:
-        print(row(t, got[t]))
-    base = got.get("device", got[tiers[0]])
+        for r in got[t]:
+            print(row(t, r))
+    cost = {t: statistics.median(statistics.median(r["rounds_s"]) for r in got[t]) for t in tiers}
+    rss = {t: statistics.median(r["rss_peak_gib"] for r in got[t]) for t in tiers}
+    base = "device" if "device" in tiers else tiers[0]
     for t in tiers:
-        print(f"{t}: round {got[t]['round_s']} s = {got[t]['round_s'] / base['round_s']:.3f}x the device tier's; peak RSS "
-              f"{got[t]['rss_peak_gib']} GiB = {got[t]['rss_peak_gib'] / base['rss_peak_gib']:.2f}x")
+        print(f"{t}: median round {cost[t]:.3f} s = {cost[t] / cost[base]:.3f}x the {base} tier's; peak RSS "
+              f"{rss[t]:.2f} GiB = {rss[t] / rss[base]:.2f}x")
 
 
-def main(argv=None) -> dict | None:
-    argv = sys.argv[1:] if argv is None else argv
+def without(argv: list[str], flags: dict[str, int]) -> list[str]:
+    """argv less each flag of `flags` and the number of values it takes (`--flag=value` is one item)."""
+    out, skip = [], 0
+    for x in argv:
+        if skip:
+            skip -= 1
+        elif x in flags:
+            skip = flags[x]
+        elif x.split("=", 1)[0] not in flags:
+            out.append(x)
+    return out
+
+
+def parse_args(argv: list[str]):
+    """(options, the config's dotted overrides)."""
     args, overrides = split_overrides(argv)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config")
@@ -145,11 +164,16 @@ def main(argv=None) -> dict | None:
     p.add_argument("--rounds", type=int, default=1, help="rounds rehearsed (the last one's seconds are reported)")
     p.add_argument("--fresh-cache", action="store_true", help="build the caches in a temp folder (measures decoding)")
     p.add_argument("--tiers", nargs="*", choices=["device", "host", "disk"], help="rehearse each tier and compare")
+    p.add_argument("--repeats", type=int, default=1, help="--tiers: processes per tier, interleaved")
     p.add_argument("--json", type=Path)
-    a = p.parse_args(args)
+    return p.parse_args(args), overrides
+
+
+def main(argv=None) -> dict | None:
+    argv = sys.argv[1:] if argv is None else argv
+    a, overrides = parse_args(argv)
     if a.tiers:
-        rest = [x for x in argv if x not in ("--tiers", *a.tiers)]
-        return compare_tiers(rest, a.tiers)
+        return compare_tiers(without(argv, {"--tiers": len(a.tiers), "--repeats": 1}), a.tiers, a.repeats)
     with tempfile.TemporaryDirectory(prefix="rehearse-") as tmp:
         extra = [f"--data.cache_dir={tmp}"] if a.fresh_cache else []
         cfg = load_config(PretrainConfig, a.config, [*overrides, *extra, "--run.progress=false"])

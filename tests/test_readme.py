@@ -48,6 +48,13 @@ def test_python_commands_parse(line, in_root):
         import pretraining
         parsed, overrides = pretraining.parse_args(flower_app.parse_args(args)[1])
         load_config(PretrainConfig, parsed.config, overrides)
+    elif script in ("scripts/rehearse.py", "scripts/gpu_check.py"):
+        import sys
+        sys.path.insert(0, str(ROOT / "scripts"))
+        mod = __import__(script[8:-3])
+        parsed = mod.parse_args(args)
+        if script == "scripts/rehearse.py":
+            load_config(PretrainConfig, parsed[0].config, parsed[1])
     else:
         pytest.fail(f"no parse check for {script}: add one here")
 

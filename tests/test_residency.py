@@ -125,3 +125,27 @@ def test_a_client_view_indexes_like_the_whole_set():
     view = md.client_view(rows, "cpu")
     perm = torch.tensor([2, 0, 1])
     assert torch.equal(view.train_x[perm], md.train_x[rows[perm]]) and view.residency == "device"
+
+
+def test_decoding_into_files_builds_the_same_cache_as_in_memory(tmp_path, monkeypatch):
+    """Large decoded arrays go to files in the entry being built (so they never have to fit in RAM); with a bad
+    file among them (compaction, then a chunked copy) the entry equals the one decoded in memory, and no temp
+    file is left behind."""
+    import layouts
+    import readers
+    from catalog import read_arrays
+    root = layouts.write_audiofolder(tmp_path / "af")
+    (root / "clips" / "bad.flac").write_bytes(b"not audio")
+    with open(root / "labels.csv", "a") as f:
+        f.write("clips/bad.flac,a,train\n")
+    cfg = lambda d: DataConfig(cache_dir=str(tmp_path / d), max_bad_frac=0.5)  # noqa: E731
+    with pytest.warns(UserWarning, match="bad.flac"):
+        mem = read_arrays("audiofolder", root, cfg("mem"))
+    monkeypatch.setattr(readers, "FILE_BACKED_BYTES", 0)
+    with pytest.warns(UserWarning, match="bad.flac"):
+        files = read_arrays("audiofolder", root, cfg("files"))
+    for k in ("train_x", "train_y", "test_x", "test_group"):
+        assert np.array_equal(mem[k], files[k]), k
+    assert len(files["train_x"]) == 6
+    leftovers = [p.name for p in (tmp_path / "files").rglob("*") if "decode-" in p.name or ".tmp" in p.name]
+    assert not leftovers and not [p for p in (tmp_path / "files").iterdir() if p.name.startswith(".")]
