@@ -119,7 +119,7 @@ class Clients:
     def client_data(self, cid: int) -> tuple[dict, dict]:
         """({modality: ModalityData}, {modality: indices}) client `cid` trains on. Device tier: the whole data and
         the client's indices. Host and disk tiers: the client's samples gathered onto the device (from the
-        prefetch when it was started) and indices 0..n-1, the very rows and batches of the device tier; the next
+        prefetch when it was started) and indices 0..n-1, the very rows and batches of the device tier; on CUDA the next
         client of `upcoming` is then gathered in the background while this one trains."""
         held = {m: self.clients[cid][m] for m in self.data if m in self.clients[cid]}
         if self.resident:
@@ -129,7 +129,9 @@ class Clients:
         else:
             views = self._gather(cid)
         self._prefetch = None
-        if cid in self.upcoming:
+        # on a CUDA device the next client's gather overlaps this one's training; on a CPU device it would only
+        # compete with training for the same cores (a second OpenMP team spinning beside it)
+        if cid in self.upcoming and torch.device(self.device).type == "cuda":
             rest = self.upcoming[self.upcoming.index(cid) + 1:]
             if rest:
                 if self._pool is None:

@@ -93,6 +93,25 @@ def _same(a, b):
     assert not differ, f"{len(differ)} of {len(wa)} tensors differ, e.g. {differ[:3]}"
 
 
+def test_torchrun_across_two_nodes_equals_in_process(reference, tmp_path, cache_dir):
+    """Two torchrun launchers standing for two machines (--nnodes=2, one rank each, a c10d rendezvous on 127.0.0.1)
+    end on the in-process run's weights, bit for bit."""
+    out, port = tmp_path / "two_nodes", _free_port()
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d",
+              f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=fssuavl-test", "pretrain.py", *_args(out, cache_dir)]
+    with _procs() as start:
+        nodes = [start(launch, tmp_path / f"node{i}.log") for i in range(2)]
+        for i, p in enumerate(nodes):
+            try:
+                rc = p.wait(timeout=240)
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"node {i} timed out:\n{(tmp_path / f'node{i}.log').read_text()[-3000:]}")
+            assert rc == 0, (tmp_path / f"node{i}.log").read_text()[-3000:]
+    _same(out, reference)
+    logs = [(tmp_path / f"node{i}.log").read_text() for i in range(2)]
+    assert sum("engine Torchrun" in log for log in logs) == 1  # one process logs and writes the run
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, cache_dir):
     """The in-process run (a subprocess too, so this test process keeps its thread settings)."""
