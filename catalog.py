@@ -18,6 +18,7 @@ from typing import Callable, Optional
 import torch
 
 import downloads
+import fluidr3
 import readers
 from avfashion import load_avfashion
 from data import (DataConfig, DataError, MissingData, ModalityData, audio_modality, expected_audio_shape, image_modality,
@@ -86,7 +87,7 @@ DATASETS = {
                                 "metadata/UrbanSound8K.csv and audio/fold1..fold10/*.wav", downloads.fetcher("urbansound8k")),
     "audiofolder": DatasetSpec("audio", readers.audio_files(readers.list_audiofolder),
                                "labels.csv with columns file,label (optional split=train|test, group) and the files it names"),
-    "fluidr3": DatasetSpec("audio", readers.render_fluidr3, f"a General MIDI .sf2 soundfont (default "
+    "fluidr3": DatasetSpec("audio", fluidr3.render_fluidr3, f"a General MIDI .sf2 soundfont (default "
                            f"{readers.FLUIDR3_SF2}, Debian package fluid-soundfont-gm) and fluidsynth"),
 }
 

@@ -12,7 +12,8 @@ import pretrain
 from catalog import load_data
 from data import DataConfig, DataError
 from helpers import ROOT
-from readers import BadFiles, read_audio, read_image, render_fluidr3, FLUIDR3_SF2, write_midi
+from fluidr3 import render_fluidr3, write_midi
+from readers import BadFiles, read_audio, read_image, FLUIDR3_SF2
 
 
 def load(tmp_path, dataset, modality, **kw):
