@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from tqdm import tqdm
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
@@ -62,12 +63,16 @@ class FlowerEngine:
             time.sleep(1.0)
         self.nodes = nodes
 
+    def node_of(self, cid: int) -> int:
+        return self.nodes[cid % len(self.nodes)]
+
     def round(self, r, active, global_state, client_state, should_stop):
+        t0 = time.monotonic()
         arrays = ArrayRecord({k: v.detach().cpu() for k, v in global_state.items()})
         msgs = [Message(RecordDict({"arrays": arrays, "config": ConfigRecord(
                     {"client": cid, "round": r, "lr": lr_at(r, self.c.cfg.optim, self.c.cfg.fed.rounds),
                      "config": self.config_yaml})}),
-                    dst_node_id=self.nodes[cid % len(self.nodes)], message_type="train", group_id=str(r))
+                    dst_node_id=self.node_of(cid), message_type="train", group_id=str(r))
                 for cid in active]
         updates = {}
         for rep in self.grid.send_and_receive(msgs):
@@ -79,9 +84,17 @@ class FlowerEngine:
             state = {k: v.to(self.c.device) for k, v in rep.content["arrays"].to_torch_state_dict().items()}
             updates[cid] = ClientUpdate(cid, state, samples, m)
         missing = sorted(set(active) - set(updates))
-        if missing:
-            raise FlowerError(f"round {r}: no reply for clients {missing}; {self.c.cfg.run.out_dir}/last.pt holds round "
-                              f"{r - 1}: resume with run config resume=true")
+        if missing:  # the run stops: a redone round would sample other clients than the seed's, changing the run
+            raise FlowerError(f"round {r}: no reply for clients {missing} from SuperNodes "
+                              f"{sorted({self.node_of(c) for c in missing})} (disconnected?); "
+                              f"{self.c.cfg.run.out_dir}/last.pt holds round {r - 1}: resume with run config resume=true")
+        by_node: dict[int, dict] = {}
+        for cid, u in sorted(updates.items()):
+            n = by_node.setdefault(self.node_of(cid), {})
+            for m, k in u.samples.items():
+                n[m] = n.get(m, 0) + k
+        tqdm.write(f"round {r}: {len(updates)} clients on {len(by_node)} SuperNodes in {time.monotonic() - t0:.1f} s: "
+                   + "; ".join(f"node {node}: " + ", ".join(f"{k} {m}" for m, k in n.items()) for node, n in by_node.items()))
         return updates.pop
 
     def stop_requested(self, local: bool) -> bool:

@@ -4,6 +4,7 @@ bit for bit. Every server a test starts listens on 127.0.0.1 and is killed (its 
 test ends, passed or failed."""
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -271,3 +272,5 @@ def test_flower_deployment_superlink_and_two_supernodes_equal_in_process(referen
             assert run.poll() in (None, 0), logs
             time.sleep(0.5)
     _same(reference, out)
+    report = (tmp_path / "flwr_run.log").read_text()  # what a user sees per round: clients, nodes, samples, time
+    assert re.search(r"round 2: 3 clients on 2 SuperNodes in [\d.]+ s: node \d+: \d+ (image|audio)", report), report[-2000:]
