@@ -106,12 +106,17 @@ def ensure_pretrained(config: str, run_dir: Path, seed: int, modalities: list[st
     return ckpt
 
 
-def ensure_evaluated(ckpt: Path, out_dir: Path, seed: int, random_init: bool, extra: list[str]) -> dict:
+NO_RAW = "--eval.raw_input=false"
+
+
+def ensure_evaluated(ckpt: Path, out_dir: Path, seed: int, random_init: bool, extra: list[str], raw: bool = True) -> dict:
     """The evaluation of `ckpt` with these settings: results.json is reused only when it was made from this very
     checkpoint (its sha256 and round) with the same evaluation overrides, by this version of the evaluation
-    (downstream.RESULTS_FORMAT); otherwise it is computed again."""
+    (downstream.RESULTS_FORMAT); otherwise it is computed again. raw=False leaves out the raw-input rows (they do
+    not depend on the checkpoint: the tables take them from FSSUAVL's evaluation of the seed); an evaluation that
+    has them serves a request without them."""
     path = out_dir / ("results_random_init.json" if random_init else "results.json")
-    overrides = [f"--run.out_dir={out_dir}", f"--run.seed={seed}", *EVAL_ARGS, *extra]
+    overrides = [f"--run.out_dir={out_dir}", f"--run.seed={seed}", *EVAL_ARGS, *extra, *([] if raw else [NO_RAW])]
     if path.exists():
         try:
             old = json.loads(path.read_text())
@@ -119,8 +124,8 @@ def ensure_evaluated(ckpt: Path, out_dir: Path, seed: int, random_init: bool, ex
             old = {}
             print(f"{path} is unreadable (truncated?): evaluating again")
         ck = load_checkpoint(ckpt)
-        if (old.get("format"), old.get("ckpt_sha256"), old.get("round"), old.get("overrides")) == \
-                (RESULTS_FORMAT, ck.get("sha256"), ck["round"], overrides):
+        if (old.get("format"), old.get("ckpt_sha256"), old.get("round")) == (RESULTS_FORMAT, ck.get("sha256"), ck["round"]) \
+                and old.get("overrides") in (overrides, [o for o in overrides if o != NO_RAW]):
             return old
     return evaluate_checkpoint(ckpt, None, overrides, random_init)
 
@@ -378,11 +383,12 @@ def run_grid(args, out: Path) -> tuple[dict, dict, dict]:
         for v, mods in VARIANTS.items():
             rd = out / "runs" / f"{v}_seed{seed}"
             ckpt = ensure_pretrained(args.config, rd, seed, mods, args.pre_extra)
-            res = ensure_evaluated(ckpt, rd, seed, False, args.eval_extra)
+            res = ensure_evaluated(ckpt, rd, seed, False, args.eval_extra, raw=v == "fssuavl")
             results[v].append({**res, "config_name": config_name})
             run_dirs[v].append(rd)
         rd = out / "runs" / f"random_init_seed{seed}"
-        res = ensure_evaluated(out / "runs" / f"fssuavl_seed{seed}" / "last.pt", rd, seed, True, args.eval_extra)
+        res = ensure_evaluated(out / "runs" / f"fssuavl_seed{seed}" / "last.pt", rd, seed, True, args.eval_extra,
+                               raw=False)
         results["random_init"].append({**res, "config_name": config_name})
         # the bar: the input itself through the same probe and kNN, evaluated beside FSSUAVL (same data, splits, seed)
         fs = results["fssuavl"][-1]

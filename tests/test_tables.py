@@ -53,6 +53,8 @@ def test_tables_end_to_end_tiny(tmp_path, cache_dir, monkeypatch):
     row = next(r for r in t["table1_image"] if r["model"] == "raw input (standardised)" and r["protocol"] == "linear")
     assert row["100% labels"] == f"{statistics.mean(vals):.2f} ± {statistics.stdev(vals):.2f}"
     assert any(ln.startswith("Image task, linear probe, 100% labels") and "the raw input" in ln for ln in res["findings"])
+    # the raw input does not depend on the checkpoint: only FSSUAVL's evaluation of a seed computes its rows
+    assert not json.loads((out / "runs" / "image_only_seed0" / "results.json").read_text()).get("raw_input_rows")
     assert all("±" in r["100% labels"] for r in t["table1_image"])
     eff = {r["setup"]: r for r in t["table4_efficiency"]}
     ratio = eff["ratio FSSUAVL / two models"]
@@ -85,6 +87,22 @@ def test_tables_end_to_end_tiny(tmp_path, cache_dir, monkeypatch):
     assert ck["config"]["fed"]["weighting"] == "total" and ck["config"]["model"]["bn_stats"] == "shared"
     assert load_checkpoint(out / "runs" / "strategy_ldawa_seed0" / "last.pt")["config"]["fed"]["aggregation"] == "ldawa"
     assert any(ln.startswith("Strategy, audio linear probe: ") and "no test" in ln for ln in res["findings"])
+
+
+def test_an_evaluation_with_raw_input_rows_serves_a_request_without_them(tmp_path, monkeypatch):
+    rd = tmp_path / "run"
+    rd.mkdir()
+    base = [f"--run.out_dir={rd}", "--run.seed=3", *paper_tables.EVAL_ARGS]
+    old = {"format": paper_tables.RESULTS_FORMAT, "ckpt_sha256": "abc", "round": 7, "overrides": base, "rows": [1]}
+    (rd / "results.json").write_text(json.dumps(old))
+    monkeypatch.setattr(paper_tables, "load_checkpoint", lambda p: {"sha256": "abc", "round": 7})
+    calls = []
+    monkeypatch.setattr(paper_tables, "evaluate_checkpoint", lambda *a: calls.append(a) or {"new": True})
+    assert paper_tables.ensure_evaluated(rd / "last.pt", rd, 3, False, [], raw=False)["rows"] == [1] and not calls
+    old["overrides"] = base + [paper_tables.NO_RAW]  # the other way round: rows without the raw input are not enough
+    (rd / "results.json").write_text(json.dumps(old))
+    assert paper_tables.ensure_evaluated(rd / "last.pt", rd, 3, False, [], raw=True) == {"new": True}
+    assert paper_tables.NO_RAW not in calls[0][2]
 
 
 def test_a_block_of_uncorrected_tests_says_how_many_would_pass_by_chance():
