@@ -333,12 +333,15 @@ def waveforms_to_logmel(wav, cfg: DataConfig, device, seed: int = 0, batch: int 
     g = torch.Generator(device=device).manual_seed(seed)
     amp = 10 ** (cfg.dither_db / 20)
     sink = Sink(tier, shape, torch.float16, device, spill)
-    for i in range(0, len(wav), batch):
-        x = as_tensor(wav[i:i + batch]).to(device).float() / 32768.0
-        x = x + amp * torch.randn(x.shape, generator=g, device=device)
-        sink.write(i, front(x).half())
-        residency.release_pages(wav)
-    return sink.finish()
+    try:
+        for i in range(0, len(wav), batch):
+            x = as_tensor(wav[i:i + batch]).to(device).float() / 32768.0
+            x = x + amp * torch.randn(x.shape, generator=g, device=device)
+            sink.write(i, front(x).half())
+            residency.release_pages(wav)
+        return sink.finish()
+    finally:
+        sink.abort()
 
 
 def expected_audio_shape(cfg: DataConfig, length: int = 0) -> tuple:

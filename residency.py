@@ -104,34 +104,29 @@ class MappedArray:
                        if n else torch.empty(shape, dtype=NP_TO_TORCH[dtype]))
 
     def release(self) -> None:
-        if self.mm is not None:
+        if self.mm is not None and hasattr(self.mm, "madvise"):  # Linux and macOS
             self.mm.madvise(mmap.MADV_DONTNEED)
 
 
 def write_npy(path: Path, chunks, shape: tuple, dtype) -> Path:
     """Write an array chunk by chunk (`chunks` yields (start, rows) in order) to a .npy file, atomically: a
     temp name until the last row is written, so an interrupted write leaves nothing that looks finished."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}-{os.urandom(4).hex()}.tmp")
+    sink = Sink("disk", shape, NP_TO_TORCH[np.dtype(dtype)], "cpu", Path(path))
     try:
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
         for i, rows in chunks:
-            out[i:i + len(rows)] = rows.cpu().numpy() if isinstance(rows, torch.Tensor) else rows
-            release_pages(out)
-        out.flush()
-        del out
-        os.replace(tmp, path)
+            sink.write(i, rows)
+        sink.finish()
     finally:
-        tmp.unlink(missing_ok=True)
-    return path
+        sink.abort()
+    return Path(path)
 
 
 def release_pages(x) -> None:
-    """Drop the pages of a numpy memmap (or a MappedArray's tensor source) from this process after a chunk was read:
+    """Drop the pages of a numpy memmap (and of its views) from this process after a chunk was read or written:
     clean pages go back to the page cache, written pages of a shared file mapping are kept for write-back, so
     streaming through a file never grows the process by the file's size."""
     mm = getattr(x, "_mmap", None)  # numpy keeps the mapping of a memmap (and of its views) here
-    if mm is not None:
+    if mm is not None and hasattr(mm, "madvise"):
         try:
             mm.madvise(mmap.MADV_DONTNEED)
         except (ValueError, OSError):  # closed, or a platform without madvise
@@ -188,6 +183,12 @@ class Sink:
         m = MappedArray(self.spill)
         return m.tensor, m
 
+    def abort(self) -> None:
+        """Remove a disk sink's unfinished temp file (a no-op once finished): call it in a `finally`."""
+        if self.tier == "disk":
+            self.__dict__.pop("out", None)
+            self.tmp.unlink(missing_ok=True)
+
 
 def reuse(path: Path, shape) -> MappedArray | None:
     """The finished .npy file `path` mapped, when it holds an array of `shape`; None when it is missing or damaged
@@ -216,10 +217,13 @@ def place(x, tier: str, device, spill: Path | None = None) -> tuple[torch.Tensor
             return m.tensor, m
     dtype = x.dtype if isinstance(x, torch.Tensor) else NP_TO_TORCH[np.dtype(x.dtype)]
     sink = Sink(tier, tuple(x.shape), dtype, device, spill)
-    for i, rows in chunks_of(x):
-        sink.write(i, rows)
-        release_pages(x)
-    return sink.finish()
+    try:
+        for i, rows in chunks_of(x):
+            sink.write(i, rows)
+            release_pages(x)
+        return sink.finish()
+    finally:
+        sink.abort()
 
 
 def same_device(have: torch.device, want) -> bool:

@@ -149,3 +149,12 @@ def test_decoding_into_files_builds_the_same_cache_as_in_memory(tmp_path, monkey
     assert len(files["train_x"]) == 6
     leftovers = [p.name for p in (tmp_path / "files").rglob("*") if "decode-" in p.name or ".tmp" in p.name]
     assert not leftovers and not [p for p in (tmp_path / "files").iterdir() if p.name.startswith(".")]
+
+
+def test_an_interrupted_write_leaves_nothing_that_looks_finished(tmp_path):
+    def chunks():
+        yield 0, np.ones((2, 4), np.uint8)
+        raise KeyboardInterrupt  # a stop in the middle of the array
+    with pytest.raises(KeyboardInterrupt):
+        residency.write_npy(tmp_path / "x.npy", chunks(), (4, 4), np.uint8)
+    assert list(tmp_path.iterdir()) == []
