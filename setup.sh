@@ -59,7 +59,7 @@ case "$job" in
     "$PYBIN" pretrain.py "$@"
     ;;
   test)
-    exec "$PYBIN" -m pytest -q "$@"
+    exec "$PYBIN" -m pytest -q --durations=12 "$@"   # the slowest tests, to keep the suite under its 10 minutes
     ;;
   python)
     exec "$PYBIN" "$@"
