@@ -46,17 +46,17 @@ def _load_vggsound(cfg: DataConfig, device, progress: bool = True) -> dict[str, 
         flat = {f"image_{k}": v for k, v in image.items() if k != "classes"}
         return flat | {f"audio_{k}": v for k, v in audio.items() if k != "classes"} | {"classes": image["classes"]}
     both = readers._cached("paired", cfg.dataset, root, cfg, {**_audio_params(cfg), "size": cfg.image_size}, build)
-    split = {m: {k[len(m) + 1:]: v for k, v in both.items() if k.startswith(m + "_")} | {"classes": both["classes"]}
-             for m in ("image", "audio") if m in cfg.modalities}
-    return convert(split, cfg, device, both["source"])
+    split = {m: {k[len(m) + 1:]: v for k, v in both.items() if k.startswith(m + "_")}
+             | {"classes": both["classes"], "source": both["source"]} for m in ("image", "audio") if m in cfg.modalities}
+    return convert(split, cfg, device)
 
 
-def convert(arrays: dict, cfg: DataConfig, device, *sources: str) -> dict[str, ModalityData]:
-    """Decoded arrays {modality: arrays} -> {modality: ModalityData} in the residency tier chosen for all of them
-    together (data.residency; auto says which and why)."""
+def convert(arrays: dict, cfg: DataConfig, device) -> dict[str, ModalityData]:
+    """Decoded arrays {modality: arrays, with the "source" cache entry they came from} -> {modality: ModalityData}
+    in the residency tier chosen for all of them together (data.residency; auto says which and why)."""
     tier = pick_tier(cfg, device, sum(modality_bytes(a, m, cfg) for m, a in arrays.items()))
     make = {"image": image_modality, "audio": audio_modality}
-    return {m: make[m](a, cfg, device, tier, sources[min(i, len(sources) - 1)]) for i, (m, a) in enumerate(arrays.items())}
+    return {m: make[m](a, cfg, device, tier, a["source"]) for m, a in arrays.items()}
 
 
 DATASETS = {
@@ -156,7 +156,7 @@ def load_named(cfg: DataConfig, device, progress: bool = True) -> dict[str, Moda
     if "audio" in cfg.modalities:
         root = Path(cfg.audio_root) if cfg.audio_root else readers.default_root(audio_name)
         arrays["audio"] = read_arrays(audio_name, root, cfg)
-    return convert(arrays, cfg, device, *(a["source"] for a in arrays.values()))
+    return convert(arrays, cfg, device)
 
 
 def load_data(cfg: DataConfig, device, progress: bool = True) -> dict[str, ModalityData]:
