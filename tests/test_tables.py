@@ -79,6 +79,9 @@ def test_tables_end_to_end_tiny(tmp_path, cache_dir, monkeypatch):
     paper_tables.main(args[:3] + ["0"] + args[5:] + ["--fed.rounds=2"])
     assert json.loads((out / "runs" / "fssuavl_seed0" / "results.json").read_text())["round"] == 2
     one = args[:3] + ["0"] + args[5:] + ["--fed.rounds=2"]  # --seeds 0 only, the same out dir and rounds
+    # two ablations and one strategy run end to end (every entry's overrides are checked without training below)
+    monkeypatch.setattr(paper_tables, "ABLATIONS", [a for a in paper_tables.ABLATIONS if a[0] in ("paper_plain", "vicreg")])
+    monkeypatch.setattr(paper_tables, "STRATEGY_RUNS", [r for r in paper_tables.STRATEGY_RUNS if r[0] == "ldawa"])
     res = paper_tables.main(one + ["--ablations", "--strategies"])
     t5 = res["tables"]["table5_ablations"][1]
     assert [r["variant"] for r in t5][1:] == [label for _, label, _ in paper_tables.ABLATIONS]
@@ -87,6 +90,14 @@ def test_tables_end_to_end_tiny(tmp_path, cache_dir, monkeypatch):
     assert ck["config"]["fed"]["weighting"] == "total" and ck["config"]["model"]["bn_stats"] == "shared"
     assert load_checkpoint(out / "runs" / "strategy_ldawa_seed0" / "last.pt")["config"]["fed"]["aggregation"] == "ldawa"
     assert any(ln.startswith("Strategy, audio linear probe: ") and "no test" in ln for ln in res["findings"])
+
+
+@pytest.mark.parametrize("name, over", [(n, o) for n, _, o in paper_tables.ABLATIONS + paper_tables.STRATEGY_RUNS])
+def test_every_ablation_and_strategy_run_is_a_valid_config(name, over):
+    from engine import PretrainConfig
+    from settings import load_config
+    cfg = load_config(PretrainConfig, ROOT / "configs" / "tables_cpu.yaml", over)
+    assert cfg.data.modalities == ("image", "audio"), name
 
 
 def test_an_evaluation_with_raw_input_rows_serves_a_request_without_them(tmp_path, monkeypatch):
