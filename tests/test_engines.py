@@ -271,6 +271,10 @@ def test_flower_deployment_superlink_and_two_supernodes_equal_in_process(referen
             assert time.monotonic() - t0 < 300, logs
             assert run.poll() in (None, 0), logs
             time.sleep(0.5)
+        # what a user sees per round: clients, nodes, samples, time (streamed by flwr run, so it may lag the files)
+        line = re.compile(r"round 1: 3 clients on 2 SuperNodes in [\d.]+ s: node \d+: \d+ (image|audio)")
+        t0 = time.monotonic()
+        while not line.search(report := (tmp_path / "flwr_run.log").read_text()):
+            assert time.monotonic() - t0 < 60, report[-2000:]
+            time.sleep(0.5)
     _same(reference, out)
-    report = (tmp_path / "flwr_run.log").read_text()  # what a user sees per round: clients, nodes, samples, time
-    assert re.search(r"round 2: 3 clients on 2 SuperNodes in [\d.]+ s: node \d+: \d+ (image|audio)", report), report[-2000:]
