@@ -104,10 +104,10 @@ def spill_path(cfg: DataConfig, *keys) -> Path:
     return cache_root(cfg) / "resident" / f"{hashlib.sha1(repr(recipe).encode()).hexdigest()[:16]}.npy"
 
 
-def pick_tier(cfg: DataConfig, device, need: int, say=print) -> str:
+def pick_tier(cfg: DataConfig, device, need: int) -> str:
     """data.residency for `need` bytes of samples (auto: the fastest tier that fits), said in one line."""
     tier, line = residency.choose(need, device, cfg.residency, cfg.device_budget_gb, cfg.host_budget_gb)
-    say(line)
+    print(line)
     return tier
 
 
