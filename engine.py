@@ -96,14 +96,19 @@ class Clients:
     comes only from (seed, round, client), so any process that holds the same data computes the same update
     (the in-process loop, a torchrun rank and a Flower ClientApp all call it)."""
 
-    def __init__(self, cfg: PretrainConfig, device, progress: bool = False, data: dict | None = None):
+    def __init__(self, cfg: PretrainConfig, device, progress: bool = False, data: dict | None = None,
+                 parts: list | None = None, shapes: dict | None = None):
+        """data: {modality: ModalityData} (default: the config's dataset, loaded); parts: the clients' training
+        indices (default: the config's partition of data); shapes: the model's inputs (default: data's)."""
         self.cfg, self.device = cfg, device
         self.data = data if data is not None else load_data(cfg.data, device, progress=progress)
-        parts = make_clients(cfg, self.data)
-        check_clients(cfg, parts)
+        if parts is None:
+            parts = make_clients(cfg, self.data)
+            check_clients(cfg, parts)
         self.parts = parts  # numpy indices, for --show-partition and dry runs
         self.clients = [{m: torch.as_tensor(v, device=device) for m, v in c.items()} for c in parts]
-        self.model = build_model(cfg.model, {m: md.shape for m, md in self.data.items()}).to(device)
+        self.input_shapes = shapes or {m: md.shape for m, md in self.data.items()}
+        self.model = build_model(cfg.model, self.input_shapes).to(device)
         self.model = self.model.to(memory_format=backbone_family(cfg.model.arch).memory_format)
         if cfg.run.compile:  # in place, so state_dict keys stay free of torch.compile's _orig_mod. prefix
             self.model.trunk.compile()
@@ -148,18 +153,33 @@ class Clients:
     def holds(self, cid: int) -> bool:
         return bool(self.clients[cid])
 
+    @property
+    def train_samples(self) -> dict[str, int]:
+        return {m: len(md.train_x) for m, md in self.data.items()}
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        """The trained modalities, in the order the round's log records them."""
+        return tuple(self.data)
+
+    def input_stats(self) -> dict:
+        """The normalising statistics pretraining used (kept in last.pt, so fine-tuning normalises alike)."""
+        return {m: {"mean": md.mean.tolist(), "std": md.std.tolist()} for m, md in self.data.items()}
+
     def share(self, key: str) -> bool:
         return is_shared(key, self.cfg.fed.share_head)
 
     def update(self, global_state: dict, cid: int, r: int, private: dict | None = None,
-               should_stop=None) -> ClientUpdate:
+               should_stop=None, draw_as: int | None = None) -> ClientUpdate:
         """Client `cid`'s local epochs of round `r` from `global_state` (plus its own unshared tensors,
-        `private`). The returned state holds live model tensors: consume them before the next update."""
+        `private`), its randomness drawn as client `draw_as` (default cid; a SuperNode with its own data trains
+        its slot 0 as the client id the server gave it). The returned state holds live model tensors: consume
+        them before the next update."""
         cfg = self.cfg
         state = dict(global_state)
         state.update(private or {})
         self.model.load_state_dict(state)
-        g = runtime.make_generator(self.device, cfg.run.seed, "client", r, cid)
+        g = runtime.make_generator(self.device, cfg.run.seed, "client", r, cid if draw_as is None else draw_as)
         data, idx = self.client_data(cid)
         metrics = local_ssl_update(self.model, self.optimizer, self.scaler, data, idx, self.settings,
                                    lr_at(r, cfg.optim, cfg.fed.rounds), g, should_stop)
@@ -263,6 +283,6 @@ def train_one_round(r: int, clients: Clients, global_state, client_state, strate
     sampled, active = plan_round(r, clients.cfg, clients.holds)
     fetch = engine.round(r, active, global_state, client_state, should_stop)
     new_state, out = server_round(r, clients.cfg, global_state, client_state, strategy, sampled, active, fetch,
-                                  tuple(clients.data), flops)
+                                  clients.modalities, flops)
     out["seconds"] = round(t0(), 3)  # the whole round: training (on every engine) and the fold
     return new_state, out

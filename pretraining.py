@@ -184,15 +184,15 @@ def evaluate(model, data, cfg: PretrainConfig, probe: bool = False, raw_input: b
     return out
 
 
-def forward_flops(model, data, device) -> dict[str, int]:
-    """Forward FLOPs of one sample through backbone + head, per modality, counted by torch's flop counter
-    on the real model (eval mode, so no statistics move)."""
+def forward_flops(model, shapes: dict, device) -> dict[str, int]:
+    """Forward FLOPs of one sample through backbone + head, per modality ({modality: input shape}), counted by
+    torch's flop counter on the real model (eval mode, so no statistics move)."""
     from torch.utils.flop_counter import FlopCounterMode
     was_training = model.training
     model.eval()
     out = {}
-    for m, md in data.items():
-        x = torch.zeros(2, *md.shape, device=device)
+    for m, shape in shapes.items():
+        x = torch.zeros(2, *shape, device=device)
         with FlopCounterMode(display=False) as fc, torch.no_grad():
             model(x, m)
         out[m] = fc.get_total_flops() // 2
@@ -200,20 +200,23 @@ def forward_flops(model, data, device) -> dict[str, int]:
     return out
 
 
-def cli(argv, make_engine=None) -> dict:
+def cli(argv, make_engine=None, make_clients=None) -> dict:
     """pretrain.py's command line: parse, then `pretrain`. make_engine(clients) -> Engine: how sampled clients
-    are trained (default: in this process; under torchrun: spread over the ranks; flower_app passes Flower's)."""
+    are trained (default: in this process; under torchrun: spread over the ranks; flower_app passes Flower's).
+    make_clients(cfg, device, progress) -> the server's view of the clients (default engine.Clients: the config's
+    dataset and partition; a Flower deployment with node-local data passes nodes.NodeFederation)."""
     args, overrides = parse_args(argv)
-    return pretrain(args.config, overrides, args.resume, args.show_partition, make_engine)
+    return pretrain(args.config, overrides, args.resume, args.show_partition, make_engine, make_clients)
 
 
-def pretrain(config=None, overrides=(), resume=False, show_partition: bool = False, make_engine=None) -> dict:
+def pretrain(config=None, overrides=(), resume=False, show_partition: bool = False, make_engine=None,
+             make_clients=None) -> dict:
     """Run a whole pretraining: `config` (a YAML path; default configs/default.yaml) plus dotted `overrides`;
     resume=True continues run.out_dir, resume=RUN_DIR continues that run with its own config. Locks the run
     directory for the whole run. Returns {"history": [eval records], "out_dir": ...} in the main process."""
     cfg, ckpt = resolve_config(config, overrides, resume)
     if show_partition or cfg.run.dry_run:  # these write nothing: no run directory, no lock
-        return Pretraining(cfg, make_engine).inspect(show_partition)
+        return Pretraining(cfg, make_engine, make_clients).inspect(show_partition)
     group = None
     if make_engine is None and torchrun_engine.launched():  # under torchrun: one process per rank
         group = torchrun_engine.Group(runtime.resolve_device(cfg.run.device).type)
@@ -240,7 +243,7 @@ def pretrain(config=None, overrides=(), resume=False, show_partition: bool = Fal
                               f"already completed; give fed.rounds >= {ckpt['round']}, or start a new run in another "
                               f"run.out_dir")
         try:
-            out = Pretraining(cfg, make_engine).run(ckpt)
+            out = Pretraining(cfg, make_engine, make_clients).run(ckpt)
         except SystemExit:  # a stop every rank agreed on (one all-reduce a round): leave together, as below
             if group is not None:
                 group.barrier()
@@ -259,16 +262,16 @@ class Pretraining:
     """One run: data, clients, model and optimiser (one of each, reused by every client this process trains),
     the server's state, and the round loop. The run directory is already prepared and locked."""
 
-    def __init__(self, cfg: PretrainConfig, make_engine=None):
+    def __init__(self, cfg: PretrainConfig, make_engine=None, make_clients=None):
         rc = cfg.run
         self.cfg, self.make_engine = cfg, make_engine
         self.out_dir = Path(rc.out_dir)
         self.device = torchrun_engine.local_device(runtime.resolve_device(rc.device))  # under torchrun: this rank's GPU
         if rc.threads:  # under torchrun on CPU the ranks of a machine share the budget
             torch.set_num_threads(torchrun_engine.threads_per_rank(rc.threads, self.device))
-        runtime.seed_everything(rc.seed, rc.deterministic, self.device)
+        runtime.seed_everything(rc.seed, rc.deterministic, self.device, rc.compile)
         self.progress = rc.progress and sys.stderr.isatty()
-        self.clients = Clients(cfg, self.device, progress=self.progress)
+        self.clients = (make_clients or Clients)(cfg, self.device, progress=self.progress)
         self.data, self.model = self.clients.data, self.clients.model
 
     def inspect(self, show_partition: bool) -> dict:
@@ -282,7 +285,7 @@ class Pretraining:
         self.engine = (self.make_engine or InProcess)(self.clients)
         self.main = self.engine.main  # this process logs, evaluates and writes the run directory
         self.global_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        self.flops = forward_flops(model, self.data, self.device)
+        self.flops = forward_flops(model, self.clients.input_shapes, self.device)
         self.param_keys = [k for k, _ in model.named_parameters()]
         self.strategy = make_strategy(cfg.fed, set(self.param_keys))  # its state goes into last.pt
         self.norm0 = weight_norm(self.global_state, self.param_keys)  # the random init's, kept in last.pt
@@ -323,12 +326,12 @@ class Pretraining:
     def describe(self) -> None:
         if not self.main:
             return
-        cfg, data, clients = self.cfg, self.data, self.clients
+        cfg, clients = self.cfg, self.clients
         holders = sum(1 for c in clients.clients if c)
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False).rstrip())
         print(f"env: {self.env}")
         print(f"model: {cfg.model.arch}, {count_params(self.model) / 1e6:.2f}M params; inputs "
-              f"{({m: md.shape for m, md in data.items()})}; train samples {({m: len(md.train_x) for m, md in data.items()})}; "
+              f"{clients.input_shapes}; train samples {clients.train_samples}; "
               f"{holders} of {len(clients.clients)} clients hold trained data; effective lr {cfg.optim.peak_lr:g}; "
               f"autocast {cfg.run.amp if runtime.amp_active(self.device, cfg.run.amp) else 'off (fp32)'}; "
               f"engine {self.env['engine']}")
@@ -344,8 +347,8 @@ class Pretraining:
             "client_state": {c: {k: v.cpu() for k, v in s.items()} for c, s in self.client_state.items()},
             "config": to_dict(self.cfg), "rng": runtime.rng_state(), "evals": self.history,
             "scaler": self.clients.scaler.state_dict(), "server_state": self.strategy.state_dict(),
-            "input_shapes": {m: list(md.shape) for m, md in self.data.items()},
-            "input_stats": {m: {"mean": md.mean.tolist(), "std": md.std.tolist()} for m, md in self.data.items()},
+            "input_shapes": {m: list(s) for m, s in self.clients.input_shapes.items()},
+            "input_stats": self.clients.input_stats(),
             "forward_flops": self.flops, "env": self.env, "weight_norm0": self.norm0,
             **({"runaway": self.runaway} if self.runaway else {})}, self.out_dir / "last.pt")
 
@@ -366,7 +369,10 @@ class Pretraining:
         stop = runtime.GracefulStop()
         r = start
         try:
-            if first and self.main:  # round 0 (the random init) is evaluated and logged once, never again on resume
+            if first and self.main and not self.data:  # a server with no labelled data: nothing to evaluate on
+                print("no labelled evaluation data on the server: the kNN monitor and the final probe are skipped")
+                self.checkpoint(0)
+            elif first and self.main:  # round 0 (the random init) is evaluated and logged once, never again on resume
                 ev = self.evaluate(0, probe=rc.final_probe, raw_input=True)
                 self.record({"round": 0, **ev})
                 print("random init: " + ", ".join(f"{k}={v:.2f}" for k, v in ev.items() if k.startswith(("knn", "probe"))))
@@ -419,7 +425,7 @@ class Pretraining:
             raise Runaway(f"round {r}: the global weights' norm reached {ratio:.3g}x the random init's (runaway: the run "
                           f"is not learning); {self.out_dir}/last.pt holds round {r}, marked as a runaway, and is not a "
                           f"trained model. Likely cause: {likely_cause(cfg)}; then start again")
-        if self.main and (r == cfg.fed.rounds or (rc.eval_every and r % rc.eval_every == 0)):
+        if self.main and self.data and (r == cfg.fed.rounds or (rc.eval_every and r % rc.eval_every == 0)):
             metrics.update(self.evaluate(r, probe=rc.final_probe))
         if self.main:
             self.record(metrics)
@@ -430,7 +436,7 @@ class Pretraining:
                            if k not in ("clients", "per_client")), flush=True)
 
     def summary(self) -> dict:
-        first, final = self.history[0], self.history[-1]
+        first, final = (self.history[0], self.history[-1]) if self.history else ({}, {})
         for kind, what in (("probe", "linear probe"), ("knn", "kNN")):
             for m in self.data:
                 a, b, raw = first.get(f"{kind}_{m}"), final.get(f"{kind}_{m}"), first.get(f"raw_{kind}_{m}")
