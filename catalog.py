@@ -35,6 +35,7 @@ class DatasetSpec:
     pairs: bool = False                   # both: image i and clip i come from one recording (real pairs)
     modalities: tuple = ("image", "audio")  # both: the modalities it yields (image/audio: the halves of IMAGE+AUDIO)
     channels: int = 3                     # image/both: channels of its images (known before any file is read)
+    size: int = 0                         # image/both: their side when fixed by the dataset (0: data.image_size or 64)
 
 
 def _load_vggsound(cfg: DataConfig, device, progress: bool = True) -> dict[str, ModalityData]:
@@ -61,18 +62,18 @@ def convert(arrays: dict, cfg: DataConfig, device) -> dict[str, ModalityData]:
 
 DATASETS = {
     "avfashion": DatasetSpec("both", load_avfashion, "built offline from Debian's dataset-fashion-mnist and espeak-ng "
-                             "(python avfashion.py)", channels=1),
+                             "(python avfashion.py)", channels=1, size=28),
     "vggsound": DatasetSpec("both", _load_vggsound, "vggsound.csv (youtube_id,start_seconds,label,split; no header), "
                             "frames/ID_START.jpg, audio/ID_START.wav|flac", pairs=True),
     "cifar10": DatasetSpec("image", lambda r, c, b: readers.read_cifar(r, 10, c, b),
                            "cifar-10-batches-py/{data_batch_1..5, test_batch, batches.meta} (or those files directly "
-                           "in the root)", readers.torchvision_download("cifar10")),
+                           "in the root)", readers.torchvision_download("cifar10"), size=32),
     "cifar100": DatasetSpec("image", lambda r, c, b: readers.read_cifar(r, 100, c, b),
                             "cifar-100-python/{train, test, meta} (or those files directly in the root)",
-                            readers.torchvision_download("cifar100")),
+                            readers.torchvision_download("cifar100"), size=32),
     "stl10": DatasetSpec("image", readers.read_stl10,
                          "stl10_binary/{train_X.bin, train_y.bin, test_X.bin, test_y.bin, class_names.txt}",
-                         readers.torchvision_download("stl10")),
+                         readers.torchvision_download("stl10"), size=96),
     "tinyimagenet": DatasetSpec("image", readers.read_tinyimagenet, "tiny-imagenet-200/{wnids.txt, words.txt, "
                                 "train/WNID/images/*.JPEG, val/val_annotations.txt, val/images/*.JPEG}",
                                 downloads.fetcher("tinyimagenet")),
@@ -118,6 +119,20 @@ def expected_input(cfg: DataConfig) -> dict[str, tuple]:
     another dataset or front-end is caught by this against a checkpoint's input shapes."""
     image = DATASETS.get(cfg.dataset) or DATASETS.get(cfg.dataset.split("+")[0])
     out = {"image": (image.channels,)} if image is not None and "image" in cfg.modalities else {}
+    if "audio" in cfg.modalities:
+        out["audio"] = expected_audio_shape(cfg)
+    return out
+
+
+def input_shapes(cfg: DataConfig) -> dict[str, tuple]:
+    """The whole input of each trained modality, from the config alone: (channels, side, side) images and
+    (1, n_mels, frames) log-mels. A Flower server with node-local data builds its model from these, and every
+    SuperNode decodes its own files to them."""
+    image = DATASETS.get(cfg.dataset) or DATASETS.get(cfg.dataset.split("+")[0])
+    out = {}
+    if "image" in cfg.modalities:
+        side = image.size or cfg.image_size or 64
+        out["image"] = (image.channels, side, side)
     if "audio" in cfg.modalities:
         out["audio"] = expected_audio_shape(cfg)
     return out

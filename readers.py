@@ -97,16 +97,16 @@ def read_audio(path, sample_rate: int, length: int, bad: BadFiles) -> Optional[n
     return (np.clip(out, -1.0, 1.0) * 32767).round().astype(np.int16)
 
 
-def read_image(path, size: int, bad: BadFiles) -> Optional[np.ndarray]:
-    """One image file -> uint8 (3, size, size) RGB: grayscale, palette, CMYK and RGBA are converted
+def read_image(path, size: int, bad: BadFiles, mode: str = "RGB") -> Optional[np.ndarray]:
+    """One image file -> uint8 (3, size, size) RGB (mode "L": (1, size, size) grayscale): other modes are converted
     (noted), other sizes resized on the shorter side and centre-cropped; None when corrupt."""
     from PIL import Image
     try:
         with Image.open(path) as im:
             im.load()
-            if im.mode != "RGB":
-                bad.note(f"converted from {im.mode} to RGB")
-                im = im.convert("RGB")
+            if im.mode != mode:
+                bad.note(f"converted from {im.mode} to {mode}")
+                im = im.convert(mode)
             if im.size != (size, size):
                 w, h = im.size
                 s = size / min(w, h)
@@ -114,7 +114,8 @@ def read_image(path, size: int, bad: BadFiles) -> Optional[np.ndarray]:
                 w, h = im.size
                 left, top = (w - size) // 2, (h - size) // 2
                 im = im.crop((left, top, left + size, top + size))
-            return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1).copy()
+            x = np.asarray(im, dtype=np.uint8)
+            return (x[None] if x.ndim == 2 else x.transpose(2, 0, 1)).copy()
     except Exception as e:  # noqa: BLE001 - PIL raises many types for broken files
         bad.skip(path, f"corrupt image ({type(e).__name__}: {str(e)[:120]})")
         return None
