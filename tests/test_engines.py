@@ -1,10 +1,8 @@
-"""Same weights on every engine: torchrun (2 gloo ranks), Flower's Simulation Engine and a localhost Flower
-deployment (SuperLink + 2 SuperNodes) each end with a last.pt whose global weights equal the in-process run's,
-bit for bit. Every server a test starts listens on 127.0.0.1 and is killed (its whole process group) when the
+"""Same weights on every engine: torchrun (2 gloo ranks, and 2 local "nodes") and Flower's Simulation Engine each
+end with a last.pt whose global weights equal the in-process run's, bit for bit (a Flower deployment: test_deployment.py). Every server a test starts listens on 127.0.0.1 and is killed (its whole process group) when the
 test ends, passed or failed."""
 import contextlib
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -244,37 +242,3 @@ def test_a_signal_stops_the_flower_simulation_like_every_engine(tmp_path, cache_
     assert rc == 128 + sig, text[-3000:]
     assert f"Resume with: python flower_app.py --supernodes 2 --resume {out}" in text and "Traceback" not in text
     assert _weights(out)[0] >= 1
-
-
-def test_flower_deployment_superlink_and_two_supernodes_equal_in_process(reference, tmp_path, cache_dir):
-    link, home = _free_port(), tmp_path / "flwr_home"
-    home.mkdir()
-    (home / "config.toml").write_text(f'[superlink]\ndefault = "test"\n\n[superlink.test]\n'
-                                      f'address = "127.0.0.1:{link}"\ninsecure = true\n')
-    env = {**ENV, "FLWR_HOME": str(home)}
-    out = tmp_path / "flower_dep"
-    overrides = " ".join(_args(out, cache_dir)[1:])
-    with _procs() as start:
-        start([str(BIN / "flower-superlink"), "--insecure", "--host=127.0.0.1", f"--port={link}",
-               f"--database={tmp_path / 'superlink.db'}"], tmp_path / "superlink.log", env=env, cwd=tmp_path)
-        _wait_listening(link, what="flower-superlink")
-        for i in range(2):
-            port = _free_port()
-            start([str(BIN / "flower-supernode"), "--insecure", f"--superlink=127.0.0.1:{link}",
-                   f"--port={port}"], tmp_path / f"supernode{i}.log", env=env, cwd=tmp_path)
-            _wait_listening(port, what=f"flower-supernode {i}")
-        run = start([str(BIN / "flwr"), "run", str(ROOT), "test", "--stream", "--run-config",
-                     f"config='configs/smoke.yaml' overrides='{overrides}' min-nodes=2"], tmp_path / "flwr_run.log", env=env)
-        t0 = time.monotonic()
-        while not ((out / "last.pt").exists() and _weights(out)[0] == 2):  # last.pt is replaced atomically
-            logs = "\n".join(f"== {f.name}\n{f.read_text()[-1500:]}" for f in sorted(tmp_path.glob("*.log")))
-            assert time.monotonic() - t0 < 300, logs
-            assert run.poll() in (None, 0), logs
-            time.sleep(0.5)
-        # what a user sees per round: clients, nodes, samples, time (streamed by flwr run, so it may lag the files)
-        line = re.compile(r"round 1: 3 clients on 2 SuperNodes in [\d.]+ s: node \d+: \d+ (image|audio)")
-        t0 = time.monotonic()
-        while not line.search(report := (tmp_path / "flwr_run.log").read_text()):
-            assert time.monotonic() - t0 < 60, report[-2000:]
-            time.sleep(0.5)
-    _same(reference, out)

@@ -1,0 +1,97 @@
+"""Flower deployments on localhost (deploy.LocalDeployment): a SuperLink and four SuperNodes, three with their own
+folder (images only, audio only, both) and one with an empty one; three run flower_exec.py's warm SuperExec, the
+empty one Flower's own. On it: a partitioned run (the same bits as in process), then a node-local run (the server
+holds no training data) in which a node is stopped mid-round. Every server listens on 127.0.0.1 and is killed (its whole
+process group) when the module's tests end, passed or failed."""
+import re
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import finetune
+from deploy import LocalDeployment
+from helpers import TINY_DATA
+from nodes import load_node_local_config, write_demo_node
+from test_engines import ENV, _args, _same
+from test_engines import reference  # noqa: F401 - the in-process run (a fixture) the partitioned one must equal
+
+pytestmark = pytest.mark.slow
+
+NODE_LOCAL = ["--optim.batch_size=32", "--run.threads=1", "--run.progress=false", "--run.final_probe=false",
+              "--run.eval_every=0", "--fed.clients_per_round=3", *TINY_DATA]
+HOLDS = ("64 image", "48 audio", "40 image, 40 audio")
+
+
+def _wait_for(path: Path, pattern: str, logs: Path, timeout: float, proc=None) -> re.Match:
+    """The first match of `pattern` in the file `path`, waiting up to `timeout` s (the servers' logs on failure)."""
+    t0 = time.monotonic()
+    while not (m := re.search(pattern, path.read_text() if path.exists() else "")):
+        report = "\n".join(f"== {f.name}\n{f.read_text()[-2500:]}" for f in sorted(logs.glob("*.log")))
+        assert time.monotonic() - t0 < timeout, f"no {pattern!r} in {path.name} after {timeout:.0f} s\n{report}"
+        assert proc is None or proc.poll() in (None, 0), report
+        time.sleep(0.3)
+    return m
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory, cache_dir):
+    tmp = tmp_path_factory.mktemp("deployment")
+    data = load_node_local_config("configs/smoke.yaml", TINY_DATA).data
+    roots = [write_demo_node(tmp / "site_images", data, images=64, seed=1),
+             write_demo_node(tmp / "site_audio", data, clips=48, seed=2),
+             write_demo_node(tmp / "site_both", data, images=40, clips=40, seed=3)]
+    (tmp / "site_empty" / "images").mkdir(parents=True)
+    roots.append(tmp / "site_empty")
+    with LocalDeployment(tmp / "logs", env={**ENV}) as d:
+        for i, root in enumerate(roots):
+            d.add_node(root, warm=i < 3, heartbeat=10)  # a stopped node is reported within 2 x 10 s
+        d.roots, d.tmp = roots, tmp
+        yield d
+
+
+def _finish(run, timeout=60):
+    t0 = time.monotonic()
+    while run.poll() is None and time.monotonic() - t0 < timeout:
+        time.sleep(0.3)
+
+
+def test_a_partitioned_deployment_equals_in_process(deployment, reference, cache_dir):  # noqa: F811
+    out = deployment.tmp / "partitioned"
+    run = deployment.run("configs/smoke.yaml", _args(out, cache_dir)[1:], "partitioned.log", **{"min-nodes": 4})
+    _wait_for(deployment.logs / "partitioned.log", r"round 2: 3 clients on \d SuperNodes", deployment.logs, 300, run)
+    _finish(run)
+    _same(reference, out)
+
+
+def test_supernodes_train_on_their_own_folders_and_one_stopped_mid_round_is_named(deployment, cache_dir):
+    """Node-local: an empty folder is refused with a line naming it, the three others train on what they hold, each
+    round says which nodes trained on what; a node stopped mid-round is named, the run stops with its last round
+    saved, and finetune.py evaluates that last.pt like any other (the server never read the nodes' files)."""
+    d, out = deployment, deployment.tmp / "node_local"
+    run = d.run("configs/smoke.yaml", [*NODE_LOCAL, "--fed.rounds=50", f"--data.cache_dir={cache_dir}",
+                                       f"--run.out_dir={out}"], "node_local.log", mode="node-local", **{"min-nodes": 4})
+    log = d.logs / "node_local.log"
+    _wait_for(log, rf"SuperNode \d+: refused: data-root {d.roots[3]}: nothing to train on \(images/ with no image "
+                   rf"files\)", d.logs, 120, run)
+    ids = [_wait_for(log, rf"SuperNode (\d+): {root}: {holds}\n", d.logs, 10, run).group(1)
+           for root, holds in zip(d.roots, HOLDS)]
+    _wait_for(log, r"round 2: 3 clients on 3 SuperNodes in [\d.]+ s: node \d+: .*\(a ClientApp's mean: start [\d.]+ s, "
+                   r"data [\d.]+ s, train [\d.]+ s\)", d.logs, 240, run)
+    d.stop_node(2, signal.SIGTERM)
+    m = _wait_for(log, r"round (\d+): SuperNode (\d+) \(client (\d)\) disconnected mid-round; \S+/last.pt holds round "
+                       r"(\d+): start the node again and resume with run config resume=true", d.logs, 60)
+    assert m.group(2) == ids[2] and int(m.group(3)) == sorted(ids, key=int).index(ids[2])  # client i: the i-th id
+    _finish(run)
+    ck = torch.load(out / "last.pt", weights_only=True)  # nothing saved is lost
+    assert ck["round"] == int(m.group(4)) == int(m.group(1)) - 1 >= 2
+    assert ck["config"]["fed"]["clients"] == 3 and ck["input_stats"] == {}  # each node used its own statistics
+    rec = [ln for ln in (out / "log.jsonl").read_text().splitlines() if '"round": 2,' in ln][0]
+    # one epoch of whole batches of 32 on each node: images 64 + 32 (of 40), clips 32 (of 48) + 32 (of 40)
+    assert '"samples_image": 96,' in rec and '"samples_audio": 64,' in rec
+    res = finetune.main(["--ckpt", str(out), f"--run.out_dir={d.tmp / 'ft'}", "--run.progress=false",
+                         "--eval.label_fractions=[1.0]", "--eval.protocols=[knn]", "--eval.max_train_images=300",
+                         "--eval.tasks=[image, audio]", "--eval.raw_input=false"])
+    assert {r["task"] for r in res["rows"]} == {"image", "audio"}
