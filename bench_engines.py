@@ -56,11 +56,49 @@ def commands(engine: str, base: list[str], out: Path, args) -> list[str]:
     raise ValueError(engine)
 
 
-def run_one(engine: str, base: list[str], out: Path, args) -> dict:
+DEPLOYED = ("flower_deploy", "flower_deploy_cold", "flower_nodes")
+
+
+def node_folders(base: list[str], work: Path) -> list[Path]:
+    """flower_nodes: one data folder per client of the config's partition, holding as many (synthetic) images and
+    clips as that client: the same samples per client, steps and batches as the other engines, other pixel values."""
+    from catalog import load_data
+    from engine import PretrainConfig, make_clients
+    from nodes import load_node_local_config, write_demo_node
+    from settings import load_config
+    cfg = load_config(PretrainConfig, base[0], base[1:])
+    parts = make_clients(cfg, load_data(cfg.data, "cpu", progress=False))
+    data = load_node_local_config(base[0], base[1:]).data
+    return [write_demo_node(work / "nodes" / f"client{i}", data, len(c.get("image", ())), len(c.get("audio", ())), i)
+            for i, c in enumerate(parts)]
+
+
+def deployed(engine: str, base: list[str], out: Path, args, roots: list[Path]) -> subprocess.CompletedProcess:
+    """A localhost deployment (deploy.LocalDeployment): partitioned over --nproc SuperNodes (warm, or Flower's own
+    with _cold), or node-local with one SuperNode per client folder."""
+    from deploy import LocalDeployment
+    per = max(1, args.threads // args.nproc)
+    local = engine == "flower_nodes"
+    with LocalDeployment(out.parent / f"{engine}_logs") as d:
+        for i in range(len(roots) if local else args.nproc):
+            d.add_node(roots[i] if local else None, warm=engine != "flower_deploy_cold")
+        run = d.run(Path(base[0]).resolve(), [*base[1:], f"--run.threads={per}", f"--run.out_dir={out}"],
+                    **({"mode": "node-local"} if local else {}), **{"min-nodes": len(d.nodes)})
+        rc = run.wait()
+        text = (d.logs / "flwr_run.log").read_text()
+    if not (out / "last.pt").exists():  # flwr run exits 0 when the ServerApp fails
+        rc = rc or 1
+    return subprocess.CompletedProcess([engine], rc, text, "")
+
+
+def run_one(engine: str, base: list[str], out: Path, args, roots=()) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, args.threads // args.nproc)), "GLOO_SOCKET_IFNAME": "lo"}
     t0 = time.perf_counter()
-    p = subprocess.run(commands(engine, base, out, args), cwd=ROOT, env=env, capture_output=True, text=True)
+    if engine in DEPLOYED:
+        p = deployed(engine, base, out, args, roots)
+    else:
+        p = subprocess.run(commands(engine, base, out, args), cwd=ROOT, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if p.returncode != 0:
         sys.exit(f"{engine} failed (exit {p.returncode}):\n{(p.stdout + p.stderr)[-4000:]}")
@@ -77,7 +115,11 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPU threads in all, per engine")
     p.add_argument("--client-gpus", type=float, default=0.0, help="GPUs per Flower ClientApp (CUDA runs)")
     p.add_argument("--repeats", type=int, default=1)
-    p.add_argument("--engines", nargs="+", default=["inprocess", "flower_sim", "torchrun"])
+    p.add_argument("--engines", nargs="+", default=["inprocess", "flower_sim", "torchrun"],
+                   choices=["inprocess", "flower_sim", "torchrun", *DEPLOYED],
+                   help="deployments on 127.0.0.1: flower_deploy (partitioned, --nproc warm SuperNodes of "
+                        "flower_exec.py), flower_deploy_cold (Flower's own SuperNodes), flower_nodes (node-local: "
+                        "one warm SuperNode per client, holding that client's number of samples)")
     p.add_argument("--out", default="results/bench_engines.json")
     p.add_argument("overrides", nargs="*", help="more --key=value overrides for every engine (after --)")
     args = p.parse_args(argv)
@@ -86,9 +128,10 @@ def main(argv=None):
     work = Path(tempfile.mkdtemp(prefix="bench_engines_"))
     res = {e: [] for e in args.engines}
     try:
+        roots = node_folders(base, work) if "flower_nodes" in args.engines else []
         for rep in range(args.repeats):  # engines interleaved, so a slow spell of the machine hits them alike
             for e in args.engines:
-                r = run_one(e, base, work / e, args)
+                r = run_one(e, base, work / e, args, roots)
                 res[e].append(r)
                 print(f"repeat {rep + 1}/{args.repeats} {e}: wall {r['wall_s']:.1f} s, rounds {r['rounds_s']:.1f} s",
                       flush=True)

@@ -117,7 +117,7 @@ def load_node(root: Path, cfg: DataConfig, device) -> dict[str, ModalityData]:
         try:
             arrays[m] = readers._cached("node", m, root / FOLDERS[m], cfg, params,
                                         lambda bad, m=m: _decode(m, files[m], shapes[m], cfg, bad))
-        except NodeDataError as e:
+        except DataError as e:  # unreadable files (too many, or all of them): named with the node's folder
             raise NodeDataError(f"{DATA_ROOT} {root}: {FOLDERS[m]}/: {e}") from e
     tier = pick_tier(cfg, device, sum(a["x"].nbytes for a in arrays.values()))
     out = {}
