@@ -64,6 +64,8 @@ class LocalDeployment:
     def __enter__(self) -> "LocalDeployment":
         self.link = free_port()
         self.home.mkdir(parents=True, exist_ok=True)
+        for f in self.logs.glob("superlink.db*"):  # a new SuperLink: no nodes of an earlier deployment
+            f.unlink()
         (self.home / "config.toml").write_text(f'[superlink]\ndefault = "local"\n\n[superlink.local]\n'
                                                f'address = "127.0.0.1:{self.link}"\ninsecure = true\n')
         self.start([BIN / "flower-superlink", "--insecure", "--host=127.0.0.1", f"--port={self.link}",

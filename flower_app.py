@@ -177,7 +177,9 @@ def enlist(grid: Grid, argv: list, min_nodes: int, timeout: float) -> tuple[list
     nodes, counts = [], []
     for n in found:
         c = dict(replies[n].content["config"]) if n in replies else {}
-        why = (c.get("refused") or (f"its ClientApp failed: {errors[n].reason}" if n in errors else "")
+        err = errors.get(n)
+        why = (c.get("refused") or ("not reachable (gone, or not yet timed out on the SuperLink)" if err and _unavailable(err)
+                                    else f"its ClientApp failed: {err.reason}" if err else "")
                or (f"no reply within round-timeout={timeout:g} s" if n in late else ""))
         if why:
             print(f"SuperNode {n}: refused: {why}")

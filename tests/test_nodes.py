@@ -175,11 +175,13 @@ def test_a_node_lost_mid_round_is_named_with_its_client_and_the_run_stops_at_its
 def test_enlist_refuses_nodes_that_cannot_train_and_sizes_the_federation_to_the_rest(capsys, monkeypatch, in_root,
                                                                                     in_a_run):
     monkeypatch.setattr(flower_app.time, "sleep", lambda s: None)
-    grid = FakeGrid([30, 10, 20], {10: _ok({"config": {"root": "/data/a", "n_image": 64}}),
-                                   20: _ok({"config": {"refused": "data-root /data/b: nothing to train on"}}),
-                                   30: _error("<class 'OSError'>:<'disk'>")})
-    nodes_, counts, extra = enlist(grid, ["configs/smoke.yaml", "--fed.clients_per_round=2"], 3, 0.0)
+    grid = FakeGrid([30, 10, 20, 40], {10: _ok({"config": {"root": "/data/a", "n_image": 64}}),
+                                       20: _ok({"config": {"refused": "data-root /data/b: nothing to train on"}}),
+                                       30: _error("<class 'OSError'>:<'disk'>"),
+                                       40: _error("Error: Node Unavailable — no heartbeat")})
+    nodes_, counts, extra = enlist(grid, ["configs/smoke.yaml", "--fed.clients_per_round=2"], 4, 0.0)
     out = capsys.readouterr().out
+    assert "SuperNode 40: refused: not reachable" in out  # e.g. a node of an earlier run, not yet timed out
     assert "SuperNode 20: refused: data-root /data/b: nothing to train on" in out
     assert "SuperNode 30: refused: its ClientApp failed: <class 'OSError'>:<'disk'>" in out
     assert "SuperNode 10: /data/a: 64 image" in out
