@@ -36,3 +36,14 @@ def tiny_data(cache_dir):
     from data import DataConfig
     cfg = DataConfig(n_voices=12, max_train_images=512, n_mels=32, win_ms=40.0, hop_ms=20.0, cache_dir=str(cache_dir))
     return cfg, load_data(cfg, torch.device("cpu"), progress=False)
+
+
+@pytest.fixture(scope="session")
+def reference(tmp_path_factory, cache_dir):
+    """The engines' in-process run (helpers.RUN), which every other engine must equal bit for bit; a subprocess,
+    so the test process keeps its thread settings."""
+    import sys
+    from helpers import _args, _run
+    out = tmp_path_factory.mktemp("engines") / "inprocess"
+    _run([sys.executable, "pretrain.py", *_args(out, cache_dir)], out.parent / "inprocess.log")
+    return out

@@ -1,7 +1,11 @@
 """What the tests share besides fixtures: the repository root, the tiny-data overrides, a smoke run's argv, and
 tiny in-memory modalities for tests of the training step."""
+import contextlib
 import json
+import os
 import shutil
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -54,3 +58,60 @@ def one_line_error(fn, *args) -> str:
 def log_rounds(out) -> list[int]:
     """The rounds of a run directory's log.jsonl, in file order."""
     return [json.loads(ln)["round"] for ln in (out / "log.jsonl").read_text().splitlines()]
+
+
+# ----------------------------------------------------------------------------- engine runs (test_engines, test_deployment)
+
+RUN = ["configs/smoke.yaml", "--fed.clients=4", "--fed.clients_per_round=3", "--fed.modality_fractions=[0.4,0.4,0.2]",
+       "--optim.batch_size=32", "--run.threads=1", "--run.deterministic=true", "--run.progress=false",
+       "--run.final_probe=false", "--run.eval_every=0", *TINY_DATA]
+BIN = Path(sys.executable).parent
+ENV = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "OMP_NUM_THREADS": "1",
+       "GLOO_SOCKET_IFNAME": "lo", "PYTHONUNBUFFERED": "1"}
+
+
+def _args(out, cache_dir, rounds=2):
+    """The engines' run: RUN into `out` on the session's data cache."""
+    return [*RUN, f"--fed.rounds={rounds}", f"--data.cache_dir={cache_dir}", f"--run.out_dir={out}"]
+
+
+@contextlib.contextmanager
+def _procs():
+    """Start processes in their own sessions; on the way out kill each one's whole group."""
+    started = []
+
+    def start(cmd, log, **kw):
+        p = subprocess.Popen(cmd, cwd=kw.pop("cwd", ROOT), env=kw.pop("env", ENV), stdout=open(log, "w"),
+                             stderr=subprocess.STDOUT, start_new_session=True, **kw)
+        started.append(p)
+        return p
+    try:
+        yield start
+    finally:
+        for p in started:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+
+
+def _run(cmd, log, timeout=240, **kw):
+    with _procs() as start:
+        p = start(cmd, log, **kw)
+        try:
+            rc = p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"timed out after {timeout} s: {' '.join(map(str, cmd))}\n{Path(log).read_text()[-3000:]}")
+    assert rc == 0, Path(log).read_text()[-3000:]
+
+
+def _weights(run_dir):
+    ck = torch.load(Path(run_dir) / "last.pt", weights_only=True)
+    return ck["round"], ck["model"]
+
+
+def _same(a, b):
+    """The two runs' last.pt hold the same round and the same global weights, bit for bit."""
+    (ra, wa), (rb, wb) = _weights(a), _weights(b)
+    assert ra == rb and wa.keys() == wb.keys()
+    differ = [k for k in wa if not torch.equal(wa[k], wb[k])]
+    assert not differ, f"{len(differ)} of {len(wa)} tensors differ, e.g. {differ[:3]}"

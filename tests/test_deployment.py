@@ -13,10 +13,8 @@ import torch
 
 import finetune
 from deploy import LocalDeployment
-from helpers import TINY_DATA
+from helpers import ENV, TINY_DATA, _args, _same
 from nodes import load_node_local_config, write_demo_node
-from test_engines import ENV, _args, _same
-from test_engines import reference  # noqa: F401 - the in-process run (a fixture) the partitioned one must equal
 
 pytestmark = pytest.mark.slow
 
@@ -58,7 +56,7 @@ def _finish(run, timeout=60):
         time.sleep(0.3)
 
 
-def test_a_partitioned_deployment_equals_in_process(deployment, reference, cache_dir):  # noqa: F811
+def test_a_partitioned_deployment_equals_in_process(deployment, reference, cache_dir):
     out = deployment.tmp / "partitioned"
     run = deployment.run("configs/smoke.yaml", _args(out, cache_dir)[1:], "partitioned.log", **{"min-nodes": 4})
     _wait_for(deployment.logs / "partitioned.log", r"round 2: 3 clients on \d SuperNodes", deployment.logs, 300, run)

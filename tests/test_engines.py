@@ -13,49 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import ROOT, TINY_DATA
+from helpers import _args, _procs, _run, _same, _weights
 
 
-RUN = ["configs/smoke.yaml", "--fed.clients=4", "--fed.clients_per_round=3", "--fed.modality_fractions=[0.4,0.4,0.2]",
-       "--optim.batch_size=32", "--run.threads=1", "--run.deterministic=true", "--run.progress=false",
-       "--run.final_probe=false", "--run.eval_every=0", *TINY_DATA]
-BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.slow  # every engine test starts servers or several processes
-ENV = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "OMP_NUM_THREADS": "1",
-       "GLOO_SOCKET_IFNAME": "lo", "PYTHONUNBUFFERED": "1"}
-
-
-def _args(out, cache_dir, rounds=2):
-    return [*RUN, f"--fed.rounds={rounds}", f"--data.cache_dir={cache_dir}", f"--run.out_dir={out}"]
-
-
-@contextlib.contextmanager
-def _procs():
-    """Start processes in their own sessions; on the way out kill each one's whole group."""
-    started = []
-
-    def start(cmd, log, **kw):
-        p = subprocess.Popen(cmd, cwd=kw.pop("cwd", ROOT), env=kw.pop("env", ENV), stdout=open(log, "w"),
-                             stderr=subprocess.STDOUT, start_new_session=True, **kw)
-        started.append(p)
-        return p
-    try:
-        yield start
-    finally:
-        for p in started:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
-
-
-def _run(cmd, log, timeout=240, **kw):
-    with _procs() as start:
-        p = start(cmd, log, **kw)
-        try:
-            rc = p.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"timed out after {timeout} s: {' '.join(map(str, cmd))}\n{Path(log).read_text()[-3000:]}")
-    assert rc == 0, Path(log).read_text()[-3000:]
 
 
 def _free_port() -> int:
@@ -80,18 +41,6 @@ def _torchrun(*args) -> list[str]:
             f"--master_port={_free_port()}", "pretrain.py", *args]
 
 
-def _weights(run_dir):
-    ck = torch.load(Path(run_dir) / "last.pt", weights_only=True)
-    return ck["round"], ck["model"]
-
-
-def _same(a, b):
-    (ra, wa), (rb, wb) = _weights(a), _weights(b)
-    assert ra == rb and wa.keys() == wb.keys()
-    differ = [k for k in wa if not torch.equal(wa[k], wb[k])]
-    assert not differ, f"{len(differ)} of {len(wa)} tensors differ, e.g. {differ[:3]}"
-
-
 def test_torchrun_across_two_nodes_equals_in_process(reference, tmp_path, cache_dir):
     """Two torchrun launchers standing for two machines (--nnodes=2, one rank each, a c10d rendezvous on 127.0.0.1)
     end on the in-process run's weights, bit for bit."""
@@ -109,14 +58,6 @@ def test_torchrun_across_two_nodes_equals_in_process(reference, tmp_path, cache_
     _same(out, reference)
     logs = [(tmp_path / f"node{i}.log").read_text() for i in range(2)]
     assert sum("engine Torchrun" in log for log in logs) == 1  # one process logs and writes the run
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, cache_dir):
-    """The in-process run (a subprocess too, so this test process keeps its thread settings)."""
-    out = tmp_path_factory.mktemp("engines") / "inprocess"
-    _run([sys.executable, "pretrain.py", *_args(out, cache_dir)], out.parent / "inprocess.log")
-    return out
 
 
 def test_torchrun_two_gloo_ranks_equal_in_process(reference, tmp_path, cache_dir):
