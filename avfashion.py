@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data import (DataConfig, DataError, ModalityData, cache_root, logmel_stats, pick_tier, read_npz, source_fingerprint,
-                  spill_path, stratified_subset, waveforms_to_logmel, write_npz)
-from residency import place
+from data import (DataConfig, DataError, ModalityData, cache_root, expected_audio_shape, logmel_stats, pick_tier, read_npz,
+                  source_fingerprint, spill_path, stratified_subset, waveforms_to_logmel, write_npz)
+from residency import place, reuse
 
 FASHION_CLASSES = ["T-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot"]
 DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
@@ -198,6 +198,14 @@ def build_avfashion(cfg: DataConfig, progress: bool = True) -> Path:
     return path
 
 
+def _mapped_logmels(cfg: DataConfig, path: Path, clip: tuple, n_train: int, n_test: int):
+    """The disk tier's log-mels of an earlier load (train, test), mapped, when both files are there: a load in a
+    process that lives for one message (a Flower ClientApp) then computes none. None otherwise."""
+    maps = [reuse(spill_path(cfg, str(path), "audio", split), (n, *clip))
+            for split, n in (("train", n_train), ("test", n_test))]
+    return None if None in maps else tuple(m.tensor for m in maps)
+
+
 def load_avfashion(cfg: DataConfig, device, progress: bool = True) -> dict[str, ModalityData]:
     path = build_avfashion(cfg, progress=progress)
     z = read_npz(path)
@@ -216,12 +224,19 @@ def load_avfashion(cfg: DataConfig, device, progress: bool = True) -> dict[str, 
                           mean.view(1).to(device), std.view(1).to(device))
     if "audio" in cfg.modalities:
         test = torch.from_numpy(z["test_voice"][z["audio_speaker"]])
-        spec, _ = waveforms_to_logmel(torch.from_numpy(z["audio"]), cfg, device, seed=cfg.build_seed)
         y, spk = torch.from_numpy(z["audio_y"]).to(device), torch.from_numpy(z["audio_speaker"]).to(device)
         tr, te = (~test).to(device), test.to(device)
-        mean, std = logmel_stats(spec[tr])
-        parts["audio"] = (spec[tr], y[tr], spec[te], y[te], list(WORDS), mean, std, spk[tr], spk[te])
-    tier = pick_tier(cfg, device, sum(p[0].nbytes + p[2].nbytes for p in parts.values()))
+        clip = expected_audio_shape(cfg, z["audio"].shape[1])
+        need = sum(p[0].nbytes + p[2].nbytes for p in parts.values()) + len(test) * int(np.prod(clip)) * 2
+        tier = pick_tier(cfg, device, need)
+        spec = _mapped_logmels(cfg, path, clip, int((~test).sum()), int(test.sum())) if tier == "disk" else None
+        if spec is None:
+            spec, _ = waveforms_to_logmel(torch.from_numpy(z["audio"]), cfg, device, seed=cfg.build_seed)
+            spec = (spec[tr], spec[te])
+        mean, std = logmel_stats(spec[0])
+        parts["audio"] = (spec[0], y[tr], spec[1], y[te], list(WORDS), mean, std, spk[tr], spk[te])
+    else:
+        tier = pick_tier(cfg, device, sum(p[0].nbytes + p[2].nbytes for p in parts.values()))
     out = {}
     for m, (tx, ty, ex, ey, *rest) in parts.items():
         (tx, m1), (ex, m2) = (place(x, tier, device, spill_path(cfg, str(path), m, split))

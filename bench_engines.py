@@ -1,8 +1,15 @@
-"""What each engine costs: the same federated work in process, under Flower's Simulation Engine and under
-torchrun, in one run, with wall time and the ratio to in-process.
+"""What each engine costs: the same federated work in process, under Flower's Simulation Engine, under torchrun and
+in Flower deployments on 127.0.0.1, in one run, with wall time and the ratio to in-process.
 
     python bench_engines.py                                   # configs/tables_cpu.yaml, 3 rounds -> results/bench_engines.json
     python bench_engines.py --config configs/default.yaml --rounds 5 --nproc 2 --repeats 2
+    python bench_engines.py --config configs/smoke.yaml --rounds 5 --repeats 2 --engines inprocess flower_sim \
+        torchrun flower_deploy flower_deploy_cold flower_nodes       # deployed rounds (docs/performance.md)
+
+Deployments: flower_deploy is partitioned over --nproc warm SuperNodes (flower_exec.py), flower_deploy_cold over
+Flower's own, flower_nodes node-local with one warm SuperNode per client of the partition, holding that client's
+number of (synthetic) images and clips: the same work, other values, so other weights. For Flower engines the mean
+of what a ClientApp spent on its start, its data and its training is printed beside the times.
 
 Same work means the same config, seed, N, K, rounds, model and data; only the engine differs. Each engine gets the
 same cores: in process, one process with --threads threads; torchrun, --nproc ranks with threads // nproc each;
@@ -104,7 +111,11 @@ def run_one(engine: str, base: list[str], out: Path, args, roots=()) -> dict:
         sys.exit(f"{engine} failed (exit {p.returncode}):\n{(p.stdout + p.stderr)[-4000:]}")
     recs = [json.loads(ln) for ln in (out / "log.jsonl").read_text().splitlines()]
     rounds = [r for r in recs if r["round"] >= 1]
-    return {"wall_s": wall, "rounds_s": sum(r["seconds"] for r in rounds), "rounds": len(rounds)}
+    out = {"wall_s": wall, "rounds_s": sum(r["seconds"] for r in rounds), "rounds": len(rounds)}
+    parts = [r["clientapp_s"] for r in rounds if "clientapp_s" in r]
+    if parts:  # Flower: what a ClientApp spent on its start, its data and its training, mean over the rounds
+        out["clientapp_s"] = {k: sum(p[k] for p in parts) / len(parts) for k in parts[0]}
+    return out
 
 
 def main(argv=None):
@@ -133,8 +144,9 @@ def main(argv=None):
             for e in args.engines:
                 r = run_one(e, base, work / e, args, roots)
                 res[e].append(r)
-                print(f"repeat {rep + 1}/{args.repeats} {e}: wall {r['wall_s']:.1f} s, rounds {r['rounds_s']:.1f} s",
-                      flush=True)
+                parts = ", ".join(f"{k} {v:.2f} s" for k, v in r.get("clientapp_s", {}).items())
+                print(f"repeat {rep + 1}/{args.repeats} {e}: wall {r['wall_s']:.1f} s, rounds {r['rounds_s']:.1f} s"
+                      + (f" (a ClientApp's mean: {parts})" if parts else ""), flush=True)
         final = {e: torch.load(work / e / "last.pt", weights_only=True)["model"] for e in args.engines}
         ref = final[args.engines[0]]
         keys = [k for k in ref if ref[k].is_floating_point()]

@@ -102,14 +102,19 @@ class LocalDeployment:
             p.wait()
 
 
-def main(argv=None) -> None:
+def parse_args(argv):
+    """(deploy.py's options, pretrain.py's config overrides)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", help="a pretraining config (configs/...)")
     p.add_argument("--node-data", nargs="+", required=True, metavar="DIR", help="one SuperNode per data folder")
     p.add_argument("--cold", action="store_true", help="Flower's own SuperExec: a new process per message")
     p.add_argument("--no-eval-data", action="store_true", help="the server reads no data (no kNN monitor, no probe)")
     p.add_argument("--resume", action="store_true", help="continue run.out_dir from its last.pt")
-    args, overrides = p.parse_known_args(argv)
+    return p.parse_known_args(argv)
+
+
+def main(argv=None) -> None:
+    args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     from nodes import load_node_local_config
     out = Path(load_node_local_config(args.config, overrides).run.out_dir).resolve()
     overrides = [o for o in overrides if not o.startswith("--run.out_dir=")] + [f"--run.out_dir={out}"]

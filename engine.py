@@ -206,6 +206,9 @@ def round_record(r: int, cfg: PretrainConfig, sampled, active, per_client, modal
     for m in modalities:
         out[f"samples_{m}"] = sum(c.get(f"fwd_{m}", 0) for c in per_client) // 2  # instances (two views each)
     out["fwd_flops"] = sum(c.get(f"fwd_{m}", 0) * (flops or {}).get(m, 0) for c in per_client for m in modalities)
+    times = [c for c in per_client if "t_train" in c]  # a Flower ClientApp's start, data and training seconds
+    if times:
+        out["clientapp_s"] = {k: round(sum(c[f"t_{k}"] for c in times) / len(times), 3) for k in ("start", "data", "train")}
     out["bytes_up"] = sum(c["bytes_up"] for c in per_client)
     out["bytes_down"] = sum(c["bytes_down"] for c in per_client)
     out["per_client"] = [{"client": c["client"], "steps": c["steps"], "bytes_up": c["bytes_up"],

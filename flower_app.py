@@ -99,13 +99,13 @@ class FlowerEngine:
     main = True
 
     def __init__(self, grid: Grid, clients: "Clients", min_nodes: int = 1, wait_s: float = 120.0,
-                 nodes: list[int] | None = None, mode: str = "partitioned", timeout: float = 0.0):
+                 nodes: list[int] | None = None, mode: str = "partitioned", timeout: float = 0.0, map_data: bool = False):
         cfg = clients.cfg
         if not cfg.fed.share_head:
             raise ConfigError("fed.share_head=false keeps each client's head on the client between rounds, "
                                       "which the Flower engine does not do (a SuperNode serves many client ids); "
                                       "run it in process or under torchrun")
-        self.grid, self.c, self.mode, self.timeout = grid, clients, mode, timeout
+        self.grid, self.c, self.mode, self.timeout, self.map_data = grid, clients, mode, timeout, map_data
         self.config_yaml = yaml.safe_dump(to_dict(cfg), sort_keys=False)
         self.nodes = nodes or wait_for_nodes(grid, min_nodes, wait_s)
 
@@ -117,7 +117,7 @@ class FlowerEngine:
         arrays = pack(global_state)
         msgs = [Message(RecordDict({"arrays": arrays, "config": ConfigRecord(
                     {"client": cid, "round": r, "lr": lr_at(r, self.c.cfg.optim, self.c.cfg.fed.rounds),
-                     "config": self.config_yaml, "mode": self.mode})}),
+                     "config": self.config_yaml, "mode": self.mode, "map-data": self.map_data})}),
                     dst_node_id=self.node_of(cid), message_type="train", group_id=str(r))
                 for cid in active]
         replies, errors, late = exchange(self.grid, msgs, list(active), self.timeout)
@@ -218,8 +218,10 @@ def server_main(grid: Grid, context: Context) -> None:
             argv += extra
             make_clients = lambda cfg, device, progress: nodes_mod.NodeFederation(  # noqa: E731
                 cfg, device, counts, evaluate=bool(rc.get("eval-data", True)), progress=progress)
+        deployed = "argv" not in _SIM  # a deployment's ClientApp lives for one message: it maps the dataset
         pretraining.cli(argv, make_engine=lambda clients: FlowerEngine(grid, clients, min_nodes, nodes=nodes, mode=mode,
-                                                                       timeout=timeout), make_clients=make_clients)
+                                                                       timeout=timeout, map_data=deployed),
+                        make_clients=make_clients)
     except BaseException as e:  # noqa: BLE001  (handed to the caller of the simulation, then re-raised)
         _SIM["error"] = e
         raise
@@ -231,17 +233,21 @@ client_app = ClientApp()
 _CLIENTS: dict[tuple, "Clients"] = {}  # one per config (and data root) this process serves: the data load once
 
 
-def _clients_for(config_yaml: str, root: Path | None = None) -> "Clients":
-    """This process's client runtime: the config's dataset and partition, or (root given) the node's own data."""
-    if (config_yaml, root) not in _CLIENTS:
+def _clients_for(config_yaml: str, root: Path | None = None, mapped: bool = False) -> "Clients":
+    """This process's client runtime: the config's dataset and partition, or (root given) the node's own data.
+    mapped: the dataset in the disk tier (memory-mapped, its log-mels computed once a machine and kept), for a
+    ClientApp that lives for one message; the same bits as any tier."""
+    if (config_yaml, root, mapped) not in _CLIENTS:
         _CLIENTS.clear()  # a new run: let the last one's data go
         cfg = build_dataclass(PretrainConfig, yaml.safe_load(config_yaml))
+        if mapped:
+            cfg.data.residency = "disk"
         if cfg.run.threads:
             torch.set_num_threads(cfg.run.threads)
         device = runtime.resolve_device(cfg.run.device)
         runtime.seed_everything(cfg.run.seed, cfg.run.deterministic, device, cfg.run.compile)
-        _CLIENTS[config_yaml, root] = nodes_mod.node_clients(cfg, root, device) if root else Clients(cfg, device)
-    return _CLIENTS[config_yaml, root]
+        _CLIENTS[config_yaml, root, mapped] = nodes_mod.node_clients(cfg, root, device) if root else Clients(cfg, device)
+    return _CLIENTS[config_yaml, root, mapped]
 
 
 def _process_age() -> float:
@@ -271,7 +277,8 @@ def client_train(msg: Message, context: Context) -> Message:
     t_start, t0 = _process_age(), time.monotonic()
     conf = msg.content["config"]
     local = str(conf.get("mode", "partitioned")) == "node-local"
-    clients = _clients_for(str(conf["config"]), nodes_mod.node_root(context.node_config) if local else None)
+    clients = _clients_for(str(conf["config"]), nodes_mod.node_root(context.node_config) if local else None,
+                           bool(conf.get("map-data", False)))
     t_data, t0 = time.monotonic() - t0, time.monotonic()
     cid, r = int(conf["client"]), int(conf["round"])
     lr = lr_at(r, clients.cfg.optim, clients.cfg.fed.rounds)

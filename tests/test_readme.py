@@ -48,6 +48,12 @@ def test_python_commands_parse(line, in_root):
         import pretraining
         parsed, overrides = pretraining.parse_args(flower_app.parse_args(args)[1])
         load_config(PretrainConfig, parsed.config, overrides)
+    elif script == "deploy.py":
+        import deploy
+        from nodes import load_node_local_config
+        parsed, overrides = deploy.parse_args(args)
+        assert parsed.node_data
+        load_node_local_config(parsed.config, overrides)
     elif script in ("scripts/rehearse.py", "scripts/gpu_check.py"):
         import sys
         sys.path.insert(0, str(ROOT / "scripts"))

@@ -49,6 +49,20 @@ def test_every_tier_holds_the_same_samples_and_statistics(tiny_data):
             assert torch.equal(o.take("test", slice(2, 9), "cpu"), md.test_x[2:9])
 
 
+def test_a_second_disk_tier_load_maps_the_log_mels_it_kept(tiny_data, monkeypatch):
+    """A process that lives for one message (a deployed Flower ClientApp) computes no log-mels: it maps the disk
+    tier's files of an earlier load, which hold the very values."""
+    import avfashion
+    from catalog import load_data
+    cfg, dev = tiny_data
+    disk = DataConfig(**{**cfg.__dict__, "residency": "disk"})
+    load_data(disk, "cpu", progress=False)  # writes them (if no earlier test did)
+    monkeypatch.setattr(avfashion, "waveforms_to_logmel", lambda *a, **k: pytest.fail("log-mels computed again"))
+    again = load_data(disk, "cpu", progress=False)["audio"]
+    for k in ("train_x", "test_x", "mean", "std", "train_y", "test_y"):
+        assert torch.equal(getattr(again, k), getattr(dev["audio"], k)), k
+
+
 @pytest.mark.slow
 def test_the_same_seed_gives_the_same_weights_in_every_tier(cache_dir, tmp_path):
     """A 4-client, 2-round federation through the pretrain.py command line: host and disk (which gather each client,
