@@ -93,7 +93,8 @@ def deployed(engine: str, base: list[str], out: Path, args, roots: list[Path]) -
                     **({"mode": "node-local"} if local else {}), **{"min-nodes": len(d.nodes)})
         rc = run.wait()
         text = (d.logs / "flwr_run.log").read_text()
-    if not (out / "last.pt").exists():  # flwr run exits 0 when the ServerApp fails
+    done = (out / "last.pt").exists() and torch.load(out / "last.pt", weights_only=True)["round"] > 0
+    if not done:  # flwr run exits 0 when the ServerApp fails
         rc = rc or 1
     return subprocess.CompletedProcess([engine], rc, text, "")
 

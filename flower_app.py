@@ -240,7 +240,7 @@ def _clients_for(config_yaml: str, root: Path | None = None, mapped: bool = Fals
     if (config_yaml, root, mapped) not in _CLIENTS:
         _CLIENTS.clear()  # a new run: let the last one's data go
         cfg = build_dataclass(PretrainConfig, yaml.safe_load(config_yaml))
-        if mapped:
+        if mapped and root is None:  # (a node's own samples are mapped from its cache already)
             cfg.data.residency = "disk"
         if cfg.run.threads:
             torch.set_num_threads(cfg.run.threads)
