@@ -11,7 +11,7 @@ from PIL import Image
 import flower_app
 import nodes
 import readers
-from data import DataConfig
+from data import DataConfig, DataError
 from engine import PretrainConfig
 from flower_app import FlowerEngine, FlowerError, enlist, pack, unpack
 from models import build_model
@@ -103,6 +103,13 @@ def test_the_server_builds_the_model_from_the_config_and_needs_no_data(tmp_path)
     assert [fed.holds(0), fed.holds(1)] == [True, False] and fed.train_samples == {"image": 64}
     want = build_model(cfg.model, {"image": (1, 28, 28)}).state_dict()
     assert {k: v.shape for k, v in fed.model.state_dict().items()} == {k: v.shape for k, v in want.items()}
+
+
+def test_a_server_told_to_evaluate_without_its_dataset_says_how_to_run_without_one(tmp_path):
+    cfg = _cfg(tmp_path, dataset="cifar10+esc50", image_root=str(tmp_path / "none"), modalities=("image",))
+    with pytest.raises(DataError, match=r"evaluation set: cifar10: .*dataset\. Give the server .*"
+                                        r"\(run config eval-data=false"):
+        NodeFederation(cfg, CPU, [{"image": 64}])
 
 
 def test_the_state_travels_as_one_array_and_arrives_exact():
