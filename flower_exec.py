@@ -96,8 +96,8 @@ def main(argv=None) -> None:
     p.add_argument("--port", type=int, default=9094, help="the SuperNode's Runtime API port (flower-supernode --port)")
     p.add_argument("--poll", type=float, default=0.2, help="the SuperNode's polls at most this far apart (Flower: 3 s)")
     p.add_argument("--heartbeat", type=float, default=30.0,
-                   help="seconds between the SuperNode's heartbeats (Flower's 30; its SuperLink takes 10 to 1800): a node that stops "
-                        "answering is reported after two missed")
+                   help="seconds between the SuperNode's heartbeats (Flower's 30; its SuperLink takes 10 to 1800): "
+                        "a node that stops answering is reported after two missed")
     p.add_argument("--supernode-only", action="store_true", help=argparse.SUPPRESS)  # the child this starts
     args, rest = p.parse_known_args(sys.argv[1:] if argv is None else argv)
     if not 10 <= args.heartbeat <= 1800:  # the range a SuperLink accepts (flwr.common.constant)

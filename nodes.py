@@ -155,8 +155,8 @@ class NodeFederation:
         try:
             self.data = load_data(cfg.data, device, progress=progress) if evaluate else {}
         except DataError as e:
-            raise DataError(f"the server's labelled evaluation set: {str(e).rstrip('.')}. Give the server that dataset, or run without "
-                            f"one (run config eval-data=false: no kNN monitor, no final probe)") from e
+            raise DataError(f"the server's labelled evaluation set: {str(e).rstrip('.')}. Give the server that dataset, "
+                            f"or run without one (run config eval-data=false: no kNN monitor, no final probe)") from e
         for m, md in self.data.items():
             if tuple(md.shape) != tuple(self.input_shapes[m]):
                 raise DataError(f"the server's evaluation set ({cfg.data.dataset}) gives {m} inputs {md.shape}, but the "
