@@ -1,16 +1,20 @@
 """The Flower engine: our federation as a Flower App (a ServerApp and a ClientApp on flwr's Message API).
 
     python flower_app.py CONFIG [--key=value ...] [--resume] [--supernodes 2]   # Flower's Simulation Engine
-    flwr run . CONNECTION --run-config "config='CONFIG' overrides='--key=value ...'"   # a SuperLink (README)
+    flwr run . CONNECTION --run-config "config='CONFIG' overrides='--key=value ...' [mode='node-local']"   # a SuperLink
 
-The ServerApp is `pretrain.py`'s run (pretraining.cli) with a Flower engine: it samples clients with our sample_clients(seed,
-round), sends each sampled client's node the global arrays with the client id, the round, its learning rate
-(the ClientApp checks it against its own schedule) and the run's config, folds the replies with our strategy
-in client order (per-modality sample counts travel in the reply's metrics, so fed.weighting=modality works), and writes config.yaml, log.jsonl and last.pt exactly as pretrain.py does,
-so finetune.py and paper_tables.py read a Flower run unchanged and --resume continues one. Each ClientApp process
-loads the data once and trains whichever client ids it is sent with `engine.Clients.update`, the client
-function of every engine: on the same config and seed the global weights equal the in-process run's.
-Client i goes to the i % S-th SuperNode (node ids sorted), S the number of SuperNodes.
+The ServerApp is `pretrain.py`'s run (pretraining.cli) with a Flower engine: it samples clients with our
+sample_clients(seed, round), sends each sampled client's node the global state (one array: `pack`) with the client
+id, the round, its learning rate (the ClientApp checks it against its own schedule) and the run's config, folds the
+replies with our strategy in client order (per-modality sample counts travel in the reply's metrics, so
+fed.weighting=modality works), and writes config.yaml, log.jsonl and last.pt exactly as pretrain.py does, so
+finetune.py and paper_tables.py read a Flower run unchanged and --resume continues one. The ClientApp trains with
+`engine.Clients.update`, the client function of every engine. Two modes (run config `mode`):
+- partitioned: every node holds the config's dataset and the server's partition; client i goes to the i % S-th of
+  S SuperNodes (ids sorted); on the same config and seed the global weights equal the in-process run's;
+- node-local: each SuperNode trains on its own files (nodes.py; `--node-config 'data-root="..."'`); `enlist` asks
+  the nodes what they hold before round 1, and client i is the i-th accepted node.
+docs/engines.md has the commands; flower_exec.py is a warm SuperNode, deploy.py a localhost deployment.
 """
 from __future__ import annotations
 
@@ -178,9 +182,13 @@ def enlist(grid: Grid, argv: list, min_nodes: int, timeout: float) -> tuple[list
     for n in found:
         c = dict(replies[n].content["config"]) if n in replies else {}
         err = errors.get(n)
-        why = (c.get("refused") or ("not reachable (gone, or not yet timed out on the SuperLink)" if err and _unavailable(err)
-                                    else f"its ClientApp failed: {err.reason}" if err else "")
-               or (f"no reply within round-timeout={timeout:g} s" if n in late else ""))
+        if n in late:
+            why = f"no reply within round-timeout={timeout:g} s"
+        elif err is not None:
+            why = ("not reachable (gone, or not yet timed out on the SuperLink)" if _unavailable(err)
+                   else f"its ClientApp failed: {err.reason}")
+        else:
+            why = c.get("refused", "")
         if why:
             print(f"SuperNode {n}: refused: {why}")
             continue
