@@ -24,7 +24,8 @@ import torch
 import readers
 import runtime
 from catalog import input_shapes, load_data
-from data import DataConfig, DataError, ModalityData, image_stats, logmel_stats, pick_tier, waveforms_to_logmel
+from data import (DataConfig, DataError, ModalityData, image_stats, logmel_stats, pick_tier, spill_path,
+                  waveforms_to_logmel)
 from engine import Clients, PretrainConfig
 from modality_specs import MODALITIES
 from models import build_model
@@ -122,7 +123,7 @@ def load_node(root: Path, cfg: DataConfig, device) -> dict[str, ModalityData]:
     tier = pick_tier(cfg, device, sum(a["x"].nbytes for a in arrays.values()))
     out = {}
     for m, a in arrays.items():
-        x, mapped = place(a["x"], tier, device, None)
+        x, mapped = place(a["x"], tier, device, spill_path(cfg, a["source"], m, "train"))
         mean, std = (torch.as_tensor(np.array(a[k]), device=device) for k in ("mean", "std"))
         none = torch.zeros(0, dtype=torch.long, device=device)
         out[m] = ModalityData(x, torch.zeros(len(x), dtype=torch.long, device=device), x[:0], none, [], mean, std,

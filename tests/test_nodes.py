@@ -45,6 +45,8 @@ def test_a_node_folder_is_decoded_to_the_configs_inputs_once(tmp_path, monkeypat
     again = load_node(root, cfg.data, CPU)
     assert torch.equal(again["image"].train_x, data["image"].train_x)
     assert torch.equal(again["audio"].train_x, data["audio"].train_x)
+    disk = load_node(root, _cfg(tmp_path, residency="disk").data, CPU)  # any tier: the same samples
+    assert disk["image"].residency == "disk" and torch.equal(disk["image"].train_x, data["image"].train_x)
 
 
 def test_a_node_decodes_to_the_runs_channels_and_side(tmp_path):
