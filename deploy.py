@@ -73,15 +73,18 @@ class LocalDeployment:
         wait_listening(self.link, 90, "flower-superlink")
         return self
 
-    def add_node(self, data_root: Path | None = None, warm: bool = True, heartbeat: float = 30.0) -> subprocess.Popen:
+    def add_node(self, data_root: Path | None = None, warm: bool = True, heartbeat: float = 30.0,
+                 wait: bool = True) -> subprocess.Popen:
         """A SuperNode (with its own data when data_root is given): warm, flower_exec.py's (ClientApps forked from
-        a process that has imported torch; polls 0.2 s apart); else Flower's own (a new process a message)."""
+        a process that has imported torch; polls 0.2 s apart); else Flower's own (a new process a message).
+        wait=False: return once started (a run's min-nodes waits for it to connect)."""
         i, port = len(self.nodes), free_port()
         cmd = [sys.executable, ROOT / "flower_exec.py", f"--heartbeat={heartbeat}"] if warm else [BIN / "flower-supernode"]
         cmd += ["--insecure", f"--superlink=127.0.0.1:{self.link}", f"--port={port}"]
         cmd += ["--node-config", f'data-root="{Path(data_root).resolve()}"'] if data_root is not None else []
         node = self.start(cmd, f"supernode{i}.log", cwd=self.logs)
-        wait_listening(port, 90, f"SuperNode {i}")
+        if wait:
+            wait_listening(port, 90, f"SuperNode {i}")
         self.nodes.append(node)
         return node
 

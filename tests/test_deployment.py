@@ -45,7 +45,7 @@ def deployment(tmp_path_factory, cache_dir):
     roots.append(tmp / "site_empty")
     with LocalDeployment(tmp / "logs", env={**ENV}) as d:
         for i, root in enumerate(roots):
-            d.add_node(root, warm=i < 3, heartbeat=10)  # a stopped node is reported within 2 x 10 s
+            d.add_node(root, warm=i < 3, heartbeat=10, wait=False)  # a stopped node is reported within 2 x 10 s
         d.roots, d.tmp = roots, tmp
         yield d
 
