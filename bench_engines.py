@@ -39,14 +39,9 @@ from pathlib import Path
 
 import torch
 
+from deploy import LocalDeployment, free_port
+
 ROOT = Path(__file__).resolve().parent
-
-
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def commands(engine: str, base: list[str], out: Path, args) -> list[str]:
@@ -55,7 +50,7 @@ def commands(engine: str, base: list[str], out: Path, args) -> list[str]:
         return [sys.executable, "pretrain.py", *base, f"--run.threads={args.threads}", f"--run.out_dir={out}"]
     if engine == "torchrun":
         return [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={args.nproc}",
-                "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "pretrain.py", *base,
+                "--master_addr=127.0.0.1", f"--master_port={free_port()}", "pretrain.py", *base,
                 f"--run.threads={per}", f"--run.out_dir={out}"]
     if engine == "flower_sim":
         return [sys.executable, "flower_app.py", f"--supernodes={args.nproc}", f"--client-cpus={per}",
@@ -83,7 +78,6 @@ def node_folders(base: list[str], work: Path) -> list[Path]:
 def deployed(engine: str, base: list[str], out: Path, args, roots: list[Path]) -> subprocess.CompletedProcess:
     """A localhost deployment (deploy.LocalDeployment): partitioned over --nproc SuperNodes (warm, or Flower's own
     with _cold), or node-local with one SuperNode per client folder."""
-    from deploy import LocalDeployment
     per = max(1, args.threads // args.nproc)
     local = engine == "flower_nodes"
     with LocalDeployment(out.parent / f"{engine}_logs") as d:

@@ -4,7 +4,6 @@ test ends, passed or failed."""
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,38 +12,23 @@ from pathlib import Path
 import pytest
 import torch
 
+from deploy import free_port
 from helpers import _args, _procs, _run, _same, _weights
 
 
 pytestmark = pytest.mark.slow  # every engine test starts servers or several processes
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_listening(port: int, timeout: float = 90.0, what: str = "") -> None:
-    t0 = time.monotonic()
-    while True:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        assert time.monotonic() - t0 < timeout, f"{what} not listening on 127.0.0.1:{port} after {timeout:.0f} s"
-        time.sleep(0.3)
-
-
 def _torchrun(*args) -> list[str]:
     """torchrun with 2 ranks on one node, its rendezvous on 127.0.0.1 at a free port, running pretrain.py."""
     return [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-            f"--master_port={_free_port()}", "pretrain.py", *args]
+            f"--master_port={free_port()}", "pretrain.py", *args]
 
 
 def test_torchrun_across_two_nodes_equals_in_process(reference, tmp_path, cache_dir):
     """Two torchrun launchers standing for two machines (--nnodes=2, one rank each, a c10d rendezvous on 127.0.0.1)
     end on the in-process run's weights, bit for bit."""
-    out, port = tmp_path / "two_nodes", _free_port()
+    out, port = tmp_path / "two_nodes", free_port()
     launch = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d",
               f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=fssuavl-test", "pretrain.py", *_args(out, cache_dir)]
     with _procs() as start:
