@@ -7,9 +7,9 @@ takes flower-supernode's options and starts that SuperNode (`--isolation process
 with this process as its SuperExec.
 
 Flower 1.41 runs every message in a new process (`--isolation subprocess`, its default, or `process`, where the
-process is ours to start); none lives across messages. On 2 CPU cores a new process paid about 4 s before our code
-ran: 1.1 s for python and flwr, 1.2 s for torch, 1.5 s for torch._dynamo (which torch's optimisers import when the
-first one is built). A forked child starts with all of that in memory. The child then imports our modules from the
+process is ours to start); none lives across messages. On 2 CPU cores a new process paid 2.3 s before our code ran
+(importing flwr and torch) and 1.5 s more for torch._dynamo, which torch's optimisers import when the first one is
+built (docs/engines.md). A forked child starts with all of that in memory. The child then imports our modules from the
 app the server sent (Flower's FAB, as a `flwr-clientapp` would), maps the node's cached samples, trains and exits.
 
 It is Flower's own SuperExec loop (`flower-superexec`) with its executor replaced, so the tasks, tokens and the
