@@ -82,8 +82,9 @@ def modality_separability(ha: torch.Tensor, hb: torch.Tensor, seed: int = 0) -> 
 def representation_metrics(model, data: dict, data_cfg, amp: str = "fp32", seed: int = 0, n: int = 1000) -> dict:
     """The diagnostics of one evaluation round, on a seeded, class-stratified `n` of each modality's test split
     (the same samples and views every round of a seed): per modality `erank_M` (backbone features h, of
-    feat_dim), `align_M` (two augmented views, embeddings z) and `unif_M` (z of one view); with two modalities or
-    more, per pair `gap_A_B` (centroid distance of z) and `gap_acc_A_B` (modality classifier on h, %)."""
+    their width), `align_M` (two augmented views, embeddings z) and `unif_M` (z of one view); with two modalities or
+    more, per pair `gap_A_B` (centroid distance of z) and `gap_acc_A_B` (modality classifier on h, %; on z where
+    the two read-outs differ in width)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -105,6 +106,8 @@ def representation_metrics(model, data: dict, data_cfg, amp: str = "fp32", seed:
     for i, a in enumerate(mods):
         for b in mods[i + 1:]:
             out[f"gap_{a}_{b}"] = round(centroid_gap(z_of[a], z_of[b]), 4)
-            out[f"gap_acc_{a}_{b}"] = round(modality_separability(h_of[a], h_of[b], seed), 2)
+            # read-outs of other widths (model.pool per modality) are told apart in the common space z instead
+            sep = (h_of if h_of[a].shape[1] == h_of[b].shape[1] else z_of)
+            out[f"gap_acc_{a}_{b}"] = round(modality_separability(sep[a], sep[b], seed), 2)
     model.train(was_training)
     return out

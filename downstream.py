@@ -10,7 +10,7 @@ import shutil
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
@@ -21,6 +21,7 @@ from data import DataConfig, DataError, ModalityData
 from evaluation import (RawInput, extract_features, finetune_model, fuse, knn_predict, label_subset, linear_probe,
                         load_backbone, make_pairs, standardize, suited_k)
 from modality_specs import MODALITIES
+from models import POOLS, backbone_family
 from readers import FLUIDR3_SF2
 from settings import ConfigError, RunConfig, apply_overrides, build_dataclass, check_choice, check_range, \
     expand_path, read_yaml, to_dict
@@ -46,6 +47,8 @@ class EvalConfig:
     finetune_lr: float = 0.01        # SGD, backbone and head
     batch_size: int = 256
     raw_input: bool = True           # also the input itself (standardised) through the same probe and kNN: the bar
+    pool: Union[str, dict[str, str], None] = None  # read the trained map out another way (models.POOLS; one, or per
+                                     # modality); None: the read-out the backbone was pretrained with (model.pool)
 
     def __post_init__(self):
         for key in ("tasks", "protocols", "label_fractions", "wd_grid"):
@@ -68,6 +71,9 @@ class EvalConfig:
             check_range("eval.label_fractions", f, lo=0.0, hi=1.0, lo_open=True)
         check_range("eval.val_frac", self.val_frac, lo=0.0, hi=0.5, lo_open=True)
         check_range("eval.knn_k", self.knn_k, lo=0)
+        for m, kind in (self.pool.items() if isinstance(self.pool, dict) else [(None, self.pool)]):
+            if kind is not None:
+                check_choice("eval.pool" + (f".{m}" if m else ""), kind, tuple(POOLS))
 
 
 @dataclass
@@ -151,8 +157,8 @@ def evaluate_tasks(model, data: dict[str, ModalityData], cfg: FinetuneConfig, de
                     md_m = "audio" if feat_kind == "fluidr3" else feat_kind
                     acc = finetune_model(model, data[feat_kind], md_m, sub, cfg.data, ec, seed, cfg.run.amp)
                 rows.append({"task": task, "features": "audio" if feat_kind == "fluidr3" else feat_kind,
-                             "protocol": proto, "label_frac": frac,
-                             "acc": round(acc, 3), "n_train": len(sub), "n_test": len(yte)})
+                             "protocol": proto, "label_frac": frac, "acc": round(acc, 3), "dim": tr.shape[1],
+                             "n_train": len(sub), "n_test": len(yte)})
                 log(f"{task:7s} {feat_kind:6s} {proto:8s} {frac:>5.0%} labels: {acc:6.2f}%")
     return rows
 
@@ -169,11 +175,12 @@ def markdown_table(rows: list[dict], title: str = "", raw_rows: list[dict] = ())
         ordered += [k] + [rk[:3] for rk in raw_keys if (rk[0], rk[3], rk[2]) == k]
     ordered += [rk[:3] for rk in raw_keys if rk[:3] not in ordered]
     acc = {(r["task"], r["features"], r["protocol"], r["label_frac"]): r["acc"] for r in [*rows, *raw_rows]}
+    dim = {(r["task"], r["features"], r["protocol"]): r.get("dim", "") for r in [*rows, *raw_rows]}
     out = [f"### {title}", ""] if title else []
-    out.append("| task | features | protocol | " + " | ".join(f"{f:.0%} labels" for f in fracs) + " |")
-    out.append("|---|---|---|" + "---|" * len(fracs))
+    out.append("| task | features | dim | protocol | " + " | ".join(f"{f:.0%} labels" for f in fracs) + " |")
+    out.append("|---|---|---|---|" + "---|" * len(fracs))
     for k in ordered:
-        out.append(f"| {k[0]} | {k[1]} | {k[2]} | " + " | ".join(
+        out.append(f"| {k[0]} | {k[1]} | {dim[k]} | {k[2]} | " + " | ".join(
             f"{acc[(*k, f)]:.2f}" if (*k, f) in acc else "-" for f in fracs) + " |")
     return "\n".join(out) + "\n"
 
@@ -191,6 +198,19 @@ def check_inputs(data: dict[str, ModalityData], ck: dict, cfg: FinetuneConfig) -
         shapes = "; ".join(f"{m} inputs are {tuple(a)} but the checkpoint was trained on {tuple(b)}" for m, (a, b) in bad.items())
         raise ConfigError(f"{shapes}. " + (f"Options that differ: {', '.join(keys)}" if keys else
                                           "Use the data options the checkpoint was trained with"))
+
+
+def set_readout(model, pool, arch: str) -> None:
+    """eval.pool: read the backbone's features out with `pool` (one POOLS key, or {modality: key})."""
+    pools = pool if isinstance(pool, dict) else {m: pool for m in model.pools}
+    unknown = sorted(set(pools) - set(model.pools))
+    if unknown:
+        raise ConfigError(f"eval.pool={pool}: this backbone has no {', '.join(unknown)} input (it has "
+                          f"{', '.join(model.pools)})")
+    bad = sorted({k for k in pools.values() if k not in backbone_family(arch).pools})
+    if bad:
+        raise ConfigError(f"eval.pool={pool}: model.arch={arch} reads out {' or '.join(backbone_family(arch).pools)} only")
+    model.set_pools(pools)
 
 
 def evaluate_checkpoint(ckpt, config=None, overrides=(), random_init: bool = False) -> dict:
@@ -226,6 +246,8 @@ def evaluate_checkpoint(ckpt, config=None, overrides=(), random_init: bool = Fal
     runtime.seed_everything(cfg.run.seed, cfg.run.deterministic, device)
     cfg.data.max_train_images = cfg.eval.max_train_images
     model, _ = load_backbone(ckpt_path, random_init, cfg.run.seed, device)
+    if cfg.eval.pool is not None:
+        set_readout(model, cfg.eval.pool, ck["config"]["model"]["arch"])
     data = load_data(cfg.data, device, progress=cfg.run.progress and sys.stderr.isatty())
     check_inputs(data, ck, cfg)
     for m, st in ck.get("input_stats", {}).items():  # normalise exactly as in pretraining

@@ -6,8 +6,10 @@ same two functions, so on the same seed every engine gives the same global weigh
 """
 from __future__ import annotations
 
+import json
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Optional, Protocol
 
 import torch
@@ -17,13 +19,16 @@ import runtime
 from catalog import check_dataset_name, dataset_modalities, load_data
 from data import DataConfig
 from federation import ClientUpdate, FedConfig, is_shared, run_round, sample_clients
-from local_update import LocalSettings, OptimConfig, local_ssl_update, lr_at, make_optimizer
+from local_update import LocalSettings, OptimConfig, batch_schedule, local_ssl_update, lr_at, make_optimizer, \
+    stream_batches
 from losses import OBJECTIVES, LossConfig
 from modality_specs import MODALITIES
 from models import ModelConfig, backbone_family, build_model
 from partition import holding_kinds, partition
-from settings import ConfigError, RunConfig, UserError
+from settings import ConfigError, RunConfig, UserError, dict_diff, expand_path, load_config, to_dict
 from strategies import STRATEGIES
+
+CONFIG_DIR = Path(__file__).parent / "configs"
 
 
 @dataclass
@@ -47,6 +52,9 @@ class PretrainConfig:
         if self.fed.cross_modal_negatives and not OBJECTIVES[self.loss.name].cross_modal_negatives:
             raise ConfigError(f"fed.cross_modal_negatives=true means nothing to loss.name={self.loss.name} (it has no "
                               f"negatives): use loss.name=nt_xent, or drop fed.cross_modal_negatives")
+        if not self.optim.reset_state and self.fed.clients != 1:
+            raise ConfigError(f"optim.reset_state=false carries one optimiser's momentum from client to client: it is "
+                              f"meant for one client (the centralised bound), not fed.clients={self.fed.clients}")
         if self.fed.order == "sum" and len(self.data.modalities) < 2 and self.fed.cross_modal_negatives:
             raise ConfigError("fed.cross_modal_negatives=true needs at least two data.modalities")
         mods = self.federation_modalities
@@ -89,6 +97,46 @@ def check_clients(cfg: PretrainConfig, clients: list[dict]) -> None:
                               f"(the largest client holds {max(sizes)}): lower {key} or fed.clients")
 
 
+def budget_config(name: str) -> Path:
+    """fed.budget_of's file: a path, or a name in configs/."""
+    for p in (Path(expand_path(name, "fed.budget_of")), CONFIG_DIR / name):
+        if p.is_file():
+            return p
+    raise ConfigError(f"fed.budget_of={name}: no such config (as a path, or in {CONFIG_DIR})")
+
+
+def matched_budget(cfg: PretrainConfig, data: dict) -> list[dict[str, list[int]]]:
+    """fed.budget_of: for each round r = 1..R, the sizes of the local batches per modality that the federation of that
+    config trains (its partition and sampled clients, this run's seed and modalities), in step order: what
+    the one client of a centralised run trains instead, so both take the same steps and samples of each modality (at
+    the same learning rate in every round when both have the same fed.rounds)."""
+    mods = json.dumps(list(cfg.data.modalities))
+    ref = load_config(PretrainConfig, budget_config(cfg.fed.budget_of),
+                      [f"--run.seed={cfg.run.seed}", f"--data.modalities={mods}"])
+    if ref.fed.budget_of:
+        raise ConfigError(f"fed.budget_of={cfg.fed.budget_of} is itself a centralised run: name the federation whose "
+                          f"budget to match")
+    differ = dict_diff(to_dict(ref.data), to_dict(cfg.data)) + [
+        f"optim.{k}" for k in dict_diff(to_dict(ref.optim), to_dict(cfg.optim)) if not k.startswith("reset_state")]
+    if differ:
+        raise ConfigError(f"fed.budget_of={cfg.fed.budget_of}: a centralised bound must see the same data and optimiser "
+                          f"as the federation it matches, but {', '.join(differ)} differ")
+    parts = make_clients(ref, data)
+    bs = {m: ref.optim.batch_for(m) for m in cfg.data.modalities}
+    out = []
+    for r in range(1, cfg.fed.rounds + 1):
+        _, active = plan_round(r, ref, lambda c: bool(parts[c]))
+        sizes = {m: [] for m in cfg.data.modalities}
+        for c in active:
+            held = {m: len(v) for m, v in parts[c].items()}
+            steps = [m for _ in range(ref.fed.local_epochs) for step in batch_schedule(held, bs, ref.fed.order)
+                     for m in step]
+            for m in steps:
+                sizes[m].append(min(bs[m], held[m]))  # a client smaller than a batch trains on all it holds
+        out.append(sizes)
+    return out
+
+
 class Clients:
     """The client side of every engine: one process's means to train any client of the federation. It holds
     the data (on its device), the partition, and one model, optimiser and scaler reused by every client it
@@ -116,6 +164,10 @@ class Clients:
         # fp16's loss scale is the one state that outlives a client: it carries over the clients a process trains
         self.scaler = runtime.make_scaler(device, cfg.run.amp)
         self.settings = LocalSettings.of(cfg, STRATEGIES[cfg.fed.aggregation].client_hook(cfg.fed))
+        # the centralised bound: each round's batch sizes, and where each modality's stream of epochs stands then
+        self.budget = matched_budget(cfg, self.data) if cfg.fed.budget_of else None
+        self.stream_at = [{m: sum(sum(b[m]) for b in self.budget[:r]) for m in self.data} for r in
+                          range(len(self.budget))] if self.budget else None
         self.resident = all(md.residency == "device" for md in self.data.values())
         self.upcoming: list[int] = []   # host/disk tiers: the clients this process trains next, in order
         self._prefetch = None           # (cid, future of its gathered samples)
@@ -181,8 +233,12 @@ class Clients:
         self.model.load_state_dict(state)
         g = runtime.make_generator(self.device, cfg.run.seed, "client", r, cid if draw_as is None else draw_as)
         data, idx = self.client_data(cid)
+        batches = None
+        if self.budget is not None:
+            batches = {m: stream_batches(len(idx[m]), self.budget[r - 1][m], self.stream_at[r - 1][m], cfg.run.seed, m,
+                                         self.device) for m in idx}
         metrics = local_ssl_update(self.model, self.optimizer, self.scaler, data, idx, self.settings,
-                                   lr_at(r, cfg.optim, cfg.fed.rounds), g, should_stop)
+                                   lr_at(r, cfg.optim, cfg.fed.rounds), g, should_stop, batches=batches)
         return ClientUpdate(cid, self.model.state_dict(), {m: len(v) for m, v in idx.items()}, metrics)
 
 

@@ -162,7 +162,7 @@ def finetune_model(model, md: ModalityData, modality: str, idx: torch.Tensor, da
     view per sample as augmentation); returns test accuracy (%). The given model is not modified."""
     net = copy.deepcopy(model)
     device = next(net.parameters()).device
-    head = nn.Linear(net.feat_dim, len(md.classes)).to(device)
+    head = nn.Linear(net.feat_dims[modality], len(md.classes)).to(device)
     params = list(net.stems.parameters()) + list(net.trunk.parameters()) + list(head.parameters())
     opt = torch.optim.SGD(params, lr=cfg.finetune_lr, momentum=0.9, weight_decay=5e-4)
     g = runtime.make_generator(device, seed, "finetune", modality)

@@ -45,6 +45,10 @@ class FedConfig:
     prox_mu: float = 0.0                # FedProx (fed.aggregation=fedprox, which needs mu > 0): mu/2 ||w - w_global||^2 in the local loss
     server_momentum: float = 0.9        # FedAvgM: beta of the server momentum on the pseudo-gradient
     server_lr: float = 1.0              # FedAvgM: server learning rate
+    budget_of: str = ""                 # the centralised bound: one client holding all the data trains, in each round,
+                                        # exactly the batches (count and size per modality) that the federation of this
+                                        # config (a path, or a name in configs/) trains in that round with this seed;
+                                        # "" = off. configs/centralised.yaml
 
     def __post_init__(self):
         check_range("fed.clients", self.clients, lo=1, hi=1_000_000)
@@ -79,6 +83,9 @@ class FedConfig:
                               f"{self.clients_per_round} trims nothing (it cuts int(trim_frac x K) = 0 clients per end, "
                               f"the plain mean): raise fed.trim_frac to at least {1 / self.clients_per_round:.3g} (at most "
                               f"0.49), raise fed.clients_per_round, or use fed.aggregation=median")
+        if self.budget_of and (self.clients != 1 or self.order != "alternate"):
+            raise ConfigError(f"fed.budget_of={self.budget_of} trains one client that holds all the data, one modality a "
+                              f"step: it needs fed.clients=1 and fed.order=alternate (got {self.clients} and {self.order})")
         if self.cross_modal_negatives and self.order != "sum":
             raise ConfigError("fed.cross_modal_negatives=true needs fed.order=sum (both modalities in one step)")
 

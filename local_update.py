@@ -14,7 +14,7 @@ import torch
 from losses import OBJECTIVES, LossConfig
 from modality_specs import MODALITY_SPECS, augment
 from models import reset_bn_stats
-from runtime import autocast
+from runtime import autocast, derive_seed
 from settings import check_choice, check_range
 
 
@@ -30,6 +30,8 @@ class OptimConfig:
     warmup_rounds: int = 0
     min_lr_frac: float = 0.0           # cosine floor as a fraction of the peak
     grad_clip: float = 0.0             # max grad norm (0 = off)
+    reset_state: bool = True           # FedAvg: a client's optimiser state (momentum) starts fresh every round; false
+                                       # keeps it across rounds (one client only: the centralised bound, fed.budget_of)
 
     def __post_init__(self):
         check_choice("optim.name", self.name, ("sgd", "adamw"))
@@ -84,7 +86,12 @@ def batch_schedule(sizes: dict[str, int], batch_size: int | dict[str, int], orde
         return []
     if order == "sum":
         return [tuple(nb)] * max(nb.values())
-    slots = sorted(((i + 0.5) / n, m) for m, n in nb.items() for i in range(n))
+    return interleave(nb)
+
+
+def interleave(counts: dict[str, int]) -> list[tuple[str, ...]]:
+    """`counts[m]` single-modality steps of each modality, spread evenly over the epoch: step i of m at (i + 0.5) / n."""
+    slots = sorted(((i + 0.5) / n, m) for m, n in counts.items() for i in range(n))
     return [(m,) for _, m in slots]
 
 
@@ -94,6 +101,25 @@ def _batches(n: int, batch_size: int, g: torch.Generator, device) -> list[torch.
     if n <= batch_size:
         return [perm]
     return list(perm[: n // batch_size * batch_size].split(batch_size))
+
+
+def stream_batches(n: int, sizes: list[int], offset: int, seed: int, key: str, device) -> list[torch.Tensor]:
+    """Batches of the given sizes taken one after another from sample `offset` of an endless stream of epochs over
+    n samples, epoch e a permutation drawn from (seed, key, e); a batch may straddle two epochs. A pure function
+    of its arguments, so a run that takes `sizes` per round continues the same stream after a resume."""
+    perms: dict[int, torch.Tensor] = {}
+
+    def perm(e: int) -> torch.Tensor:
+        if e not in perms:
+            perms[e] = torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(seed, "stream", key, e)))
+        return perms[e]
+    out = []
+    for size in sizes:
+        k = torch.arange(offset, offset + size)
+        out.append(torch.cat([perm(e)[k[k // n == e] % n] for e in range(offset // n, (offset + size - 1) // n + 1)])
+                   .to(device))
+        offset += size
+    return out
 
 
 class Interrupted(Exception):
@@ -138,16 +164,19 @@ def _views(model, data, indices, queues, mods, bs, sizes, s: LocalSettings, g, d
 
 def local_ssl_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler, data: dict,
                      indices: dict[str, torch.Tensor], s: LocalSettings, lr: float, g: torch.Generator,
-                     should_stop: Optional[Callable[[], bool]] = None, max_steps: int = 0) -> dict:
+                     should_stop: Optional[Callable[[], bool]] = None, max_steps: int = 0,
+                     batches: Optional[dict[str, list[torch.Tensor]]] = None) -> dict:
     """E local epochs of the configured objective on one client's unlabelled data ({modality: indices into
     data[modality].train_x}), in place on `model`. Returns loss means per modality (a non-finite mean marks the
     update for rejection), the step count and the samples forwarded per modality. `should_stop` is polled after
     every step; when it returns True the step finishes and Interrupted is raised. max_steps > 0 stops after that
-    many steps (dry runs)."""
+    many steps (dry runs). batches: instead of E epochs, exactly these batches ({modality: [positions into
+    indices[modality]]}, order=alternate), interleaved in proportion (the centralised bound's round)."""
     device = next(model.parameters()).device
     model.train()
     reset_bn_stats(model, tuple(indices))  # cumulative BN statistics describe this client's round
-    optimizer.state.clear()  # FedAvg: local optimizer state starts fresh on every client
+    if s.optim.reset_state:
+        optimizer.state.clear()  # FedAvg: local optimizer state starts fresh on every client
     for group in optimizer.param_groups:
         group["lr"] = lr
     objective = OBJECTIVES[s.loss.name].loss
@@ -158,12 +187,16 @@ def local_ssl_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, s
     if s.hook is not None:
         s.hook.start(model)
     steps = 0
-    for _ in range(s.local_epochs):
+    for _ in range(1 if batches is not None else s.local_epochs):
         bs = {m: MODALITY_SPECS[m].batch_size(s.optim) for m in indices}
-        schedule = batch_schedule(sizes, bs, s.order)
+        if batches is not None:
+            schedule = interleave({m: len(b) for m, b in batches.items()})
+            queues = {m: list(b) for m, b in batches.items()}
+        else:
+            schedule = batch_schedule(sizes, bs, s.order)
+            queues = {m: [] for m in indices}
         if max_steps:
             schedule = schedule[:max(0, max_steps - steps)]
-        queues = {m: [] for m in indices}
         for mods in schedule:
             embeds = _views(model, data, indices, queues, mods, bs, sizes, s, g, device, fwd)
             losses = objective(embeds, s.loss, s.cross_modal_negatives)

@@ -8,12 +8,12 @@ norm type); the SSL objectives are in losses.py.
 
     model = build_model(ModelConfig(arch="resnet18"), {"image": (3, 32, 32), "audio": (1, 128, 96)})
     z = model(x, "audio")            # (B, proj_dim), L2-normalised by the objective, not here
-    h = model.features(x, "image")   # (B, feat_dim), what downstream tasks use
+    h = model.features(x, "image")   # (B, model.feat_dims["image"]), what downstream tasks use
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -37,10 +37,12 @@ class ModelConfig:
     patch_size: int = 4                # ViT patch size (image and audio)
     input_sharing: str = "per_modality"  # per_modality stems/patch embeddings, or shared (audio repeated to image channels)
     head: str = "shared"               # shared projection head, or per_modality
-    proj_hidden: Optional[int] = None  # projection MLP hidden width; None = feature width
+    proj_hidden: Optional[int] = None  # projection MLP hidden width; None = the trunk's width (8 x width for a ResNet)
     proj_dim: int = 128                # embedding dimension of the common space
     bn_stats: str = "per_modality"     # BatchNorm running statistics in the shared trunk: per_modality | shared
     bn_momentum: Optional[float] = None  # None: running stats = cumulative average over each client's local training; else EMA momentum
+    pool: Union[str, dict[str, str]] = "avg"  # read-out of the last feature map, a POOLS key: one for every modality,
+                                       # or per modality ({image: avg, audio: time}); used in pretraining and downstream
 
     def __post_init__(self):
         check_choice("model.arch", self.arch, tuple(a for f in BACKBONES.values() for a in f.archs))
@@ -52,9 +54,47 @@ class ModelConfig:
         check_range("model.patch_size", self.patch_size, lo=1, hi=1024)
         if self.bn_momentum is not None:
             check_range("model.bn_momentum", self.bn_momentum, lo=0.0, hi=1.0, lo_open=True)
+        pools = self.pool if isinstance(self.pool, dict) else {None: self.pool}
+        for m, kind in pools.items():
+            key = "model.pool" if m is None else f"model.pool.{m}"
+            if m is not None:
+                check_choice("model.pool (a modality)", m, MODALITIES)
+            check_choice(key, kind, tuple(POOLS))
+            fam = backbone_family(self.arch)
+            if kind not in fam.pools:
+                raise ConfigError(f"{key}={kind}: model.arch={self.arch} reads out {' or '.join(fam.pools)} only "
+                                  f"(time and flat pool a convolutional feature map: use a resnet arch)")
         for k, hi in (("width", 8192), ("depth", 256), ("proj_hidden", 65536)):
             if getattr(self, k) is not None:
                 check_range(f"model.{k}", getattr(self, k), lo=1, hi=hi)
+
+
+    def pool_for(self, modality: str) -> str:
+        """The read-out `modality`'s features use."""
+        return self.pool.get(modality, "avg") if isinstance(self.pool, dict) else self.pool
+
+
+# ----------------------------------------------------------------------------- read-outs
+
+def pool_avg(x: torch.Tensor) -> torch.Tensor:
+    """Global average pooling: (B, C, H, W) -> (B, C)."""
+    return x.mean(dim=(2, 3))
+
+
+def pool_time(x: torch.Tensor) -> torch.Tensor:
+    """Keep the order along the last axis (time, on a log-mel): channels x frequency flattened, then mean and max
+    over time, as BYOL-A and COLA read out audio. (B, C, F, T) -> (B, 2 C F)."""
+    x = x.flatten(1, 2)  # (B, C F, T)
+    return torch.cat([x.mean(-1), x.amax(-1)], dim=1)
+
+
+def pool_flat(x: torch.Tensor) -> torch.Tensor:
+    """No pooling: the whole map, (B, C, H, W) -> (B, C H W)."""
+    return x.flatten(1)
+
+
+# a read-out: (B, C, H, W) feature map -> (B, D) features. A backbone family lists the ones it supports.
+POOLS = {"avg": pool_avg, "time": pool_time, "flat": pool_flat}
 
 
 # ----------------------------------------------------------------------------- ResNet
@@ -172,7 +212,7 @@ def resnet_stem(kind: str, cin: int, width: int, momentum: Optional[float] = 0.1
 
 
 class ResNetTrunk(nn.Module):
-    """Stages 1-4 of a ResNet and global average pooling: (B, width, H, W) -> (B, 8*width)."""
+    """Stages 1-4 of a ResNet and a read-out (POOLS): (B, width, H, W) -> (B, D); D = 8*width with pool=avg."""
 
     def __init__(self, width: int, blocks: tuple[int, ...], modalities: tuple[str, ...] | None = None,
                  momentum: Optional[float] = 0.1):
@@ -187,8 +227,8 @@ class ResNetTrunk(nn.Module):
         self.layers = nn.Sequential(*layers)
         self.out_dim = cin
 
-    def forward(self, x):
-        return self.layers(x).mean(dim=(2, 3))
+    def forward(self, x, pool: str = "avg"):
+        return POOLS[pool](self.layers(x))
 
 
 # ----------------------------------------------------------------------------- ViT
@@ -246,7 +286,7 @@ class ViTTrunk(nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.out_dim = dim
 
-    def forward(self, tokens):
+    def forward(self, tokens):  # the CLS token: the ViT's one read-out (model.pool=avg)
         x = torch.cat([self.cls.expand(tokens.shape[0], -1, -1), tokens], dim=1)
         return self.norm(self.blocks(x))[:, 0]
 
@@ -264,11 +304,15 @@ class FSSUAVLModel(nn.Module):
     `stems` holds one entry per modality, or the single key 'shared' (then an audio input with fewer
     channels than the image is repeated to match)."""
 
-    def __init__(self, stems: nn.ModuleDict, trunk: nn.Module, heads: nn.ModuleDict, in_channels: dict):
+    def __init__(self, stems: nn.ModuleDict, trunk: nn.Module, heads: nn.ModuleDict, input_shapes: dict,
+                 pools: dict[str, str]):
         super().__init__()
         self.stems, self.trunk, self.heads = stems, trunk, heads
-        self.in_channels = dict(in_channels)
-        self.feat_dim = trunk.out_dim
+        self.input_shapes = {m: tuple(s) for m, s in input_shapes.items()}  # modality -> (C, H, W)
+        self.in_channels = {m: s[0] for m, s in self.input_shapes.items()}
+        self.pools: dict[str, str] = {}       # modality -> its read-out (a POOLS key)
+        self.feat_dims: dict[str, int] = {}   # modality -> the width of its features h
+        self.set_pools(pools)
         self._modality_norms = [m for m in self.modules() if isinstance(m, BatchNorm) and m.modalities]
 
     def features(self, x: torch.Tensor, modality: str) -> torch.Tensor:
@@ -280,8 +324,20 @@ class FSSUAVLModel(nn.Module):
             c = max(self.in_channels.values())
             if x.shape[1] == 1 and c > 1:  # fully shared input: audio repeated to the image's channels
                 x = x.expand(-1, c, -1, -1)
-            return self.trunk(self.stems["shared"](x))
-        return self.trunk(self.stems[modality](x))
+            return self._read(self.stems["shared"](x), modality)
+        return self._read(self.stems[modality](x), modality)
+
+    def _read(self, x: torch.Tensor, modality: str) -> torch.Tensor:
+        pool = self.pools[modality]  # trunk(x) reads out avg; a family listing other pools takes trunk(x, pool)
+        return self.trunk(x) if pool == "avg" else self.trunk(x, pool)
+
+    def set_pools(self, pools: dict[str, str]) -> None:
+        """Read `modality`'s features out with another POOLS entry ({modality: pool}). Downstream (eval.pool) this
+        reads a trained map another way; the projection heads keep the width they were built for."""
+        for m, kind in pools.items():
+            self.pools[m] = kind
+            self.feat_dims[m] = self.trunk.out_dim if kind == "avg" else _readout_dim(
+                self.stems["shared" if "shared" in self.stems else m], self.trunk, self.input_shapes[m], kind)
 
     def project(self, h: torch.Tensor, modality: str) -> torch.Tensor:
         return self.heads["shared" if "shared" in self.heads else modality](h)
@@ -319,10 +375,11 @@ class BackboneFamily:
     build: Callable                          # (ModelConfig, {stem key: (C, H, W)}, modalities) -> (stems, trunk)
     memory_format: torch.memory_format = torch.contiguous_format  # the layout its layers run fastest in
     norm: str = "batch"                      # batch: BatchNorm in the trunk (model.bn_* apply) | layer: LayerNorm
+    pools: tuple[str, ...] = ("avg",)        # its read-outs (POOLS keys): trunk(x) is avg, trunk(x, pool) the others
 
 
-BACKBONES = {"resnet": BackboneFamily(RESNETS, build_resnet, torch.channels_last, "batch"),  # NHWC: cuDNN and oneDNN
-             "vit": BackboneFamily(VITS, build_vit, torch.contiguous_format, "layer")}
+BACKBONES = {"resnet": BackboneFamily(RESNETS, build_resnet, torch.channels_last, "batch", tuple(POOLS)),  # NHWC: cuDNN, oneDNN
+             "vit": BackboneFamily(VITS, build_vit, torch.contiguous_format, "layer", ("avg",))}  # avg: the CLS token
 
 
 def backbone_family(arch: str) -> BackboneFamily:
@@ -339,18 +396,39 @@ def build_model(cfg: ModelConfig, input_shapes: dict[str, tuple[int, int, int]])
     if not input_shapes or set(input_shapes) - set(MODALITIES):
         raise ValueError(f"input_shapes must map a subset of {MODALITIES} to (C, H, W), got {input_shapes}")
     in_ch = {m: s[0] for m, s in input_shapes.items()}
+    for m, s in input_shapes.items():
+        if len(s) != 3:
+            raise ValueError(f"input_shapes[{m!r}]={s}: expected (C, H, W)")
     if cfg.input_sharing == "shared":
         first = input_shapes.get(MODALITIES[0], next(iter(input_shapes.values())))
         stem_inputs = {"shared": (max(in_ch.values()), *first[1:])}
     else:
         stem_inputs = dict(input_shapes)
     stems, trunk = backbone_family(cfg.arch).build(cfg, stem_inputs, tuple(input_shapes))
-    hidden = cfg.proj_hidden or trunk.out_dim
-    head_keys = ["shared"] if cfg.head == "shared" else list(input_shapes)
-    heads = nn.ModuleDict({k: projection_head(trunk.out_dim, hidden, cfg.proj_dim, cfg.bn_momentum) for k in head_keys})
-    model = FSSUAVLModel(stems, trunk, heads, in_ch)
+    model = FSSUAVLModel(stems, trunk, nn.ModuleDict(), input_shapes, {m: cfg.pool_for(m) for m in input_shapes})
+    dims = model.feat_dims
+    if cfg.head == "shared" and len(set(dims.values())) > 1:
+        raise ConfigError(f"model.pool={cfg.pool} gives features of {', '.join(f'{d} ({m})' for m, d in dims.items())} "
+                          f"dimensions, but one shared projection head needs one width: set model.head=per_modality, "
+                          f"or one model.pool for every modality")
+    hidden = cfg.proj_hidden or trunk.out_dim  # a wide read-out keeps the head's hidden layer at the trunk's width
+    model.heads = nn.ModuleDict({"shared": projection_head(max(dims.values()), hidden, cfg.proj_dim, cfg.bn_momentum)}
+                                if cfg.head == "shared" else
+                                {m: projection_head(dims[m], hidden, cfg.proj_dim, cfg.bn_momentum) for m in input_shapes})
     model.apply(_init_weights)
     return model
+
+
+@torch.no_grad()
+def _readout_dim(stem: nn.Module, trunk: nn.Module, shape: tuple, pool: str) -> int:
+    """The width of the features of inputs of `shape` under `pool`, from one forward pass of a zero input in eval
+    mode (which moves no statistics and draws no random numbers)."""
+    c = stem[0].in_channels if isinstance(stem, nn.Sequential) else shape[0]
+    was = stem.training, trunk.training
+    stem.eval(), trunk.eval()
+    d = trunk(stem(torch.zeros(1, c, *shape[1:])), pool).shape[1]
+    stem.train(was[0]), trunk.train(was[1])
+    return d
 
 
 def _init_weights(m: nn.Module) -> None:

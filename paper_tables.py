@@ -41,7 +41,14 @@ from significance import finding, mean_std, multiple_comparisons, spearman, welc
 
 VARIANTS = {"fssuavl": ["image", "audio"], "image_only": ["image"], "audio_only": ["audio"]}
 LABELS = {"fssuavl": "FSSUAVL (one model)", "image_only": "image-only model", "audio_only": "audio-only model",
+          "centralised": "centralised bound (one client, all data, same budget)",
+          "iid": "IID federation (same clients and budget)",
           "random_init": "random init", "raw_input": "raw input (standardised)"}
+CONFIGS = Path(__file__).parent / "configs"
+# the rows that split "no gain over the input" into recipe, federation and heterogeneity: FSSUAVL trained centrally on
+# the pooled data with the federation's exact batches (configs/centralised.yaml), and federated on an IID partition
+# (configs/iid.yaml); both train both modalities. The centralised run's budget is the FSSUAVL run's of its seed.
+BOUNDS = ("centralised", "iid")
 EVAL_ARGS = ["--eval.protocols=[linear, knn]", "--eval.label_fractions=[0.01, 0.1, 1.0]"]
 
 
@@ -141,15 +148,22 @@ def accuracy_table(results: dict[str, list[dict]], task: str, features: str, var
         if not per_seed:
             continue
         for proto in ("linear", "knn"):
-            row = {"model": LABELS[v], "protocol": proto, "seeds": " ".join(str(r["seed"]) for r in per_seed),
+            row = {"model": LABELS[v], "dim": feature_dim(per_seed, task, features),
+                   "protocol": proto, "seeds": " ".join(str(r["seed"]) for r in per_seed),
                    "config": per_seed[0].get("config_name", "")}
             for frac in (0.01, 0.1, 1.0):
                 vals = accs(per_seed, task, features, proto, frac)
                 if len(vals) == len(per_seed):
                     row[f"{frac:.0%} labels"] = mean_std(vals)
-            if len(row) > 4:
+            if len(row) > 5:
                 rows.append(row)
     return rows
+
+
+def feature_dim(per_seed: list[dict], task: str, features: str):
+    """The width of the features behind a row (results.json rows carry it), or None where not recorded."""
+    return next((x.get("dim") for r in per_seed[:1] for x in r["rows"] if x["task"] == task and x["features"] == features),
+                None)
 
 
 PAIRED_FEATURES = {"image": "image alone", "audio": "audio alone (clip of the image's class)",
@@ -158,17 +172,17 @@ PAIRED_FEATURES = {"image": "image alone", "audio": "audio alone (clip of the im
 
 def paired_table(results: dict[str, list[dict]]) -> list[dict]:
     rows = []
-    for v in ("fssuavl", "raw_input"):
+    for v in ("fssuavl", *BOUNDS, "raw_input"):
         per_seed = results.get(v, [])
         for feats, label in PAIRED_FEATURES.items():
             for proto in ("linear", "knn"):
-                row = {"model": LABELS[v], "features": label, "protocol": proto,
+                row = {"model": LABELS[v], "features": label, "dim": feature_dim(per_seed, "paired", feats), "protocol": proto,
                        "seeds": " ".join(str(r["seed"]) for r in per_seed)}
                 for frac in (0.01, 0.1, 1.0):
                     vals = accs(per_seed, "paired", feats, proto, frac)
                     if vals and len(vals) == len(per_seed):
                         row[f"{frac:.0%} labels"] = mean_std(vals)
-                if len(row) > 4:
+                if len(row) > 5:
                     rows.append(row)
     return rows
 
@@ -294,7 +308,7 @@ def monitor_agreement(run_dirs: dict[str, list[Path]]) -> list[str]:
         for v, dirs in run_dirs.items():
             for d in dirs:
                 pts = [(r[f"knn_{m}"], r[f"probe_{m}"]) for r in read_log(d) if f"knn_{m}" in r and f"probe_{m}" in r]
-                if len(pts) < 3 or m not in VARIANTS[v]:
+                if len(pts) < 3 or m not in VARIANTS.get(v, VARIANTS["fssuavl"]):
                     continue
                 pooled[0].extend(p[0] for p in pts)
                 pooled[1].extend(p[1] for p in pts)
@@ -320,6 +334,7 @@ def findings(results: dict[str, list[dict]], ablations: dict[str, list[dict]], c
         lines.append(finding(what, LABELS[own], o, "the raw input", x))
         lines.append(finding(what, "FSSUAVL", f, "random init", r))
         lines.append(finding(what, LABELS[own], o, "random init", r))
+    lines += decomposition(results)
     fs = results.get("fssuavl", [])
     fused, img, aud, ctrl = (accs(fs, "paired", k, "linear", 1.0) for k in ("fused", "image", "audio", "fused_random_audio"))
     lines.append(finding("Paired task, linear probe, 100% labels", "fused", fused, "image alone", img))
@@ -351,6 +366,55 @@ def findings(results: dict[str, list[dict]], ablations: dict[str, list[dict]], c
     return lines
 
 
+def decomposition(results: dict[str, list[dict]]) -> list[str]:
+    """Where a gain over the raw input is made or lost, linear probe at each label fraction: the recipe (centralised
+    bound vs the raw input), federating (IID federation vs centralised) and label skew (FSSUAVL's Dirichlet
+    federation vs IID)."""
+    steps = (("recipe", "centralised", "raw_input"), ("federation", "iid", "centralised"),
+             ("heterogeneity", "fssuavl", "iid"))
+    lines = []
+    for m in ("image", "audio"):
+        for frac in (1.0, 0.1, 0.01):
+            for what, a, b in steps:
+                va, vb = accs(results.get(a, []), m, m, "linear", frac), accs(results.get(b, []), m, m, "linear", frac)
+                if va and vb:
+                    lines.append(finding(f"{m.capitalize()}, linear probe, {frac:.0%} labels ({what})", LABELS[a], va,
+                                         LABELS[b], vb))
+    return lines
+
+
+def claims_table(results: dict[str, list[dict]]) -> list[dict]:
+    """The README's claims, computed: linear probe, Welch's t-test over seeds; "yes" only where the first side
+    beats the second at p < 0.05, "no: below" where it loses at p < 0.05, else a tie."""
+    rows = []
+
+    def lin(v, m, frac, feats=None):
+        return accs(results.get(v, []), m, feats or m, "linear", frac)
+
+    def claim(text, va, vb):
+        if not va or not vb:
+            return
+        pv = welch(va, vb)[2] if len(va) > 1 and len(vb) > 1 else None
+        diff = statistics.mean(va) - statistics.mean(vb)
+        verdict = ("no test (one seed)" if pv is None else "**yes**" if pv < 0.05 and diff > 0 else
+                   "**no: below**" if pv < 0.05 else "no: a tie")
+        rows.append({"claim": text, "verdict": verdict, "numbers": f"{mean_std(va)} vs {mean_std(vb)}",
+                     "difference": round(diff, 2), "Welch p": None if pv is None else float(f"{pv:.3g}")})
+    for m, raw in (("image", "pixels"), ("audio", "log-mel")):
+        for frac in (1.0, 0.1):
+            claim(f"FSSUAVL beats the raw {raw}, {m}, {frac:.0%} labels", lin("fssuavl", m, frac), lin("raw_input", m, frac))
+    for m in ("image", "audio"):
+        claim(f"one model beats the {m}-only model, {m}, 100% labels", lin("fssuavl", m, 1.0), lin(f"{m}_only", m, 1.0))
+    for m in ("image", "audio"):
+        claim(f"the recipe trained centrally beats the raw input, {m}, 100% labels", lin("centralised", m, 1.0),
+              lin("raw_input", m, 1.0))
+        claim(f"federated FSSUAVL beats its centralised bound ('below' is the federation's gap), {m}, 100% labels",
+              lin("fssuavl", m, 1.0), lin("centralised", m, 1.0))
+    claim("auxiliary audio helps: fused beats the image alone, paired task, 100% labels",
+          lin("fssuavl", "paired", 1.0, "fused"), lin("fssuavl", "paired", 1.0, "image"))
+    return rows
+
+
 # ----------------------------------------------------------------------------- main
 
 def parse_args(argv):
@@ -358,6 +422,8 @@ def parse_args(argv):
     p.add_argument("--config", default="configs/tables_cpu.yaml", help="pretraining config for every run")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--out", default="results/tables")
+    p.add_argument("--no-bounds", dest="bounds", action="store_false",
+                   help="leave out the centralised and IID rows (configs/centralised.yaml, configs/iid.yaml)")
     p.add_argument("--ablations", action="store_true", help="also Table 5: FSSUAVL with each of our additions toggled")
     p.add_argument("--strategies", action="store_true", help="also Table 6: FSSUAVL under each server strategy vs FedAvg")
     p.add_argument("--eval", nargs="*", default=[], metavar="--eval.key=value",
@@ -373,18 +439,31 @@ def parse_args(argv):
     return args
 
 
+def bound_overrides(name: str, fssuavl_dir: Path) -> list[str]:
+    """A bound's overrides to the tables' config: its config file's own lines; the centralised bound matches the
+    budget of the FSSUAVL run of its seed (that run's resolved config.yaml), whatever config the tables use."""
+    over = variant_overrides(CONFIGS / f"{name}.yaml")
+    if name == "centralised":
+        over = [o for o in over if not o.startswith("--fed.budget_of=")] + [f"--fed.budget_of={fssuavl_dir / 'config.yaml'}"]
+    return over
+
+
 def run_grid(args, out: Path) -> tuple[dict, dict, dict]:
     """Every run and evaluation behind the tables (reused where finished): the three variants and random init per
     seed, then the ablation and strategy runs asked for. Returns (results, run_dirs, {kind: {name: results}})."""
     config_name = Path(args.config).name
-    results: dict[str, list[dict]] = {v: [] for v in [*VARIANTS, "random_init", "raw_input"]}
-    run_dirs: dict[str, list[Path]] = {v: [] for v in VARIANTS}
+    results: dict[str, list[dict]] = {v: [] for v in [*VARIANTS, *BOUNDS, "random_init", "raw_input"]}
+    run_dirs: dict[str, list[Path]] = {v: [] for v in [*VARIANTS, *BOUNDS]}
     for seed in args.seeds:
-        for v, mods in VARIANTS.items():
+        runs = [(v, mods, []) for v, mods in VARIANTS.items()]
+        if args.bounds:
+            fs_dir = out / "runs" / f"fssuavl_seed{seed}"
+            runs += [(b, VARIANTS["fssuavl"], bound_overrides(b, fs_dir)) for b in BOUNDS]
+        for v, mods, over in runs:
             rd = out / "runs" / f"{v}_seed{seed}"
-            ckpt = ensure_pretrained(args.config, rd, seed, mods, args.pre_extra)
+            ckpt = ensure_pretrained(args.config, rd, seed, mods, [*args.pre_extra, *over])
             res = ensure_evaluated(ckpt, rd, seed, False, args.eval_extra, raw=v == "fssuavl")
-            results[v].append({**res, "config_name": config_name})
+            results[v].append({**res, "config_name": f"{v}.yaml" if over else config_name})
             run_dirs[v].append(rd)
         rd = out / "runs" / f"random_init_seed{seed}"
         res = ensure_evaluated(out / "runs" / f"fssuavl_seed{seed}" / "last.pt", rd, seed, True, args.eval_extra,
@@ -407,12 +486,14 @@ def run_grid(args, out: Path) -> tuple[dict, dict, dict]:
 def build_tables(args, results, run_dirs, extra_runs) -> tuple[dict, dict]:
     """{csv name: (title, rows)} for Tables 1-4 (and 5, 6 when asked), and the measured costs behind Table 4."""
     n = len(args.seeds)
-    eff_rows, costs = efficiency_table(run_dirs)
+    eff_rows, costs = efficiency_table({v: run_dirs[v] for v in VARIANTS})
     tables = {
         "table1_image": (f"Table 1: image task (Fashion-MNIST test), accuracy %, mean ± std over {n} seeds",
-                         accuracy_table(results, "image", "image", ["fssuavl", "image_only", "raw_input", "random_init"])),
+                         accuracy_table(results, "image", "image", ["fssuavl", "image_only", *BOUNDS, "raw_input",
+                                                                   "random_init"])),
         "table2_audio": (f"Table 2: audio task (20 spoken words, held-out voices), accuracy %, mean ± std over {n} seeds",
-                         accuracy_table(results, "audio", "audio", ["fssuavl", "audio_only", "raw_input", "random_init"])),
+                         accuracy_table(results, "audio", "audio", ["fssuavl", "audio_only", *BOUNDS, "raw_input",
+                                                                   "random_init"])),
         "table3_paired": (f"Table 3: paired task, one FSSUAVL model and the raw input, accuracy %, mean ± std over {n} seeds. Each test "
                           f"image is paired with a held-out voice speaking its class name (the audio carries the label "
                           f"by construction, as in AV-MNIST); the control pairs it with a clip of a random class",
@@ -440,6 +521,8 @@ def main(argv=None) -> dict:
     t = runtime.Timer()
     results, run_dirs, extra_runs = run_grid(args, out)
     tables, costs = build_tables(args, results, run_dirs, extra_runs)
+    tables["claims"] = (f"The claims, linear probe, mean ± std over {len(args.seeds)} seeds; a yes needs Welch's p < 0.05",
+                        claims_table(results))
     lines = findings(results, extra_runs["ablation"], costs, extra_runs["strategy"]) + monitor_agreement(run_dirs)
     md = [f"# FSSUAVL comparison tables\n\nConfig `{args.config}`, seeds {args.seeds}, "
           f"probe: {', '.join(EVAL_ARGS)}. Generated by `{args.command}`.\n"]

@@ -283,6 +283,9 @@ class Pretraining:
     def run(self, ckpt: dict | None) -> dict:
         cfg, model = self.cfg, self.model
         self.engine = (self.make_engine or InProcess)(self.clients)
+        if not cfg.optim.reset_state and not isinstance(self.engine, InProcess):
+            raise ConfigError(f"optim.reset_state=false (the centralised bound) keeps the optimiser of the process that "
+                              f"trains, which {type(self.engine).__name__} does not: run it in process (python pretrain.py)")
         self.main = self.engine.main  # this process logs, evaluates and writes the run directory
         self.global_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         self.flops = forward_flops(model, self.clients.input_shapes, self.device)
@@ -313,6 +316,8 @@ class Pretraining:
         self.strategy.load_state_dict(ckpt.get("server_state", {}))
         if ckpt.get("scaler"):  # fp16: the loss scale carries over rounds, so exact resume needs it
             self.clients.scaler.load_state_dict(ckpt["scaler"])
+        if ckpt.get("optimizer"):  # optim.reset_state=false: the momentum carries over rounds too
+            self.clients.optimizer.load_state_dict(ckpt["optimizer"])
         self.history = list(ckpt.get("evals", []))
         self.norm0 = ckpt.get("weight_norm0", self.norm0)
         if self.main:
@@ -350,6 +355,7 @@ class Pretraining:
             "input_shapes": {m: list(s) for m, s in self.clients.input_shapes.items()},
             "input_stats": self.clients.input_stats(),
             "forward_flops": self.flops, "env": self.env, "weight_norm0": self.norm0,
+            **({} if self.cfg.optim.reset_state else {"optimizer": self.clients.optimizer.state_dict()}),
             **({"runaway": self.runaway} if self.runaway else {})}, self.out_dir / "last.pt")
 
     def record(self, rec: dict) -> None:

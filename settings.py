@@ -96,8 +96,11 @@ def _coerce(key: str, value, tp):
                 continue
             try:
                 return _coerce(key, value, a)
-            except ConfigError:
-                pass
+            except ConfigError as e:
+                # a mapping or list of the right kind with a wrong element: name the element, not the union
+                if isinstance(value, (dict, list, tuple)) and typing.get_origin(a) in ((dict,) if isinstance(value, dict)
+                                                                                        else (list, tuple)):
+                    raise e
         raise ConfigError(f"{key}={value!r}: expected {' or '.join(_type_name(a) for a in args)}")
     if origin in (tuple, list):
         if not isinstance(value, (list, tuple)):
@@ -106,6 +109,11 @@ def _coerce(key: str, value, tp):
         item = args[0] if args else typing.Any
         items = [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}={value!r}: expected a mapping")
+        kt, vt = typing.get_args(tp) or (typing.Any, typing.Any)
+        return {_coerce(f"{key} (a key)", k, kt): _coerce(f"{key}.{k}", v, vt) for k, v in value.items()}
     if tp is typing.Any:
         return value
     if tp is float:

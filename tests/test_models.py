@@ -16,7 +16,7 @@ def test_model_shapes_for_both_modalities(arch, sharing, head):
                                 head=head, proj_dim=32), SHAPES)
     for mod, shp in SHAPES.items():
         x = torch.randn(4, *shp)
-        assert m.features(x, mod).shape == (4, m.feat_dim)
+        assert m.features(x, mod).shape == (4, m.feat_dims[mod])
         assert m(x, mod).shape == (4, 32)
     stems = set(m.stems.keys())
     assert stems == ({"shared"} if sharing == "shared" else {"image", "audio"})

@@ -13,7 +13,7 @@ from significance import spearman
 
 def _res(seed, accs):
     """A results.json stand-in: image task, linear + knn, three label fractions."""
-    rows = [{"task": "image", "features": "image", "protocol": p, "label_frac": f, "acc": accs[p][i]}
+    rows = [{"task": "image", "features": "image", "protocol": p, "label_frac": f, "acc": accs[p][i], "dim": 256}
             for p in accs for i, f in enumerate((0.01, 0.1, 1.0))]
     return {"seed": seed, "rows": rows, "config_name": "c.yaml"}
 
@@ -30,7 +30,8 @@ def test_mean_std_of_known_per_seed_numbers():
     assert rows[0]["1% labels"] == "52.00 ± 2.00" and rows[0]["100% labels"] == "72.00 ± 2.00"
     assert rows[1]["protocol"] == "knn" and rows[1]["1% labels"] == "40.00 ± 0.00"
     md = paper_tables.to_markdown(rows, "T")
-    assert "| FSSUAVL (one model) | linear | 0 1 2 | c.yaml | 52.00 ± 2.00 |" in md
+    assert rows[0]["dim"] == 256  # the width of the features behind the row, beside it
+    assert "| FSSUAVL (one model) | 256 | linear | 0 1 2 | c.yaml | 52.00 ± 2.00 |" in md
 
 
 @pytest.mark.slow
@@ -38,7 +39,7 @@ def test_tables_end_to_end_tiny(tmp_path, cache_dir, monkeypatch):
     monkeypatch.chdir(ROOT)
     out = tmp_path / "tables"
     args = ["--config", "configs/smoke.yaml", "--seeds", "0", "1", "--out", str(out), f"--data.cache_dir={cache_dir}",
-            "--run.progress=false", *TINY_DATA, "--eval.max_train_images=300", "--eval.wd_grid=[1e-3]"]
+            "--run.progress=false", *TINY_DATA, "--eval.max_train_images=300", "--eval.wd_grid=[1e-3]", "--no-bounds"]
     res = paper_tables.main(args)
     t = {name: rows for name, (title, rows) in res["tables"].items()}
     assert [r["model"] for r in t["table1_image"][0:8:2]] == ["FSSUAVL (one model)", "image-only model",
@@ -82,7 +83,18 @@ def test_tables_end_to_end_tiny(tmp_path, cache_dir, monkeypatch):
     # two ablations and one strategy run end to end (every entry's overrides are checked without training below)
     monkeypatch.setattr(paper_tables, "ABLATIONS", [a for a in paper_tables.ABLATIONS if a[0] in ("paper_plain", "vicreg")])
     monkeypatch.setattr(paper_tables, "STRATEGY_RUNS", [r for r in paper_tables.STRATEGY_RUNS if r[0] == "ldawa"])
-    res = paper_tables.main(one + ["--ablations", "--strategies"])
+    res = paper_tables.main([a for a in one if a != "--no-bounds"] + ["--ablations", "--strategies"])
+    # the bounds: rows of Tables 1-3, the centralised run matching the FSSUAVL run's batches round by round
+    t = {name: rows for name, (title, rows) in res["tables"].items()}
+    for name in ("table1_image", "table2_audio", "table3_paired"):
+        assert {paper_tables.LABELS[b] for b in paper_tables.BOUNDS} <= {r["model"] for r in t[name]}, name
+    logs = {v: [json.loads(ln) for ln in (out / "runs" / f"{v}_seed0" / "log.jsonl").read_text().splitlines()][1:]
+            for v in ("fssuavl", "centralised")}
+    assert [(r["steps"], r["samples_image"], r["samples_audio"]) for r in logs["centralised"]] == \
+        [(r["steps"], r["samples_image"], r["samples_audio"]) for r in logs["fssuavl"]]
+    assert load_checkpoint(out / "runs" / "iid_seed0" / "last.pt")["config"]["fed"]["partition"] == "iid"
+    assert any(r["claim"].startswith("federated FSSUAVL beats its centralised bound") for r in t["claims"])
+    assert any("(recipe)" in ln for ln in res["findings"]) and (out / "claims.csv").stat().st_size > 0
     t5 = res["tables"]["table5_ablations"][1]
     assert [r["variant"] for r in t5][1:] == [label for _, label, _ in paper_tables.ABLATIONS]
     assert [r["variant"] for r in res["tables"]["table6_strategies"][1]][1:] == [lb for _, lb, _ in paper_tables.STRATEGY_RUNS]
