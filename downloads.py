@@ -14,6 +14,7 @@ import http.client
 import os
 import shutil
 import socket
+import stat
 import sys
 import tarfile
 import tempfile
@@ -33,19 +34,23 @@ class Archive:
     checksum: Optional[str]  # "md5:..." or "sha256:..." as published; None where the archive is not fixed
     inner: str               # the folder inside the archive that is the dataset ("" = its top level)
     marker: str              # a file every complete copy of the dataset has, relative to its root
+    max_bytes: int = 1 << 30  # the most its files may add up to, extracted: its known size times about two (a bomb
+                              # that declares more is refused before anything is written)
 
 
+GB = 1 << 30
 ARCHIVES = {
     # GitHub's archive of the master branch: no fixed checksum, so the extracted layout is checked instead
     "esc50": Archive("https://github.com/karolpiczak/ESC-50/archive/master.zip", None, "ESC-50-master",
-                     "meta/esc50.csv"),
+                     "meta/esc50.csv", 2 * GB),  # about 0.9 GB extracted
     "speechcommands": Archive("http://download.tensorflow.org/data/speech_commands_v0.02.tar.gz",
                               "sha256:af14739ee7dc311471de98f5f9d2c9191b18aedfe957f4a6ff791c709868ff58", "",
-                              "testing_list.txt"),
+                              "testing_list.txt", 5 * GB),  # about 2.4 GB
     "tinyimagenet": Archive("http://cs231n.stanford.edu/tiny-imagenet-200.zip", "md5:90528d7ca1a48142e341f4ef8d21d0de",
-                            "tiny-imagenet-200", "wnids.txt"),
+                            "tiny-imagenet-200", "wnids.txt", 1 * GB),  # about 0.5 GB
     "urbansound8k": Archive("https://zenodo.org/record/1203745/files/UrbanSound8K.tar.gz",
-                            "md5:9aa69802bbf37fb986f71ec1483a196e", "UrbanSound8K", "metadata/UrbanSound8K.csv"),
+                            "md5:9aa69802bbf37fb986f71ec1483a196e", "UrbanSound8K", "metadata/UrbanSound8K.csv",
+                            14 * GB),  # about 6.6 GB
 }
 ATTEMPTS = 3       # a dropped connection is resumed this many times in one call
 TIMEOUT_S = 60     # a server silent this long counts as dropped
@@ -129,22 +134,25 @@ def _digest(path: Path, algo: str) -> str:
 
 def _extract(name: str, part: Path, root: Path, archive: Archive, work: Path) -> None:
     """Unpack into a temp folder beside root, check the layout, then move the dataset folder to root in one rename.
-    A corrupt or truncated archive is removed, and nothing is left at root."""
+    Only regular files and folders are written, with plain modes (no setuid, no world-writable bits); an archive that
+    holds anything else (a link, a device, a FIFO), a member outside the folder, or more than archive.max_bytes is
+    refused before anything is written. A corrupt or truncated archive is removed, and nothing is left at root."""
     tmp = Path(tempfile.mkdtemp(prefix="extract-", dir=work))
     try:
         try:
-            if zipfile.is_zipfile(part):
-                with zipfile.ZipFile(part) as z:
-                    for n in z.namelist():
-                        _safe(tmp, n)
-                    z.extractall(tmp)
-            else:
-                with tarfile.open(part) as t:
-                    for m in t.getmembers():
-                        _safe(tmp, m.name)
-                        if m.issym() or m.islnk():
-                            raise DataError(f"{name}: the archive holds a link ({m.name}); refusing to extract it")
-                    t.extractall(tmp)
+            members = _zip_members(part) if zipfile.is_zipfile(part) else _tar_members(part)
+            total = 0
+            for member, kind, size in members:
+                _safe(tmp, member)
+                if kind not in ("file", "dir"):
+                    raise DataError(f"{name}: the archive holds {kind} {member!r}; only regular files and folders are "
+                                    f"extracted, so it was refused and nothing was written")
+                total += size
+            if total > archive.max_bytes:
+                raise DataError(f"{name}: the archive's files add up to {_human(total)}, more than the "
+                                f"{_human(archive.max_bytes)} this dataset takes (a decompression bomb, or another "
+                                f"archive); refused before anything was written")
+            _write_members(part, tmp, archive.max_bytes)
         except (zipfile.BadZipFile, tarfile.TarError, EOFError, OSError) as e:
             part.unlink(missing_ok=True)
             raise DataError(f"{name}: {part.name} is corrupt or truncated ({type(e).__name__}: {e}); it was removed: "
@@ -160,6 +168,61 @@ def _extract(name: str, part: Path, root: Path, archive: Archive, work: Path) ->
         os.replace(top, root)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _human(n: int) -> str:
+    return f"{n / GB:.1f} GiB" if n >= GB else f"{n / (1 << 20):.1f} MiB"
+
+
+def _zip_members(path: Path) -> list[tuple[str, str, int]]:
+    """(name, kind, declared size) of each member; the kind from the Unix mode a zip stores for links and devices."""
+    with zipfile.ZipFile(path) as z:
+        return [(i.filename, "dir" if i.is_dir() else _kind(i.external_attr >> 16), i.file_size) for i in z.infolist()]
+
+
+def _tar_members(path: Path) -> list[tuple[str, str, int]]:
+    with tarfile.open(path) as t:
+        return [(m.name, "dir" if m.isdir() else "file" if m.isreg() else
+                 "a link" if m.issym() or m.islnk() else "a device" if m.ischr() or m.isblk() else
+                 "a FIFO" if m.isfifo() else "an unknown member", m.size if m.isreg() else 0) for m in t.getmembers()]
+
+
+def _kind(mode: int) -> str:
+    """A zip member's kind from its stored Unix mode (no file-type bits stored: a plain file)."""
+    if not stat.S_IFMT(mode) or stat.S_ISREG(mode):
+        return "file"
+    return ("a link" if stat.S_ISLNK(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else
+            "a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "an unknown member")
+
+
+def _write_members(path: Path, dest: Path, limit: int) -> None:
+    """Write every file and folder of a checked archive under `dest`. A zip is streamed, at most `limit` bytes in all
+    (a member that inflates past what it declared stops here too), files 0644 (0755 when executable); a tar goes
+    through tarfile's data filter (no special mode bits, nothing group- or world-writable)."""
+    written = 0
+
+    def copy(src, target: Path, executable: bool) -> None:
+        nonlocal written
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with open(target, "wb") as f:
+            while chunk := src.read(1 << 20):
+                written += len(chunk)
+                if written > limit:
+                    raise DataError(f"the archive inflates past the {_human(limit)} this dataset takes; refused")
+                f.write(chunk)
+        os.chmod(target, 0o755 if executable else 0o644)
+
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as z:
+            for i in z.infolist():
+                if i.is_dir():
+                    (dest / i.filename).mkdir(mode=0o755, parents=True, exist_ok=True)
+                else:
+                    with z.open(i) as src:
+                        copy(src, dest / i.filename, bool((i.external_attr >> 16) & 0o111))
+        return
+    with tarfile.open(path) as t:  # a tar member holds exactly its declared size; the data filter drops special bits
+        t.extractall(dest, filter="data")
 
 
 def _safe(base: Path, member: str) -> None:

@@ -4,6 +4,7 @@ resumed; always: a clear error and nothing that looks like a dataset)."""
 import hashlib
 import io
 import shutil
+import stat
 import tarfile
 import threading
 import zipfile
@@ -188,3 +189,71 @@ def test_an_archive_member_outside_the_folder_is_refused(server, tmp_path):
     with pytest.raises(DataError, match="outside the dataset folder"):
         downloads.fetch("x", tmp_path / "data" / "x", arc, progress=False)
     assert not (tmp_path / "data" / "evil.txt").exists()
+
+
+def _tar(members) -> bytes:
+    """A tar.gz of (TarInfo, bytes) pairs."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as t:
+        for info, data in members:
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data) if data else None)
+    return buf.getvalue()
+
+
+def _info(name, kind=tarfile.REGTYPE, mode=0o644):
+    info = tarfile.TarInfo(name)
+    info.type, info.mode = kind, mode
+    if kind == tarfile.CHRTYPE:
+        info.devmajor, info.devminor = 1, 3  # /dev/null's numbers
+    return info
+
+
+@pytest.mark.parametrize("member, what", [(_info("x/null", tarfile.CHRTYPE, 0o666), "a device 'x/null'"),
+                                          (_info("x/pipe", tarfile.FIFOTYPE), "a FIFO 'x/pipe'")])
+def test_an_archive_with_a_special_file_writes_nothing(server, tmp_path, member, what):
+    server.files["/s.tar.gz"] = _tar([(_info("x/marker"), b"ok"), (member, b"")])
+    arc = downloads.Archive(server.url("/s.tar.gz"), None, "x", "marker")
+    msg = one_line_error(downloads.fetch, "s", tmp_path / "data" / "s", arc, False)
+    assert f"the archive holds {what}; only regular files and folders are extracted" in msg
+    assert not (tmp_path / "data" / "s").exists() and not [p for p in (tmp_path / "data").rglob("*") if p.is_file()
+                                                            and p.suffix != ".part"]
+
+
+def test_extracted_files_lose_setuid_and_world_write_bits(server, tmp_path):
+    server.files["/m.tar.gz"] = _tar([(_info("x/marker", mode=0o4777), b"ok"), (_info("x/run.sh", mode=0o755), b"#!")])
+    arc = downloads.Archive(server.url("/m.tar.gz"), None, "x", "marker")
+    root = downloads.fetch("m", tmp_path / "data" / "m", arc, progress=False)
+    modes = {p.name: p.stat().st_mode for p in root.rglob("*")}
+    assert all(stat.S_ISREG(m) for m in modes.values())
+    assert not modes["marker"] & (stat.S_ISUID | stat.S_ISGID | stat.S_IWOTH | stat.S_IWGRP)
+    assert modes["run.sh"] & stat.S_IXUSR  # an executable stays executable
+
+
+@pytest.mark.parametrize("kind", ["zip", "tar"])
+def test_a_decompression_bomb_is_refused_before_anything_is_written(server, tmp_path, kind):
+    big = b"\0" * (4 << 20)  # 4 MiB of zeros packs into a few kB
+    if kind == "zip":
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+            z.writestr("x/marker", b"ok")
+            for i in range(4):
+                z.writestr(f"x/zero{i}", big)
+        body = buf.getvalue()
+    else:
+        body = _tar([(_info("x/marker"), b"ok")] + [(_info(f"x/zero{i}"), big) for i in range(4)])
+    assert len(body) < 200_000
+    server.files["/b"] = body
+    arc = downloads.Archive(server.url("/b"), None, "x", "marker", max_bytes=8 << 20)
+    msg = one_line_error(downloads.fetch, "b", tmp_path / "data" / "b", arc, False)
+    assert "the archive's files add up to 16.0 MiB, more than the 8.0 MiB this dataset takes" in msg
+    assert "refused before anything was written" in msg
+    assert not [p for p in (tmp_path / "data").rglob("*") if p.is_file() and p.suffix != ".part"]
+
+
+def test_a_zip_member_that_inflates_past_its_declared_size_stops_at_the_cap(tmp_path):
+    p = tmp_path / "a.zip"
+    with zipfile.ZipFile(p, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("x/zero", b"\0" * (3 << 20))
+    with pytest.raises(DataError, match="inflates past"):
+        downloads._write_members(p, tmp_path / "out", limit=1 << 20)
