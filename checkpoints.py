@@ -34,6 +34,10 @@ class CheckpointError(UserError, RuntimeError):
     pass
 
 
+class UndigestedCheckpoint(CheckpointError):
+    """A readable checkpoint refused by policy (no digest over all of it): kept where it is, never renamed corrupt."""
+
+
 def tensor_digest(obj, primitives: bool = True) -> str:
     """sha256 over a nested dict/list in key order: every tensor's bytes and, with primitives=True, every other
     value (round, config, history), so a checkpoint corrupted or edited on disk is detected even when it still
@@ -116,7 +120,7 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     full = "sha256" in obj and obj.get("digest") == "all"
     if not full:
         if os.environ.get("FSSUAVL_ACCEPT_UNDIGESTED") != "1":
-            raise CheckpointError(f"checkpoint {path} carries no sha256 over all of its contents (written by an older "
+            raise UndigestedCheckpoint(f"checkpoint {path} carries no sha256 over all of its contents (written by an older "
                                   f"version, or its digest was removed), so corruption or an edit cannot be detected. "
                                   f"If you trust the file, accept it knowingly: FSSUAVL_ACCEPT_UNDIGESTED=1")
         print(f"warning: loading {path} without a full digest (FSSUAVL_ACCEPT_UNDIGESTED=1)")
@@ -128,7 +132,8 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
 def load_latest_checkpoint(run_dir: str | os.PathLike, name: str = "last.pt", warn=print) -> tuple[dict, Path] | None:
     """The newest good checkpoint of a run: `name`, or `name.prev` when `name` is missing, truncated or
     corrupted. A bad `name` is moved aside to `name.corrupt` (a warning names it), so the next save cannot
-    rotate it over the good previous copy. None when the directory holds neither."""
+    rotate it over the good previous copy; one refused only by policy (UndigestedCheckpoint) is left in place and
+    the refusal raised, so following its advice finds it. None when the directory holds neither."""
     run_dir = Path(run_dir)
     errors = []
     for p in (run_dir / name, run_dir / (name + ".prev")):
@@ -136,6 +141,8 @@ def load_latest_checkpoint(run_dir: str | os.PathLike, name: str = "last.pt", wa
             continue
         try:
             return load_checkpoint(p), p
+        except UndigestedCheckpoint:
+            raise
         except CheckpointError as e:
             errors.append(str(e))
             if p.name == name:
@@ -147,6 +154,33 @@ def load_latest_checkpoint(run_dir: str | os.PathLike, name: str = "last.pt", wa
     if errors:
         raise CheckpointError("no usable checkpoint in " + str(run_dir) + ": " + " | ".join(errors))
     return None
+
+
+def logged_rounds(run_dir: str | os.PathLike) -> list[int]:
+    """The trained rounds (>= 1) a run directory's log.jsonl records."""
+    path = Path(run_dir) / "log.jsonl"
+    out = []
+    for ln in (path.read_text(errors="replace").splitlines() if path.is_file() else []):
+        try:
+            r = json.loads(ln).get("round")
+        except (json.JSONDecodeError, AttributeError):
+            continue
+        if isinstance(r, int) and not isinstance(r, bool) and r >= 1:
+            out.append(r)
+    return out
+
+
+def refuse_restart(run_dir: str | os.PathLike) -> None:
+    """A resume that found no checkpoint would start the run over and rewrite its log: refuse that when the log
+    records trained rounds (their checkpoint was moved or deleted), naming what to do instead."""
+    rounds = logged_rounds(run_dir)
+    if rounds:
+        aside = [p.name for p in Path(run_dir).glob("last.pt*") if p.name not in ("last.pt", "last.pt.prev")]
+        raise CheckpointError(f"--resume {run_dir}: no checkpoint to continue from, but its log.jsonl records rounds "
+                              f"{min(rounds)}-{max(rounds)}: starting over would rewrite them, so nothing was done. "
+                              + (f"It holds {', '.join(sorted(aside))}: if you trust it, move it back to last.pt and "
+                                 f"resume; " if aside else "Restore its last.pt and resume, ")
+                              + f"or start afresh with --run.overwrite=true (the old run is moved aside)")
 
 
 # ----------------------------------------------------------------------------- the run directory
@@ -233,22 +267,32 @@ class JsonlLog:
             f.write(json.dumps(record, default=float) + "\n")
             f.flush()
 
-    def truncate_after(self, round_idx: int) -> list[int]:
+    def truncate_after(self, round_idx: int, warn=None) -> list[int]:
         """Drop lines of rounds after `round_idx` (a resumed run re-logs them), any line cut short by a kill and any
-        record without an integer round, rewriting the file atomically. Returns the rounds 0..round_idx that have no
-        record (deleted or lost), so the caller can say so."""
+        record without an integer round, rewriting the file atomically; warn(line) names each line dropped for any
+        reason but a later round. Returns the rounds 0..round_idx that have no record (deleted or lost), so the
+        caller can say so."""
         if self.path.is_dir():
             raise RunDirError(f"{self.path} is a directory, not the run's log: move it away, then resume")
         keep, seen = [], set()
-        for ln in (self.path.read_text(errors="replace").splitlines() if self.path.exists() else []):
+        lines = self.path.read_text(errors="replace").splitlines() if self.path.exists() else []
+        for i, ln in enumerate(lines, 1):
             try:
                 rec = json.loads(ln)
             except json.JSONDecodeError:
-                continue
+                why = "cut short (a write stopped by a kill)" if i == len(lines) else "not JSON"
+                rec = None
             r = rec.get("round") if isinstance(rec, dict) else None
             if isinstance(r, int) and not isinstance(r, bool) and r <= round_idx and r not in seen:
                 keep.append(ln)
                 seen.add(r)
+                continue
+            if isinstance(r, int) and not isinstance(r, bool):
+                why = None if r > round_idx else f"a second record of round {r}"
+            elif rec is not None:
+                why = "not a round record (no integer round)"
+            if why and warn is not None:
+                warn(f"warning: {self.path} line {i}: {why}; dropped from the log")
         tmp = self.path.with_name(self.path.name + ".tmp")
         tmp.write_text("".join(ln + "\n" for ln in keep))
         os.replace(tmp, self.path)

@@ -18,7 +18,7 @@ import runtime
 import torchrun_engine
 from catalog import expected_input
 from checkpoints import CKPT_FORMAT, CheckpointError, JsonlLog, RunDir, RunDirError, TensorBoardLog, launcher, \
-    load_checkpoint, load_latest_checkpoint, save_checkpoint
+    load_checkpoint, load_latest_checkpoint, refuse_restart, save_checkpoint
 from engine import Clients, InProcess, LostWorker, PretrainConfig, train_one_round
 from diagnostics import representation_metrics
 from evaluation import RawInput, knn_accuracy, probe_accuracy
@@ -90,6 +90,7 @@ def resolve_config(config, overrides, resume) -> tuple[PretrainConfig, dict | No
         cfg = load_config(PretrainConfig, config or DEFAULT_CONFIG, overrides)
         found = load_latest_checkpoint(cfg.run.out_dir, warn=print)
         if found is None:
+            refuse_restart(cfg.run.out_dir)
             print(f"--resume: no checkpoint in {cfg.run.out_dir} yet; starting the run from round 0")
             return cfg, None
         ckpt, _ = found
@@ -104,6 +105,7 @@ def resolve_config(config, overrides, resume) -> tuple[PretrainConfig, dict | No
         else:
             found = load_latest_checkpoint(run_dir, warn=print) if run_dir.is_dir() else None
             if found is None and (run_dir / "config.yaml").is_file():  # stopped before its first checkpoint
+                refuse_restart(run_dir)
                 print(f"--resume {run_dir}: no checkpoint yet; starting the run from round 0 with its config.yaml")
                 return load_config(PretrainConfig, run_dir / "config.yaml", [f"--run.out_dir={run_dir}", *overrides]), None
             if found is None:
@@ -321,7 +323,7 @@ class Pretraining:
         self.history = list(ckpt.get("evals", []))
         self.norm0 = ckpt.get("weight_norm0", self.norm0)
         if self.main:
-            lost = self.log.truncate_after(ckpt["round"])
+            lost = self.log.truncate_after(ckpt["round"], warn=print)
             if lost:
                 print(f"warning: {self.log.path} has no record of rounds {lost} (deleted or lost); the run resumes, but "
                       f"whatever is summed from the log (Table 4's costs, the curves) will miss those rounds")

@@ -1,6 +1,7 @@
 """Nothing lost, nothing silently wrong: run directories, diverged runs, poisoned clients, stale caches, and bad
 input that ends with one line naming the problem."""
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -376,13 +377,39 @@ def test_a_checkpoint_without_its_digest_is_refused_unless_accepted_knowingly(tm
     assert checkpoints.load_checkpoint(tmp_path / "c.pt")["round"] == 99 and "without a full digest" in capsys.readouterr().out
 
 
+def test_a_policy_refusal_leaves_the_checkpoint_in_place_and_a_restart_over_logged_rounds_is_refused(tmp_path, monkeypatch):
+    monkeypatch.delenv("FSSUAVL_ACCEPT_UNDIGESTED", raising=False)
+    ck = {"format": checkpoints.CKPT_FORMAT, "round": 2, "model": {"w": torch.ones(2)}}
+    torch.save(ck, tmp_path / "last.pt")  # readable, but written without a digest (an older version)
+    with pytest.raises(checkpoints.UndigestedCheckpoint, match="FSSUAVL_ACCEPT_UNDIGESTED=1"):
+        checkpoints.load_latest_checkpoint(tmp_path)
+    assert (tmp_path / "last.pt").is_file() and not list(tmp_path.glob("*.corrupt"))  # so the advice finds it
+    monkeypatch.setenv("FSSUAVL_ACCEPT_UNDIGESTED", "1")
+    assert checkpoints.load_latest_checkpoint(tmp_path)[0]["round"] == 2
+    (tmp_path / "log.jsonl").write_text("".join(json.dumps({"round": r}) + "\n" for r in range(3)))
+    os.replace(tmp_path / "last.pt", tmp_path / "last.pt.corrupt")
+    with pytest.raises(checkpoints.CheckpointError) as e:
+        checkpoints.refuse_restart(tmp_path)
+    assert str(e.value) == (f"--resume {tmp_path}: no checkpoint to continue from, but its log.jsonl records rounds 1-2: "
+                            f"starting over would rewrite them, so nothing was done. It holds last.pt.corrupt: if you "
+                            f"trust it, move it back to last.pt and resume; or start afresh with --run.overwrite=true "
+                            f"(the old run is moved aside)")
+    (tmp_path / "log.jsonl").write_text(json.dumps({"round": 0}) + "\n")
+    checkpoints.refuse_restart(tmp_path)  # only round 0 logged: nothing trained is lost by starting over
+
+
 def test_the_log_on_resume_drops_bad_records_and_names_missinglog_rounds(tmp_path):
     log = checkpoints.JsonlLog(tmp_path / "log.jsonl")
     for rec in ({"round": 0}, {"round": "x"}, {"round": 2}, {"round": 2}, {"round": 3}, {"round": True}):
         log.write(rec)
     with open(log.path, "a") as f:
         f.write('{"round": 4, "cut sh')
-    assert log.truncate_after(3) == [1]
+    said = []
+    assert log.truncate_after(3, warn=said.append) == [1]
+    assert said == [f"warning: {log.path} line 2: not a round record (no integer round); dropped from the log",
+                    f"warning: {log.path} line 4: a second record of round 2; dropped from the log",
+                    f"warning: {log.path} line 6: not a round record (no integer round); dropped from the log",
+                    f"warning: {log.path} line 7: cut short (a write stopped by a kill); dropped from the log"]
     assert log_rounds(tmp_path) == [0, 2, 3]
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "log.jsonl").mkdir()

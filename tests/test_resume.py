@@ -193,3 +193,27 @@ def test_a_checkpoint_signed_again_with_another_runs_config_is_named_before_any_
         checkpoints.save_checkpoint(ck, out / "last.pt", keep_previous=False)
         msg = one_line_error(pretrain.main, ["--resume", str(out), "--fed.rounds=2", "--run.progress=false"])
         assert "does not belong to its weights" in msg and says in msg and "not found" not in msg, msg
+
+
+@pytest.mark.slow
+def test_following_the_undigested_advice_resumes_and_loses_no_round(tmp_path, cache_dir, monkeypatch):
+    monkeypatch.delenv("FSSUAVL_ACCEPT_UNDIGESTED", raising=False)
+    out = tmp_path / "run"
+    pretrain.main(_args(out, cache_dir, "--fed.rounds=2"))
+    for name in ("last.pt", "last.pt.prev"):  # as an older version wrote them: readable, no digest over all
+        ck = torch.load(out / name, weights_only=True)
+        torch.save({k: v for k, v in ck.items() if k not in ("sha256", "digest")}, out / name)
+    log = (out / "log.jsonl").read_text()
+    msg = one_line_error(pretrain.main, ["--resume", str(out), "--fed.rounds=3", "--run.progress=false"])
+    assert "carries no sha256 over all of its contents" in msg and "FSSUAVL_ACCEPT_UNDIGESTED=1" in msg
+    assert (out / "last.pt").is_file() and not (out / "last.pt.corrupt").exists() and (out / "log.jsonl").read_text() == log
+    monkeypatch.setenv("FSSUAVL_ACCEPT_UNDIGESTED", "1")  # the advice, followed
+    pretrain.main(["--resume", str(out), "--fed.rounds=3", "--run.progress=false"])
+    assert log_rounds(out) == [0, 1, 2, 3]
+    # a checkpoint gone while the log records trained rounds: the resume refuses rather than start over
+    for p in out.glob("last.pt*"):
+        p.unlink()
+    log = (out / "log.jsonl").read_text()
+    msg = one_line_error(pretrain.main, ["--resume", str(out), "--run.progress=false"])
+    assert "its log.jsonl records rounds 1-3: starting over would rewrite them, so nothing was done" in msg
+    assert (out / "log.jsonl").read_text() == log
