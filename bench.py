@@ -42,7 +42,7 @@ from federation import ClientUpdate, run_round
 from local_update import LocalSettings, local_ssl_update, make_optimizer
 from losses import nt_xent
 from models import backbone_family, build_model
-from settings import load_config, split_overrides
+from settings import int_at_least, load_config, split_overrides
 from strategies import WeightedAverage
 
 BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "A6000": 155.0, "L40": 181.0, "4090": 165.0}
@@ -307,9 +307,9 @@ class Bench:
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="configs/default.yaml")
-    p.add_argument("--steps", type=int, default=6, help="training steps per timed repeat")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--warmup", type=int, default=1, help="untimed repeats first")
+    p.add_argument("--steps", type=int_at_least(1), default=6, help="training steps per timed repeat")
+    p.add_argument("--repeats", type=int_at_least(1), default=3)
+    p.add_argument("--warmup", type=int_at_least(0), default=1, help="untimed repeats first")
     p.add_argument("--workers", type=int, default=-1, help="DataLoader workers of the standard pipeline (-1: cores)")
     p.add_argument("--out", default="results/bench.json")
     p.add_argument("--skip-scaling", action="store_true")

@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 
 from deploy import LocalDeployment, free_port
+from settings import int_at_least
 
 ROOT = Path(__file__).resolve().parent
 
@@ -116,11 +117,11 @@ def run_one(engine: str, base: list[str], out: Path, args, roots=()) -> dict:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="configs/tables_cpu.yaml")
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--nproc", type=int, default=2, help="torchrun ranks and Flower SuperNodes")
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPU threads in all, per engine")
+    p.add_argument("--rounds", type=int_at_least(1), default=3)
+    p.add_argument("--nproc", type=int_at_least(1), default=2, help="torchrun ranks and Flower SuperNodes")
+    p.add_argument("--threads", type=int_at_least(1), default=os.cpu_count() or 1, help="CPU threads in all, per engine")
     p.add_argument("--client-gpus", type=float, default=0.0, help="GPUs per Flower ClientApp (CUDA runs)")
-    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--repeats", type=int_at_least(1), default=1)
     p.add_argument("--engines", nargs="+", default=["inprocess", "flower_sim", "torchrun"],
                    choices=["inprocess", "flower_sim", "torchrun", *DEPLOYED],
                    help="deployments on 127.0.0.1: flower_deploy (partitioned, --nproc warm SuperNodes of "

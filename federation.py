@@ -79,10 +79,14 @@ class FedConfig:
             raise ConfigError(f"fed.prox_mu={self.prox_mu} acts only under FedProx, but fed.aggregation="
                               f"{self.aggregation}: set fed.aggregation=fedprox, or drop fed.prox_mu")
         if self.aggregation == "trimmed_mean" and int(self.trim_frac * self.clients_per_round) < 1:
+            need = 1 / self.clients_per_round  # the smallest trim_frac that cuts one client per end
             raise ConfigError(f"fed.aggregation=trimmed_mean with fed.trim_frac={self.trim_frac} and fed.clients_per_round="
                               f"{self.clients_per_round} trims nothing (it cuts int(trim_frac x K) = 0 clients per end, "
-                              f"the plain mean): raise fed.trim_frac to at least {1 / self.clients_per_round:.3g} (at most "
-                              f"0.49), raise fed.clients_per_round, or use fed.aggregation=median")
+                              f"the plain mean): "
+                              + (f"raise fed.trim_frac to at least {need:.3g}, " if need <= 0.49 else "")
+                              + (f"raise fed.clients_per_round to at least {math.ceil(1 / self.trim_frac):d}, "
+                                 if self.trim_frac > 0 else "")
+                              + "or use fed.aggregation=median")
         if self.budget_of and (self.clients != 1 or self.order != "alternate"):
             raise ConfigError(f"fed.budget_of={self.budget_of} trains one client that holds all the data, one modality a "
                               f"step: it needs fed.clients=1 and fed.order=alternate (got {self.clients} and {self.order})")

@@ -7,13 +7,13 @@ returns one loss per modality (the local update sums them). A new objective is o
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from settings import check_choice, check_range
+from settings import ConfigError, check_choice, check_range
 
 
 @dataclass
@@ -29,6 +29,7 @@ class LossConfig:
         check_range("loss.tau", self.tau, lo=0.01, hi=100.0)  # below 0.01 the logits overflow bf16 and the run blows up
         for k in ("vicreg_sim", "vicreg_var", "vicreg_cov"):
             check_range(f"loss.{k}", getattr(self, k), lo=0.0, hi=1e4)
+        check_objective(self)
 
 
 def nt_xent(z1: torch.Tensor, z2: torch.Tensor, tau: float = 0.2, reduction: str = "mean") -> torch.Tensor:
@@ -95,6 +96,25 @@ def vicreg_objective(embeds: dict[str, tuple[torch.Tensor, torch.Tensor]], cfg: 
 class Objective:
     loss: Callable                 # ({modality: (z1, z2)}, LossConfig, cross_modal_negatives) -> {modality: loss}
     cross_modal_negatives: bool    # whether fed.cross_modal_negatives means anything to it
+    reads: tuple[str, ...] = ()    # the LossConfig fields it uses: setting another one is refused as doing nothing
+    weights: tuple[str, ...] = ()  # of those, the weights of its terms: all 0 would train nothing
 
 
-OBJECTIVES = {"nt_xent": Objective(nt_xent_objective, True), "vicreg": Objective(vicreg_objective, False)}
+OBJECTIVES = {"nt_xent": Objective(nt_xent_objective, True, ("tau",)),
+              "vicreg": Objective(vicreg_objective, False, ("vicreg_sim", "vicreg_var", "vicreg_cov"),
+                                  ("vicreg_sim", "vicreg_var", "vicreg_cov"))}
+
+
+def check_objective(cfg: LossConfig) -> None:
+    """Settings of loss.name's objective that would do nothing: another objective's field set away from its default,
+    or every term weighted 0."""
+    obj = OBJECTIVES[cfg.name]
+    unread = [f.name for f in fields(cfg) if f.name != "name" and f.name not in obj.reads
+              and getattr(cfg, f.name) != f.default]
+    if unread:
+        owner = next((n for n, o in OBJECTIVES.items() if unread[0] in o.reads), "another objective")
+        raise ConfigError(f"loss.{unread[0]}={getattr(cfg, unread[0])} acts only under loss.name={owner}, but loss.name="
+                          f"{cfg.name}: set loss.name={owner}, or drop loss.{unread[0]}")
+    if obj.weights and not any(getattr(cfg, w) for w in obj.weights):
+        raise ConfigError(f"loss.{', loss.'.join(obj.weights)} are all 0: loss.name={cfg.name} would train nothing; "
+                          f"give at least one term a positive weight")

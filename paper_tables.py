@@ -36,7 +36,7 @@ from engine import PretrainConfig
 from models import ModelConfig, build_model, count_params
 from plots import plot_monitor_curves, plot_partition, read_log
 from pretraining import config_changes, pretrain
-from settings import ConfigError, build_dataclass, load_config, split_overrides
+from settings import ConfigError, build_dataclass, int_at_least, load_config, split_overrides
 from significance import finding, mean_std, multiple_comparisons, spearman, welch
 
 VARIANTS = {"fssuavl": ["image", "audio"], "image_only": ["image"], "audio_only": ["audio"]}
@@ -420,7 +420,7 @@ def claims_table(results: dict[str, list[dict]]) -> list[dict]:
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="configs/tables_cpu.yaml", help="pretraining config for every run")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--seeds", type=int_at_least(0, 2 ** 63 - 1), nargs="+", default=[0, 1, 2])
     p.add_argument("--out", default="results/tables")
     p.add_argument("--no-bounds", dest="bounds", action="store_false",
                    help="leave out the centralised and IID rows (configs/centralised.yaml, configs/iid.yaml)")

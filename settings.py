@@ -6,6 +6,7 @@ only knows how to build one from a dict and report what is wrong with it.
 """
 from __future__ import annotations
 
+import argparse
 import ast
 import dataclasses
 import math
@@ -63,6 +64,20 @@ class RunConfig:
         check_range("run.seed", self.seed, lo=0, hi=2 ** 63 - 1)
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ConfigError(f"run.device={self.device!r}: expected auto, cpu, cuda or cuda:N")
+
+
+def int_at_least(lo: int, hi: int | None = None):
+    """An argparse type for a command-line count: an integer >= lo (and <= hi), refused in one line otherwise."""
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if v < lo or (hi is not None and v > hi):
+            raise argparse.ArgumentTypeError(f"{v} is out of range: expected {lo}" + (f" to {hi}" if hi is not None
+                                                                                      else " or more"))
+        return v
+    return parse
 
 
 def check_choice(key: str, value, choices) -> None:
@@ -131,6 +146,9 @@ def _coerce(key: str, value, tp):
             raise ConfigError(f"{key}={value!r}: expected true or false")
         return value
     if tp is str:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            raise ConfigError(f"{key}={value!r}: expected a string, and {value!r} reads as a number: quote it "
+                              f"(--{key}=\"'{value}'\" on the command line, {key.rsplit('.', 1)[-1]}: '{value}' in YAML)")
         if not isinstance(value, str):
             raise ConfigError(f"{key}={value!r}: expected a string")
         return value

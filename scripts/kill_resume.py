@@ -38,7 +38,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from settings import split_overrides  # noqa: E402
+from settings import int_at_least, split_overrides  # noqa: E402
 
 KINDS = ("startup", "random", "early", "ckpt")
 
@@ -165,11 +165,11 @@ def run_to_completion(cmd_fn, out_dir: Path, rng: random.Random, timing: dict, r
 
 def main(argv=None) -> tuple[int, int]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--kills", type=int, default=20, help="total SIGKILLs to survive")
-    p.add_argument("--kills-per-run", type=int, default=5)
+    p.add_argument("--kills", type=int_at_least(1), default=20, help="total SIGKILLs to survive")
+    p.add_argument("--kills-per-run", type=int_at_least(1), default=5)
     p.add_argument("--engine", choices=("inprocess", "torchrun", "flower_sim"), default="inprocess")
     p.add_argument("--config", default="configs/smoke.yaml")
-    p.add_argument("--rounds", type=int, default=6)
+    p.add_argument("--rounds", type=int_at_least(2), default=6)
     p.add_argument("--seed", type=int, default=0, help="seed of the kill times")
     p.add_argument("--workdir", default=None)
     argv, extra = split_overrides(list(sys.argv[1:] if argv is None else argv))

@@ -35,7 +35,7 @@ import runtime  # noqa: E402
 from catalog import load_data  # noqa: E402
 from engine import Clients, PretrainConfig, train_one_round  # noqa: E402
 from local_update import local_ssl_update, lr_at  # noqa: E402
-from settings import load_config, split_overrides  # noqa: E402
+from settings import int_at_least, load_config, split_overrides  # noqa: E402
 from strategies import make_strategy  # noqa: E402
 
 
@@ -159,12 +159,12 @@ def parse_args(argv: list[str]):
     args, overrides = split_overrides(argv)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config")
-    p.add_argument("--clients", type=int, default=2, help="clients in the rehearsed round")
-    p.add_argument("--steps", type=int, default=3, help="timed local steps per modality")
-    p.add_argument("--rounds", type=int, default=1, help="rounds rehearsed (the last one's seconds are reported)")
+    p.add_argument("--clients", type=int_at_least(1), default=2, help="clients in the rehearsed round")
+    p.add_argument("--steps", type=int_at_least(1), default=3, help="timed local steps per modality")
+    p.add_argument("--rounds", type=int_at_least(1), default=1, help="rounds rehearsed (the last one's seconds are reported)")
     p.add_argument("--fresh-cache", action="store_true", help="build the caches in a temp folder (measures decoding)")
     p.add_argument("--tiers", nargs="*", choices=["device", "host", "disk"], help="rehearse each tier and compare")
-    p.add_argument("--repeats", type=int, default=1, help="--tiers: processes per tier, interleaved")
+    p.add_argument("--repeats", type=int_at_least(1), default=1, help="--tiers: processes per tier, interleaved")
     p.add_argument("--json", type=Path)
     return p.parse_args(args), overrides
 

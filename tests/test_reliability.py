@@ -56,6 +56,11 @@ def test_a_diverged_round_ends_the_run_non_zero_and_saves_nothing_as_trained(tmp
     ("--model.arch=vit_micro", None),  # patch 4 on 28 px is fine: a control that this config runs at all
     ("--model.arch=vit_micro --model.patch_size=64", "model.patch_size=64 is larger than the input 28x28"),
     ("--data.n_mels=4096", "data.n_mels=4096: must be <= 1024"),
+    # settings that would do nothing
+    ("--loss.name=vicreg --loss.vicreg_sim=0 --loss.vicreg_var=0 --loss.vicreg_cov=0",
+     "loss.vicreg_sim, loss.vicreg_var, loss.vicreg_cov are all 0: loss.name=vicreg would train nothing"),
+    ("--loss.vicreg_cov=5", "loss.vicreg_cov=5.0 acts only under loss.name=vicreg, but loss.name=nt_xent"),
+    ("--run.out_dir=2024", "run.out_dir=2024: expected a string, and 2024 reads as a number: quote it (--run.out_dir=\"'2024'\""),
 ])
 def test_bad_numbers_end_with_one_line(tmp_path, cache_dir, override, message):
     if message is None:
@@ -357,8 +362,9 @@ def test_a_config_beside_resume_run_dir_is_refused(tmp_path):
 def test_a_trimmed_mean_that_trims_nothing_is_refused():
     from federation import FedConfig
     from settings import ConfigError
-    with pytest.raises(ConfigError, match=r"trims nothing .*raise fed.trim_frac to at least 0.5.*use fed.aggregation=median"):
-        FedConfig(aggregation="trimmed_mean", clients_per_round=2, trim_frac=0.49, clients=4)
+    with pytest.raises(ConfigError, match=r"trims nothing .*raise fed.trim_frac to at least 0.2, raise fed.clients_per_round "
+                                          r"to at least 10, or use fed.aggregation=median"):
+        FedConfig(aggregation="trimmed_mean", clients_per_round=5, trim_frac=0.1, clients=10)
     FedConfig(aggregation="trimmed_mean", clients_per_round=5, trim_frac=0.2, clients=10)  # cuts one each end
 
 
@@ -460,3 +466,29 @@ def test_the_likely_cause_names_the_setting_that_caused_it():
     assert "lower fed.prox_mu" in likely_cause(prox) and "optim.lr" not in likely_cause(prox)
     assert "raise loss.tau" in likely_cause(PretrainConfig(loss=LossConfig(tau=0.02)))
     assert "lower optim.lr" in likely_cause(PretrainConfig())
+
+
+@pytest.mark.parametrize("script, argv, message", [
+    ("scripts/rehearse.py", ["configs/smoke.yaml", "--clients", "0"], "argument --clients: 0 is out of range: expected 1 or more"),
+    ("scripts/rehearse.py", ["configs/smoke.yaml", "--steps", "-1"], "argument --steps: -1 is out of range: expected 1 or more"),
+    ("scripts/rehearse.py", ["configs/smoke.yaml", "--rounds", "0"], "argument --rounds: 0 is out of range"),
+    ("scripts/rehearse.py", ["configs/smoke.yaml", "--tiers", "disk", "--repeats", "0"], "argument --repeats: 0 is out of range"),
+    ("paper_tables.py", ["--seeds", "-1"], "argument --seeds: -1 is out of range: expected 0 to 9223372036854775807"),
+    ("paper_tables.py", ["--seeds", "9223372036854775808"], "argument --seeds: 9223372036854775808 is out of range"),
+    ("bench_engines.py", ["--repeats", "0"], "argument --repeats: 0 is out of range"),
+    ("scripts/kill_resume.py", ["--kills", "0"], "argument --kills: 0 is out of range"),
+])
+def test_a_count_that_cannot_be_is_refused_before_any_work(script, argv, message, tmp_path):
+    t0 = __import__("time").monotonic()
+    p = subprocess.run([sys.executable, script, *argv], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and message in p.stderr.splitlines()[-1], p.stderr
+    assert "Traceback" not in p.stderr and __import__("time").monotonic() - t0 < 60
+
+
+def test_a_trimmed_mean_refusal_gives_only_advice_that_can_be_followed():
+    from federation import FedConfig
+    from settings import ConfigError
+    with pytest.raises(ConfigError) as e:
+        FedConfig(aggregation="trimmed_mean", clients_per_round=2, trim_frac=0.49, clients=4)
+    assert str(e.value).endswith("the plain mean): raise fed.clients_per_round to at least 3, or use fed.aggregation=median")
+    FedConfig(aggregation="trimmed_mean", clients_per_round=3, trim_frac=0.49, clients=4)  # that advice, followed
