@@ -14,7 +14,7 @@ import torch
 from losses import OBJECTIVES, LossConfig
 from modality_specs import MODALITY_SPECS, augment
 from models import reset_bn_stats
-from runtime import autocast, derive_seed
+from runtime import Interrupted, autocast, derive_seed  # noqa: F401 - Interrupted: raised here, caught by callers
 from settings import check_choice, check_range
 
 
@@ -120,10 +120,6 @@ def stream_batches(n: int, sizes: list[int], offset: int, seed: int, key: str, d
                    .to(device))
         offset += size
     return out
-
-
-class Interrupted(Exception):
-    """Raised between local steps when a stop was requested (SIGINT/SIGTERM)."""
 
 
 @dataclass

@@ -225,6 +225,9 @@ def pretrain(config=None, overrides=(), resume=False, show_partition: bool = Fal
         make_engine = group.engine
     main_proc = group is None or group.rank == 0
     run_dir = RunDir(Path(cfg.run.out_dir))
+    # one process: a stop during start-up has nothing to finish and ends the run at once (torchrun's ranks stop
+    # together at a round's boundary instead, so none is left waiting in a collective)
+    stop = runtime.GracefulStop(immediate=True) if group is None else None
     try:  # the lock is released on every way out, so a caller in the same process can use the directory next
         err = None
         if main_proc:  # one process owns the run directory; the other ranks learn whether it could
@@ -245,7 +248,12 @@ def pretrain(config=None, overrides=(), resume=False, show_partition: bool = Fal
                               f"already completed; give fed.rounds >= {ckpt['round']}, or start a new run in another "
                               f"run.out_dir")
         try:
-            out = Pretraining(cfg, make_engine, make_clients).run(ckpt)
+            out = Pretraining(cfg, make_engine, make_clients, stop).run(ckpt)
+        except Interrupted:  # during start-up (the round loop handles its own)
+            signum = stop.signum or signal.SIGTERM
+            saved = f"{cfg.run.out_dir}/last.pt holds round {ckpt['round']}" if ckpt else "nothing was trained or saved"
+            print(f"\n{signal.Signals(signum).name}: stopped during start-up; {saved}", file=sys.stderr)
+            sys.exit(128 + signum)
         except SystemExit:  # a stop every rank agreed on (one all-reduce a round): leave together, as below
             if group is not None:
                 group.barrier()
@@ -254,6 +262,8 @@ def pretrain(config=None, overrides=(), resume=False, show_partition: bool = Fal
             group.barrier()
         return out
     finally:
+        if stop is not None:
+            stop.restore()
         if main_proc:
             run_dir.release()
         if group is not None:
@@ -264,9 +274,10 @@ class Pretraining:
     """One run: data, clients, model and optimiser (one of each, reused by every client this process trains),
     the server's state, and the round loop. The run directory is already prepared and locked."""
 
-    def __init__(self, cfg: PretrainConfig, make_engine=None, make_clients=None):
+    def __init__(self, cfg: PretrainConfig, make_engine=None, make_clients=None, stop=None):
         rc = cfg.run
         self.cfg, self.make_engine = cfg, make_engine
+        self.stop = stop  # pretrain's, from start-up on; None: the loop makes its own
         self.out_dir = Path(rc.out_dir)
         self.device = torchrun_engine.local_device(runtime.resolve_device(rc.device))  # under torchrun: this rank's GPU
         if rc.threads:  # under torchrun on CPU the ranks of a machine share the budget
@@ -297,6 +308,7 @@ class Pretraining:
         self.runaway, self.warned = None, False
         self.client_state: dict[int, dict] = {}
         self.history: list[dict] = []
+        self.saved = ckpt["round"] if ckpt is not None else None  # the round last.pt holds
         self.log = JsonlLog(self.out_dir / "log.jsonl") if self.main else None
         start = self.resume(ckpt) if ckpt is not None else 1
         if ckpt is None and self.main:  # a new run (or --resume of one killed before its first checkpoint)
@@ -359,6 +371,7 @@ class Pretraining:
             "forward_flops": self.flops, "env": self.env, "weight_norm0": self.norm0,
             **({} if self.cfg.optim.reset_state else {"optimizer": self.clients.optimizer.state_dict()}),
             **({"runaway": self.runaway} if self.runaway else {})}, self.out_dir / "last.pt")
+        self.saved = r
 
     def record(self, rec: dict) -> None:
         """One record of the run's log (log.jsonl; also TensorBoard's event files with run.tensorboard)."""
@@ -374,7 +387,7 @@ class Pretraining:
 
     def loop(self, start: int, first: bool) -> None:
         cfg, rc = self.cfg, self.cfg.run
-        stop = runtime.GracefulStop()
+        stop = self.stop or runtime.GracefulStop()
         r = start
         try:
             if first and self.main and not self.data:  # a server with no labelled data: nothing to evaluate on
@@ -396,19 +409,26 @@ class Pretraining:
                              f"Resume with: {launcher()} --resume {self.out_dir}") from e
         except Interrupted:
             signum = stop.signum or signal.SIGTERM  # a torchrun rank may stop because another rank was signalled
-            if self.main:
+            if self.main and self.saved is None:
+                print(f"\n{signal.Signals(signum).name}: stopped before round 0 was saved; nothing was trained: run "
+                      f"the same command again", file=sys.stderr)
+            elif self.main:
                 print(f"\n{signal.Signals(signum).name}: stopped during round {r}; {self.out_dir}/last.pt holds round "
-                      f"{r - 1}, the last completed one. Resume with: {launcher()} --resume {self.out_dir}", file=sys.stderr)
+                      f"{self.saved}, the last completed one. Resume with: {launcher()} --resume {self.out_dir}",
+                      file=sys.stderr)
             sys.exit(128 + signum)
         finally:
-            stop.restore()
+            if stop is not self.stop:
+                stop.restore()
             self.engine.close()
             if self.tb is not None:
                 self.tb.close()
 
     def one_round(self, r: int, stop) -> None:
-        """Train, fold, evaluate when due, log, checkpoint."""
+        """Train, fold, evaluate when due, log, checkpoint. A stop during training finishes the step; one during
+        the evaluation ends it at once (round r is then trained again on resume)."""
         cfg, rc = self.cfg, self.cfg.run
+        stop.immediate = False
         if self.engine.stop_requested(stop.requested):
             raise Interrupted
         self.global_state, metrics = train_one_round(r, self.clients, self.global_state, self.client_state,
@@ -434,7 +454,11 @@ class Pretraining:
                           f"is not learning); {self.out_dir}/last.pt holds round {r}, marked as a runaway, and is not a "
                           f"trained model. Likely cause: {likely_cause(cfg)}; then start again")
         if self.main and self.data and (r == cfg.fed.rounds or (rc.eval_every and r % rc.eval_every == 0)):
+            stop.immediate = self.stop is stop  # only pretrain's own stop: a torchrun rank waits for the others
+            if stop.immediate and stop.requested:
+                raise Interrupted
             metrics.update(self.evaluate(r, probe=rc.final_probe))
+            stop.immediate = False
         if self.main:
             self.record(metrics)
         self.checkpoint(r)

@@ -151,17 +151,23 @@ def environment_info(device: torch.device) -> dict:
     return info
 
 
+class Interrupted(Exception):
+    """A stop was requested (SIGINT/SIGTERM): raised between local steps, or at once where nothing is to finish."""
+
+
 class GracefulStop:
     """While active, SIGINT and SIGTERM set a flag instead of killing the process, so the training loop
-    can finish its current step and leave a consistent run directory. A second signal acts as usual. Only the main
-    thread can catch signals: one made in another thread (the Flower simulation runs its ServerApp in one) follows
-    the main thread's active GracefulStop."""
+    can finish its current step and leave a consistent run directory. While `immediate` is true (start-up, an
+    evaluation: nothing that a stop would leave half-done) the signal raises Interrupted at once instead. A second
+    signal acts as usual. Only the main thread can catch signals: one made in another thread (the Flower simulation
+    runs its ServerApp in one) follows the main thread's active GracefulStop."""
     main: "GracefulStop | None" = None  # the main thread's, while active
 
-    def __init__(self, signals=(signal.SIGINT, signal.SIGTERM)):
+    def __init__(self, signals=(signal.SIGINT, signal.SIGTERM), immediate: bool = False):
         self._signum: int | None = None
         self._old = {}
         self.follows = None
+        self.immediate = immediate
         try:
             for s in signals:
                 self._old[s] = signal.signal(s, self._handle)
@@ -176,6 +182,8 @@ class GracefulStop:
     def _handle(self, signum, frame):
         self._signum = signum
         signal.signal(signum, self._old.get(signum, signal.SIG_DFL))
+        if self.immediate:
+            raise Interrupted
         print(f"\n{signal.Signals(signum).name}: finishing the current step, then stopping "
               f"(send it again to stop at once)", file=sys.stderr, flush=True)
 

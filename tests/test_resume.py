@@ -217,3 +217,47 @@ def test_following_the_undigested_advice_resumes_and_loses_no_round(tmp_path, ca
     msg = one_line_error(pretrain.main, ["--resume", str(out), "--run.progress=false"])
     assert "its log.jsonl records rounds 1-3: starting over would rewrite them, so nothing was done" in msg
     assert (out / "log.jsonl").read_text() == log
+
+
+def _signal_then_wait(real):
+    """`real`, preceded by a SIGTERM to this process and a wait that only a stop cuts short."""
+    def wrapped(*a, **kw):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(60)
+        return real(*a, **kw)
+    return wrapped
+
+
+@pytest.mark.parametrize("where, said", [("data", "stopped during start-up; nothing was trained or saved"),
+                                         ("round0", "stopped before round 0 was saved; nothing was trained")])
+def test_a_stop_during_start_up_ends_the_run_at_once(tmp_path, cache_dir, monkeypatch, capsys, where, said):
+    import engine
+    import pretraining
+    if where == "data":
+        monkeypatch.setattr(engine, "load_data", _signal_then_wait(engine.load_data))
+    else:
+        monkeypatch.setattr(pretraining, "evaluate", _signal_then_wait(pretraining.evaluate))
+    out = tmp_path / "run"
+    t0 = time.monotonic()
+    with pytest.raises(SystemExit) as e:
+        pretrain.main(_args(out, cache_dir))
+    assert e.value.code == 128 + signal.SIGTERM and time.monotonic() - t0 < 50  # not after the 60 s wait
+    assert f"SIGTERM: {said}" in capsys.readouterr().err
+    assert not (out / "last.pt").exists() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
+def test_a_stop_during_a_monitor_evaluation_ends_it_at_once_and_keeps_the_last_round(tmp_path, cache_dir, monkeypatch, capsys):
+    import pretraining
+    calls, real = [], pretraining.evaluate
+
+    def second_waits(*a, **kw):  # round 0's evaluation runs; round 1's is where the stop comes
+        calls.append(1)
+        return (_signal_then_wait(real) if len(calls) == 2 else real)(*a, **kw)
+    monkeypatch.setattr(pretraining, "evaluate", second_waits)
+    out = tmp_path / "run"
+    t0 = time.monotonic()
+    with pytest.raises(SystemExit) as e:
+        pretrain.main(_args(out, cache_dir, "--fed.rounds=2", "--run.eval_every=1"))
+    assert e.value.code == 128 + signal.SIGTERM and time.monotonic() - t0 < 50
+    assert f"SIGTERM: stopped during round 1; {out}/last.pt holds round 0" in capsys.readouterr().err
+    assert checkpoints.load_checkpoint(out / "last.pt")["round"] == 0 and log_rounds(out) == [0]
