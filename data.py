@@ -4,6 +4,7 @@ Which datasets exist and how they are read is catalog.py; the file formats are r
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -171,13 +172,25 @@ def read_npz(path: Path, warn=print) -> dict | None:
 def write_npz(path: Path, arrays: dict) -> None:
     """Write a cache file atomically through a temp name unique to this process and call, so two builds at
     once never share (and break) one temp file; the last rename wins, with the same content."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{os.getpid()}-{os.urandom(4).hex()}.tmp.npz")
     try:
-        np.savez(tmp, **arrays)
-        os.replace(tmp, path)
+        with cache_writes(path.parent):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            np.savez(tmp, **arrays)
+            os.replace(tmp, path)
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # gone, or never made (the folder could not be written)
+            tmp.unlink()
+
+
+@contextlib.contextmanager
+def cache_writes(folder: Path):
+    """A cache folder that cannot be written (read-only, full, a file in the way) is one line naming it."""
+    try:
+        yield
+    except OSError as e:
+        raise DataError(f"cannot write the data cache in {folder} ({e.strerror or e}): give a writable data.cache_dir "
+                        f"(or FSSUAVL_CACHE)") from e
 
 
 def read_array_dir(path: Path, warn=print, small: int = 16 << 20) -> dict | None:
@@ -201,9 +214,10 @@ def write_array_dir(path: Path, arrays: dict) -> None:
     """A cache entry as a folder of uncompressed .npy files (memory-mappable: nothing is decompressed whole) plus
     classes.json, written under a temp name and renamed when complete, so an interrupted build leaves nothing that
     looks finished. A concurrent build that finished first wins (same content)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{os.getpid()}-{os.urandom(4).hex()}.tmp")
-    tmp.mkdir()
+    with cache_writes(path.parent):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
     try:
         for k, v in arrays.items():
             if k == "classes":
@@ -255,6 +269,8 @@ class ModalityData:
         """Samples of a split on `device`: `rows` is a slice or an index tensor (on any device). The device tier
         indexes in place; host and disk gather on the host, copy, and (disk) release the mapped pages."""
         x = self.train_x if split == "train" else self.test_x
+        for m in self.maps:  # a mapped file cut short since would SIGBUS on the gather: say so first
+            m.check()
         if isinstance(rows, torch.Tensor) and rows.device != x.device:
             rows = rows.to(x.device)
         out = x[rows]
@@ -275,6 +291,8 @@ class ModalityData:
         stop there (a prefetch thread's half of the copy); `on_device` finishes it."""
         rows = rows.cpu()
         if pin:
+            for m in self.maps:
+                m.check()
             out = torch.empty((len(rows), *self.train_x.shape[1:]), dtype=self.train_x.dtype, pin_memory=True)
             torch.index_select(self.train_x, 0, rows, out=out)
             self.release()

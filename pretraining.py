@@ -24,6 +24,7 @@ from diagnostics import representation_metrics
 from evaluation import RawInput, knn_accuracy, probe_accuracy
 from local_update import Interrupted, local_ssl_update
 from models import build_model, count_params
+from residency import MappedFileChanged
 from partition import describe_partition
 from settings import ConfigError, UserError, apply_overrides, build_dataclass, dict_diff, expand_path, load_config, \
     parse_with_overrides, to_dict
@@ -404,9 +405,9 @@ class Pretraining:
             for r in bar:
                 self.one_round(r, stop)
                 bar.set_postfix({k: f"{v:.3g}" for k, v in self.last.items() if k.startswith(("loss", "probe"))})
-        except LostWorker as e:
-            raise LostWorker(f"round {r}: {e}; {self.out_dir}/last.pt holds round {r - 1}, the last completed one. "
-                             f"Resume with: {launcher()} --resume {self.out_dir}") from e
+        except (LostWorker, MappedFileChanged) as e:
+            raise type(e)(f"round {r}: {e}; {self.out_dir}/last.pt holds round {self.saved}, the last completed one. "
+                          f"Resume with: {launcher()} --resume {self.out_dir}") from e
         except Interrupted:
             signum = stop.signum or signal.SIGTERM  # a torchrun rank may stop because another rank was signalled
             if self.main and self.saved is None:

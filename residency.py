@@ -12,12 +12,17 @@ same bits: a client's gathered samples are exactly the rows the device tier woul
 """
 from __future__ import annotations
 
+import fcntl
 import mmap
 import os
+import signal
+import threading
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from settings import UserError
 
 TIERS = ("device", "host", "disk")
 DEVICE_SHARE = 0.6   # of the free device memory; the rest is for the model, activations and the allocator
@@ -81,13 +86,51 @@ NP_TO_TORCH = {np.dtype(np.uint8): torch.uint8, np.dtype(np.int16): torch.int16,
                np.dtype(np.float32): torch.float32, np.dtype(np.int64): torch.int64}
 
 
+class MappedFileChanged(UserError):
+    """A file the disk tier maps was truncated or rewritten by another process (reading it would end in SIGBUS)."""
+
+
+_LEASED: dict[int, Path] = {}  # fd -> the mapped file it holds a read lease on
+
+
+def _lease_broken(signum, frame):
+    """SIGIO: another process opens a leased file for writing or truncates it (the kernel holds it back up to
+    /proc/sys/fs/lease-break-time seconds). Stop this process cleanly first, naming the file."""
+    for fd, path in list(_LEASED.items()):
+        try:
+            broken = fcntl.fcntl(fd, fcntl.F_GETLEASE) == fcntl.F_UNLCK
+        except OSError:
+            continue
+        if broken:
+            raise MappedFileChanged(f"{path}, which data.residency=disk maps, is being truncated or rewritten by another "
+                                    f"process: stopped before reading it could crash the run (SIGBUS). Let that process "
+                                    f"finish, delete the file (it is written again), then resume")
+
+
+def _lease(fd: int, path: Path) -> None:
+    """A read lease on a mapped file, so a truncation by another process is announced (SIGIO) before it can hurt.
+    Only where the file system and this thread allow it (not NFS, not a worker thread); the size check before every
+    read (MappedArray.check) stands in elsewhere."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
+    except OSError:
+        return
+    if signal.getsignal(signal.SIGIO) is not _lease_broken:
+        signal.signal(signal.SIGIO, _lease_broken)
+    _LEASED[fd] = path
+
+
 class MappedArray:
     """A .npy file mapped (copy-on-write, nothing is ever written back) as a CPU tensor: reading rows faults in
     only their pages, and `release()` drops every page from this process (the page cache keeps them while the OS
-    has room), so resident memory stays about one client's data however large the file."""
+    has room), so resident memory stays about one client's data however large the file. It holds the file open with
+    a read lease (see _lease), and `check()` tells a file truncated since it was mapped by its size."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
+        self.fd = None
         with open(self.path, "rb") as f:
             major, _ = np.lib.format.read_magic(f)
             read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
@@ -100,8 +143,26 @@ class MappedArray:
                 raise ValueError(f"{self.path}: {os.fstat(f.fileno()).st_size} bytes, expected {offset + n * dtype.itemsize} "
                                  f"(truncated?)")
             self.mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if n else None
+            self.size = offset + n * dtype.itemsize
         self.tensor = (torch.frombuffer(self.mm, dtype=NP_TO_TORCH[dtype], count=n, offset=offset).view(shape)
                        if n else torch.empty(shape, dtype=NP_TO_TORCH[dtype]))
+        if n:
+            self.fd = os.open(self.path, os.O_RDONLY)
+            _lease(self.fd, self.path)
+
+    def check(self) -> None:
+        """Before reading: the file still has the size it was mapped with (a shorter one would SIGBUS)."""
+        if self.fd is not None and os.fstat(self.fd).st_size < self.size:
+            raise MappedFileChanged(f"{self.path}, which data.residency=disk maps, was truncated to "
+                                    f"{os.fstat(self.fd).st_size} of its {self.size} bytes while this run used it: "
+                                    f"stopped before reading it could crash the run (SIGBUS). Delete the file (it is "
+                                    f"written again), then resume")
+
+    def __del__(self):
+        if getattr(self, "fd", None) is not None:
+            _LEASED.pop(self.fd, None)
+            os.close(self.fd)
+            self.fd = None
 
     def release(self) -> None:
         if self.mm is not None and hasattr(self.mm, "madvise"):  # Linux and macOS
@@ -160,8 +221,13 @@ class Sink:
                 raise ValueError("the disk tier needs a file to write to")
             np_dtype = next(k for k, v in NP_TO_TORCH.items() if v == dtype)
             self.tmp = spill.with_name(f"{spill.name}.{os.getpid()}-{os.urandom(4).hex()}.tmp")
-            spill.parent.mkdir(parents=True, exist_ok=True)
-            self.out = np.lib.format.open_memmap(self.tmp, mode="w+", dtype=np_dtype, shape=self.shape)
+            try:
+                spill.parent.mkdir(parents=True, exist_ok=True)
+                self.out = np.lib.format.open_memmap(self.tmp, mode="w+", dtype=np_dtype, shape=self.shape)
+            except OSError as e:
+                raise UserError(f"data.residency=disk cannot write its file in {spill.parent} ({e.strerror}): give a "
+                                f"writable cache folder (data.cache_dir, or FSSUAVL_CACHE), or data.residency=host "
+                                f"if the samples fit in memory") from e
         else:
             on = torch.device(device) if tier == "device" else torch.device("cpu")
             pin = tier == "host" and torch.device(device).type == "cuda"

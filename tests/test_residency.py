@@ -178,3 +178,55 @@ def test_an_interrupted_write_leaves_nothing_that_looks_finished(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         residency.write_npy(tmp_path / "x.npy", chunks(), (4, 4), np.uint8)
     assert list(tmp_path.iterdir()) == []
+
+
+def _mapped_set(tmp_path) -> ModalityData:
+    """A disk-tier modality whose train_x is a mapped .npy of 64 rows."""
+    x = np.arange(64 * 16, dtype=np.uint8).reshape(64, 1, 4, 4)
+    path = residency.write_npy(tmp_path / "x.npy", [(0, x)], x.shape, np.uint8)
+    m = MappedArray(path)
+    y = torch.zeros(64, dtype=torch.long)
+    return ModalityData(m.tensor, y, m.tensor[:2], y[:2], ["a"], torch.zeros(1), torch.ones(1), residency="disk", maps=(m,))
+
+
+def test_a_mapped_file_truncated_by_another_process_stops_the_run_with_its_name(tmp_path):
+    import subprocess
+    import time
+    md = _mapped_set(tmp_path)
+    path = md.maps[0].path
+    assert md.maps[0].fd in residency._LEASED  # a read lease: the kernel tells us before the truncation happens
+    child = subprocess.Popen(["truncate", "-s", "10", str(path)], stderr=subprocess.DEVNULL)
+    with pytest.raises(residency.MappedFileChanged, match=f"{path}, which data.residency=disk maps, is being truncated"):
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            time.sleep(0.01)
+    child.wait(timeout=60)
+
+
+def test_a_mapped_file_found_cut_short_is_named_before_any_read(tmp_path):
+    md = _mapped_set(tmp_path)
+    m = md.maps[0]
+    residency._LEASED.pop(m.fd)  # a file system without leases (NFS): the size check before each read stands in
+    import fcntl
+    fcntl.fcntl(m.fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+    os_truncate = __import__("os").truncate
+    os_truncate(m.path, 100)
+    with pytest.raises(residency.MappedFileChanged, match=r"was truncated to 100 of its \d+ bytes while this run used it"):
+        md.client_view(torch.arange(8), "cpu")
+
+
+def test_a_disk_tier_that_cannot_write_its_file_is_one_line(tmp_path):
+    from settings import UserError
+    (tmp_path / "resident").write_text("a file where the folder should be")
+    with pytest.raises(UserError) as e:
+        residency.Sink("disk", (4, 2), torch.uint8, "cpu", tmp_path / "resident" / "x.npy")
+    assert str(e.value).startswith(f"data.residency=disk cannot write its file in {tmp_path / 'resident'} (")
+    assert "give a writable cache folder (data.cache_dir, or FSSUAVL_CACHE)" in str(e.value)
+
+
+def test_a_data_cache_that_cannot_be_written_is_one_line(tmp_path):
+    from data import DataError, write_npz
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(DataError, match=r"cannot write the data cache in .*/f/cache \(Not a directory\): give a writable "
+                                        r"data.cache_dir"):
+        write_npz(tmp_path / "f" / "cache" / "a.npz", {"a": np.zeros(2)})
