@@ -1,5 +1,6 @@
 """A Flower deployment on this machine: a SuperLink and one SuperNode per data folder, all on 127.0.0.1, then a
-node-local `flwr run` of a pretraining config; every server is stopped at the end (also on Ctrl-C or an error).
+node-local `flwr run` of a pretraining config; every process it started is stopped at the end, also on an error or
+on SIGTERM, SIGHUP or Ctrl-C (it then says which round last.pt holds and how to resume).
 
     python deploy.py CONFIG --node-data site1 site2 site3 [--cold] [--key=value ...]
     python deploy.py CONFIG --node-data site1 site2 --resume --run.out_dir=runs/x     # continue a stopped run
@@ -24,6 +25,38 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
+
+
+class Stopped(Exception):
+    """deploy.py was told to stop (SIGTERM, SIGHUP, SIGINT): everything it started is stopped on the way out."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _stop(signum, frame):
+    raise Stopped(signum)
+
+
+def process_tree(roots: list[int]) -> list[int]:
+    """The pids of `roots` and of all their descendants, read from /proc: Flower starts its SuperExec (and through it
+    the ServerApp) in a session of its own, out of reach of its parent's process group."""
+    children: dict[int, list[int]] = {}
+    for d in (os.listdir("/proc") if os.path.isdir("/proc") else []):
+        if d.isdigit():
+            try:
+                ppid = int(Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(d))
+    out, todo = [], list(roots)
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo += children.get(pid, [])
+    return out
 
 
 def free_port() -> int:
@@ -68,9 +101,13 @@ class LocalDeployment:
             f.unlink()
         (self.home / "config.toml").write_text(f'[superlink]\ndefault = "local"\n\n[superlink.local]\n'
                                                f'address = "127.0.0.1:{self.link}"\ninsecure = true\n')
-        self.start([BIN / "flower-superlink", "--insecure", "--host=127.0.0.1", f"--port={self.link}",
-                    f"--database={self.logs / 'superlink.db'}"], "superlink.log", cwd=self.logs)
-        wait_listening(self.link, 90, "flower-superlink")
+        try:  # a stop (or a SuperLink that never listens) here must not leave the SuperLink behind
+            self.start([BIN / "flower-superlink", "--insecure", "--host=127.0.0.1", f"--port={self.link}",
+                        f"--database={self.logs / 'superlink.db'}"], "superlink.log", cwd=self.logs)
+            wait_listening(self.link, 90, "flower-superlink")
+        except BaseException:
+            self.__exit__()
+            raise
         return self
 
     def add_node(self, data_root: Path | None = None, warm: bool = True, heartbeat: float = 30.0,
@@ -99,10 +136,22 @@ class LocalDeployment:
         return self.start([BIN / "flwr", "run", ROOT, "local", "--stream", "--run-config", text], log)
 
     def __exit__(self, *exc) -> None:
-        for p in self.procs:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
+        """Kill every process started here, their groups and every descendant (taken before any is killed, while
+        the tree still links them), with the stop signals held back until it is done."""
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            for _ in range(2):  # a second pass for anything started while the first was killing
+                tree = process_tree([p.pid for p in self.procs])
+                for p in self.procs:
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        os.killpg(p.pid, signal.SIGKILL)
+                for pid in tree:
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        os.kill(pid, signal.SIGKILL)
+            for p in self.procs:
+                p.wait()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 def parse_args(argv):
@@ -116,22 +165,46 @@ def parse_args(argv):
     return p.parse_known_args(argv)
 
 
+def where_it_stands(out: Path, argv: list[str]) -> str:
+    """The round the run's last.pt holds and the command that continues it."""
+    from checkpoints import CheckpointError, load_latest_checkpoint
+    try:
+        found = load_latest_checkpoint(out, warn=lambda line: None)
+    except CheckpointError as e:
+        return f"{out}: {e}"
+    if found is None:
+        return f"{out} holds no checkpoint yet: run the same command again to start over"
+    again = [a for a in argv if a != "--resume"] + ["--resume"]
+    return f"{found[1]} holds round {found[0]['round']}. Resume with: python deploy.py {shlex.join(again)}"
+
+
 def main(argv=None) -> None:
-    args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args, overrides = parse_args(argv)
     from nodes import load_node_local_config
     out = Path(load_node_local_config(args.config, overrides).run.out_dir).resolve()
     overrides = [o for o in overrides if not o.startswith("--run.out_dir=")] + [f"--run.out_dir={out}"]
-    with LocalDeployment(out / "deployment") as d:
-        for root in args.node_data:
-            d.add_node(Path(root), warm=not args.cold)
-        run = d.run(Path(args.config).resolve(), overrides, mode="node-local", resume=args.resume,
-                    **{"min-nodes": len(args.node_data), "eval-data": not args.no_eval_data})
-        log = d.logs / "flwr_run.log"
-        with open(log) as f:
-            while run.poll() is None:
+    old = {s: signal.signal(s, _stop) for s in STOP_SIGNALS}
+    try:
+        with LocalDeployment(out / "deployment") as d:
+            for root in args.node_data:
+                d.add_node(Path(root), warm=not args.cold)
+            run = d.run(Path(args.config).resolve(), overrides, mode="node-local", resume=args.resume,
+                        **{"min-nodes": len(args.node_data), "eval-data": not args.no_eval_data})
+            log = d.logs / "flwr_run.log"
+            with open(log) as f:
+                while run.poll() is None:
+                    sys.stdout.write(f.read())
+                    sys.stdout.flush()
+                    time.sleep(0.5)
                 sys.stdout.write(f.read())
-                time.sleep(0.5)
-            sys.stdout.write(f.read())
+    except Stopped as e:  # the deployment's every process is gone by now (LocalDeployment.__exit__)
+        print(f"\n{e}: stopped the SuperLink, {len(args.node_data)} SuperNodes and the run; "
+              f"{where_it_stands(out, argv)}", file=sys.stderr)
+        sys.exit(128 + e.signum)
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
     if run.returncode:
         sys.exit(f"flwr run exited {run.returncode}: see {d.logs}")
 

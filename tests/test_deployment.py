@@ -93,3 +93,47 @@ def test_supernodes_train_on_their_own_folders_and_one_stopped_mid_round_is_name
                          "--eval.label_fractions=[1.0]", "--eval.protocols=[knn]", "--eval.max_train_images=300",
                          "--eval.tasks=[image, audio]", "--eval.raw_input=false"])
     assert {r["task"] for r in res["rows"]} == {"image", "audio"}
+
+
+def _ours(home: Path) -> list[int]:
+    """The live processes started for the deployment whose FLWR_HOME is `home` (every one inherits it)."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        try:
+            if d.name.isdigit() and f"FLWR_HOME={home}".encode() in (d / "environ").read_bytes().split(b"\0") \
+                    and (d / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                pids.append(int(d.name))
+        except OSError:
+            continue
+    return pids
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_a_stopped_deploy_stops_everything_it_started_and_says_how_to_resume(tmp_path, cache_dir, sig):
+    import subprocess
+    import sys
+    from helpers import ROOT
+    data = load_node_local_config("configs/smoke.yaml", TINY_DATA).data
+    roots = [write_demo_node(tmp_path / f"site{i}", data, images=40, clips=40, seed=i) for i in range(2)]
+    out = tmp_path / "run"
+    argv = ["configs/smoke.yaml", "--node-data", *map(str, roots), *NODE_LOCAL[:-len(TINY_DATA)], *TINY_DATA,
+            "--fed.clients_per_round=2", "--fed.rounds=200", f"--data.cache_dir={cache_dir}", f"--run.out_dir={out}"]
+    proc = subprocess.Popen([sys.executable, "deploy.py", *argv], cwd=ROOT, env={**ENV}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    home = out / "deployment" / "flwr_home"
+    try:
+        _wait_for(out / "deployment" / "flwr_run.log", r"round 2: 2 clients on 2 SuperNodes", out / "deployment", 240, proc)
+        assert len(_ours(home)) >= 4  # SuperLink, its SuperExec, the ServerApp, SuperNodes, flwr run
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + sig, err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith(f"{signal.Signals(sig).name}: stopped the SuperLink, 2 SuperNodes and the run; {out}/last.pt")
+    assert re.search(r"holds round \d+\. Resume with: python deploy.py configs/smoke.yaml .* --resume$", line), line
+    time.sleep(1)
+    assert _ours(home) == []  # nothing of the deployment is left running
+    n = len((out / "log.jsonl").read_text().splitlines())
+    time.sleep(3)
+    assert len((out / "log.jsonl").read_text().splitlines()) == n  # and nothing writes the run directory any more
