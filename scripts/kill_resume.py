@@ -1,10 +1,12 @@
-"""Kill pretraining runs with SIGKILL, resume each after every kill, and compare the final global weights (and each
-client's private state) with an uninterrupted run of the same seed (deterministic mode, CPU), on any engine.
+"""Kill pretraining runs with SIGKILL, resume each after every kill, and compare the end state (the global weights,
+each client's private state, the server strategy's state, a kept optimiser, the loss scale) with an uninterrupted
+run of the same seed (deterministic mode, CPU), on any engine.
 
     python scripts/kill_resume.py --kills 30
     python scripts/kill_resume.py --kills 10 --engine torchrun        # the whole torchrun job (both ranks) killed
     python scripts/kill_resume.py --kills 10 --engine flower_sim      # the Flower simulation, Ray included
     python scripts/kill_resume.py --kills 5 --config configs/smoke.yaml --rounds 8 --data.n_voices=12
+    python scripts/kill_resume.py --kills 10 --data.residency=disk            # the memory-mapped tier
 
 Kill moments cycle through four kinds:
 - `startup`: before the attempt has logged anything of its own (imports, data load, resume);
@@ -12,11 +14,13 @@ Kill moments cycle through four kinds:
   per-round time;
 - `early`: inside the first round after the attempt's first log record;
 - `ckpt`: while a checkpoint is being written. The run pauses FSSUAVL_TEST_CKPT_DELAY seconds between writing
-  last.pt.tmp and renaming it, and is killed inside that window.
+  last.pt.tmp and renaming it, and is killed inside that window;
+- `resumed_round`: an attempt that resumes, inside the first round it trains (its start-up time, estimated from the
+  reference run, plus a uniform share of one round).
 
 A kill is SIGKILL to the attempt's whole process group (every rank, Ray's workers). After every run it checks
 that log.jsonl holds exactly one record per round. Any --section.key=value argument is passed on. It prints the
-kills by kind and "N kills survived, M weight mismatches, L log errors", and exits non-zero on any mismatch or
+kills by kind and "N kills survived, M state mismatches, L log errors", and exits non-zero on any mismatch or
 log error.
 """
 from __future__ import annotations
@@ -40,7 +44,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from settings import int_at_least, split_overrides  # noqa: E402
 
-KINDS = ("startup", "random", "early", "ckpt")
+KINDS = ("startup", "random", "early", "ckpt", "resumed_round")
+STATE = ("model", "client_state", "server_state", "optimizer", "scaler")  # what a resumed run must end with, bit for bit
 
 
 def command(engine: str, config: str, out_dir: Path, rounds: int, extra: list[str]) -> list[str]:
@@ -57,15 +62,23 @@ def command(engine: str, config: str, out_dir: Path, rounds: int, extra: list[st
     return [sys.executable, str(ROOT / "flower_app.py"), "--supernodes=2", *run]
 
 
-def final_state(out_dir: Path) -> tuple[dict, dict]:
+def final_state(out_dir: Path) -> dict:
+    """The end state a run must reach whatever stopped it: the global weights, every client's private tensors, the
+    server strategy's state (FedAvgM's momentum, ...), a kept optimiser (optim.reset_state=false) and the loss
+    scale."""
     ck = torch.load(out_dir / "last.pt", weights_only=True)
-    return ck["model"], ck["client_state"]
+    return {k: ck.get(k) for k in STATE}
 
 
-def same_state(a: tuple[dict, dict], b: tuple[dict, dict]) -> bool:
-    (wa, ca), (wb, cb) = a, b
-    return (wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa) and ca.keys() == cb.keys()
-            and all(ca[c].keys() == cb[c].keys() and all(torch.equal(ca[c][k], cb[c][k]) for k in ca[c]) for c in ca))
+def same_state(a, b) -> bool:
+    """Equal, tensors bit for bit, through nested dicts and lists."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(same_state(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(same_state(x, y) for x, y in zip(a, b))
+    return a == b
 
 
 def log_rounds(out_dir: Path) -> list[int]:
@@ -94,6 +107,12 @@ def wait_for_kill_moment(proc, out_dir: Path, kind: str, rng: random.Random, tim
             if "t" not in seen and records(out_dir) > start_records:
                 seen["t"] = time.perf_counter()
             return "t" in seen and time.perf_counter() >= seen["t"] + extra
+    elif kind == "resumed_round":  # a resumed attempt, inside the first round it trains again (from its start-up)
+        if start_records == 0:  # nothing to resume yet: a start-up kill instead
+            deadline = t0 + rng.uniform(0.0, timing["startup"])
+        else:
+            deadline = t0 + timing["startup"] + rng.uniform(0.0, timing["round"])
+        cond = lambda: time.perf_counter() >= deadline  # noqa: E731
     else:  # inside a checkpoint write
         cond = lambda: (out_dir / "last.pt.tmp").exists()  # noqa: E731
     while proc.poll() is None:
@@ -202,10 +221,10 @@ def main(argv=None) -> tuple[int, int]:
         rounds = log_rounds(out)
         log_ok = rounds == list(range(args.rounds + 1))
         log_errors += not log_ok
-        print(f"trial {trial}: {k} kills, final weights and client state {'identical' if same else 'DIFFERENT'}, "
+        print(f"trial {trial}: {k} kills, end state (weights, client and server state) {'identical' if same else 'DIFFERENT'}, "
               f"log {'one record per round' if log_ok else f'WRONG rounds {rounds}'}")
     print("kills by kind: " + ", ".join(f"{kind} {kinds[kind]}" for kind in KINDS))
-    print(f"{survived} kills survived, {mismatches} weight mismatches, {log_errors} log errors")
+    print(f"{survived} kills survived, {mismatches} state mismatches, {log_errors} log errors")
     return survived, mismatches + log_errors
 
 

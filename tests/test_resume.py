@@ -30,13 +30,26 @@ def _args(out, cache_dir, *extra):
 
 @pytest.mark.slow
 def test_sigkill_at_random_moments_then_resume_is_bit_identical(tmp_path, cache_dir, capsys):
-    """One kill of each kind (start-up, random over what is left, inside a round, inside a checkpoint write), with
-    per-client heads so that the client state is compared too."""
-    survived, mismatches = kill_resume.main(["--kills", "4", "--kills-per-run", "4", "--rounds", "5", "--seed", "1",
+    """One kill of each kind (start-up, random over what is left, inside a round, inside a checkpoint write, inside
+    a resumed attempt's first round), with per-client heads and FedAvgM so that the client and server state are
+    compared too."""
+    survived, mismatches = kill_resume.main(["--kills", "5", "--kills-per-run", "5", "--rounds", "5", "--seed", "1",
                                              "--workdir", str(tmp_path), f"--data.cache_dir={cache_dir}", *TINY_DATA,
-                                             "--model.head=per_modality", "--fed.share_head=false"])
-    assert survived == 4 and mismatches == 0
-    assert "kills by kind: startup 1, random 1, early 1, ckpt 1" in capsys.readouterr().out
+                                             "--model.head=per_modality", "--fed.share_head=false",
+                                             "--fed.aggregation=fedavgm"])
+    assert survived == 5 and mismatches == 0
+    assert "kills by kind: startup 1, random 1, early 1, ckpt 1, resumed_round 1" in capsys.readouterr().out
+    end = kill_resume.final_state(tmp_path / "reference")
+    assert end["server_state"] and end["client_state"]  # both were there to compare
+    assert kill_resume.same_state(end, kill_resume.final_state(tmp_path / "reference"))
+
+
+def test_the_kill_harness_tells_any_end_state_apart():
+    a = {"model": {"w": torch.zeros(2)}, "server_state": {"momentum": {"w": torch.zeros(2)}}, "optimizer": None}
+    moved = {**a, "server_state": {"momentum": {"w": torch.tensor([0.0, 1e-7])}}}
+    assert kill_resume.same_state(a, {**a}) and not kill_resume.same_state(moved, a)
+    assert not kill_resume.same_state({**a, "optimizer": {"state": {}}}, a)
+    assert not kill_resume.same_state({"model": {"w": torch.zeros(2, dtype=torch.float64)}}, {"model": {"w": torch.zeros(2)}})
 
 
 @pytest.mark.slow
