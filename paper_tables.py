@@ -4,13 +4,15 @@
     python paper_tables.py --ablations                       # also Table 5: each of our additions toggled alone
     python paper_tables.py --config configs/default.yaml --seeds 0 1 2 --out results/default_tables
 
-For each seed it pretrains FSSUAVL (one model, both modalities) and the two separate models, evaluates each
-with downstream.evaluate_checkpoint (what finetune.py runs), and evaluates the random-init network. "Two separate models" means: the image-only and the
+For each seed it pretrains FSSUAVL (one model, both modalities), the two separate models, and (unless --no-bounds)
+the centralised bound and the IID federation (configs/centralised.yaml, configs/iid.yaml), evaluates each with
+downstream.evaluate_checkpoint (what finetune.py runs), and evaluates the random-init network. "Two separate models" means: the image-only and the
 audio-only model train on exactly FSSUAVL's federation (fed.federation=joint): the same partition, and in
 each round the same sampled client ids; a client's image data trains the image model and its audio data the
 audio model, and a sampled client without that modality sits the round out. The only difference from FSSUAVL
 is one model versus two. It then writes, under --out:
-- tables.md: every table and the findings (each difference tested with Welch's t-test over seeds);
+- tables.md: every table, the claims table and the findings (each difference tested with Welch's t-test over seeds;
+  the bounds split the gap to the raw input into recipe, federation and heterogeneity);
 - table1_image.csv ... table5_ablations.csv;
 - monitor_curves.png (probe, kNN and diagnostics by round against the raw input), partition.png (with matplotlib).
 Table 4 is summed from the log.jsonl of the very runs behind Tables 1-3 (bytes that moved, steps, samples and
