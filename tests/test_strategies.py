@@ -78,11 +78,19 @@ def test_ldawa_by_hand():
 
 
 def test_median_and_trimmed_mean_through_the_interface():
-    g = {"w": torch.tensor([0.0])}
-    clients = [{"w": torch.tensor([v])} for v in (1.0, 2.0, 100.0, 3.0, 4.0)]
-    assert _round(make_strategy(FedConfig(aggregation="median")), g, clients)["w"].item() == 3.0
-    tm = make_strategy(FedConfig(aggregation="trimmed_mean", trim_frac=0.2))
-    assert _round(tm, g, clients)["w"].item() == pytest.approx(3.0)
+    """Inputs where the median, the trimmed mean and the mean all differ, per coordinate, so a trimmed mean that
+    returned the median (or the mean, or trimmed the wrong count) fails."""
+    g = {"w": torch.tensor([0.0, 0.0])}
+    cols = [(1.0, -7.0), (2.0, 0.0), (100.0, 1.0), (4.0, 5.0), (10.0, 30.0)]  # sorted: 1 2 4 10 100 | -7 0 1 5 30
+    clients = [{"w": torch.tensor(c)} for c in cols]
+    med = _round(make_strategy(FedConfig(aggregation="median")), g, clients)["w"]
+    tm = _round(make_strategy(FedConfig(aggregation="trimmed_mean", trim_frac=0.2)), g, clients)["w"]  # cuts 1 per end
+    assert med.tolist() == [4.0, 1.0]
+    assert tm.tolist() == pytest.approx([(2 + 4 + 10) / 3, (0 + 1 + 5) / 3])
+    mean = torch.tensor(cols).mean(0)
+    assert (tm - med).abs().min() > 0.5 and (tm - mean).abs().min() > 0.5
+    tm40 = _round(make_strategy(FedConfig(aggregation="trimmed_mean", trim_frac=0.4)), g, clients)["w"]  # cuts 2
+    assert tm40.tolist() == [4.0, 1.0]  # with two cut per end of five, only the middle one is left
 
 
 pytestmark = pytest.mark.usefixtures("in_root")
