@@ -27,8 +27,15 @@ class ImageAugConfig:
 
     def __post_init__(self):
         _check_pair("data.image_aug.crop_scale", self.crop_scale, 0.0, 1.0)
+        check_range("data.image_aug.crop_scale[0]", self.crop_scale[0], lo=0.0, lo_open=True)
+        _check_pair("data.image_aug.crop_ratio", self.crop_ratio, 0.0, 100.0)
+        check_range("data.image_aug.crop_ratio[0]", self.crop_ratio[0], lo=0.0, lo_open=True)
+        _check_pair("data.image_aug.blur_sigma", self.blur_sigma, 0.0, 100.0)
+        for i, (name, hi) in enumerate((("brightness", 1.0), ("contrast", 1.0), ("saturation", 1.0), ("hue", 0.5))):
+            check_range(f"data.image_aug.jitter[{i}] ({name})", self.jitter[i], lo=0.0, hi=hi)
         for k in ("flip_p", "jitter_p", "gray_p"):
             check_range(f"data.image_aug.{k}", getattr(self, k), lo=0.0, hi=1.0)
+        check_range("data.image_aug.blur_p", self.blur_p, hi=1.0)  # below 0: the size rule
 
 
 @dataclass
@@ -45,14 +52,18 @@ class AudioAugConfig:
     time_mask_frac: float = 0.125   # max width as a fraction of frames
 
     def __post_init__(self):
-        check_range("data.audio_aug.time_stretch", self.time_stretch, lo=1.0)
+        check_range("data.audio_aug.time_stretch", self.time_stretch, lo=1.0, hi=10.0)
         check_range("data.audio_aug.noise_p", self.noise_p, lo=0.0, hi=1.0)
+        check_range("data.audio_aug.gain_db", self.gain_db, lo=0.0, hi=60.0)
+        _check_pair("data.audio_aug.noise_snr_db", self.noise_snr_db, -60.0, 120.0)
+        for k in ("freq_masks", "time_masks"):
+            check_range(f"data.audio_aug.{k}", getattr(self, k), lo=0, hi=100)
         for k in ("time_shift", "freq_shift", "freq_mask_frac", "time_mask_frac"):
             check_range(f"data.audio_aug.{k}", getattr(self, k), lo=0.0, hi=1.0)
 
 
 def _check_pair(key, pair, lo, hi):
-    if not (lo <= pair[0] <= pair[1] <= hi) or len(pair) != 2:
+    if len(pair) != 2 or not (lo <= pair[0] <= pair[1] <= hi):
         raise ConfigError(f"{key}={list(pair)}: expected [low, high] with {lo} <= low <= high <= {hi}")
 
 

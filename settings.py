@@ -121,6 +121,11 @@ def _coerce(key: str, value, tp):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}={value!r}: expected a list")
         args = typing.get_args(tp)
+        if origin is tuple and args and args[-1] is not Ellipsis:  # a fixed length: tuple[float, float]
+            if len(value) != len(args):
+                raise ConfigError(f"{key}={list(value)}: expected a list of {len(args)} "
+                                  f"({', '.join(_type_name(a) for a in args)})")
+            return tuple(_coerce(f"{key}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args)))
         item = args[0] if args else typing.Any
         items = [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items

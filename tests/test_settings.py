@@ -4,7 +4,8 @@ from dataclasses import dataclass, field
 import pytest
 
 import settings
-from settings import ConfigError
+from settings import ConfigError, load_config
+from helpers import ROOT
 
 
 @dataclass
@@ -79,3 +80,22 @@ def test_an_empty_config_a_duplicated_section_and_a_bad_device_end_with_one_line
     with pytest.raises(ConfigError, match=r"run.device='cuda:x': expected auto, cpu, cuda or cuda:N"):
         settings.RunConfig(device="cuda:x")
     assert settings.RunConfig(device="cuda:1").device == "cuda:1"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--data.image_aug.crop_scale=[0.5]", "data.image_aug.crop_scale=[0.5]: expected a list of 2 (float, float)"),
+    ("--data.image_aug.jitter=[0.4]", "data.image_aug.jitter=[0.4]: expected a list of 4 (float, float, float, float)"),
+    ("--data.image_aug.jitter=[0.4, 0.4, 0.4, 0.9]", "data.image_aug.jitter[3] (hue)=0.9: must be <= 0.5"),
+    ("--data.image_aug.jitter=[0.4, 'a', 0.4, 0.1]", "data.image_aug.jitter[1]='a': expected a number"),
+    ("--data.image_aug.crop_scale=[0, 1]", "data.image_aug.crop_scale[0]=0.0: must be > 0.0"),
+    ("--data.image_aug.crop_ratio=[2, 1]", "data.image_aug.crop_ratio=[2.0, 1.0]: expected [low, high]"),
+    ("--data.image_aug.blur_sigma=[3, 1]", "data.image_aug.blur_sigma=[3.0, 1.0]: expected [low, high]"),
+    ("--data.audio_aug.noise_snr_db=[30, 5]", "data.audio_aug.noise_snr_db=[30.0, 5.0]: expected [low, high]"),
+    ("--data.audio_aug.freq_masks=-1", "data.audio_aug.freq_masks=-1: must be >= 0"),
+    ("--data.audio_aug.gain_db=-3", "data.audio_aug.gain_db=-3.0: must be >= 0.0"),
+])
+def test_every_augmentation_range_and_tuple_is_checked_by_name(override, message):
+    from engine import PretrainConfig
+    with pytest.raises(ConfigError) as e:
+        load_config(PretrainConfig, ROOT / "configs" / "smoke.yaml", [override])
+    assert str(e.value).startswith(message) and "\n" not in str(e.value)
