@@ -9,7 +9,8 @@ fp32) run through the `pretrain.py` command line in a fresh process, one per ser
 head placement and backbone family. The digest is the sha256 of the final global tensors of last.pt (key order,
 dtype, shape, bytes). tests/test_digests.py holds the in-process cases; the engine cases equal the in-process one
 by tests/test_engines.py. Bits depend on the torch build and the CPU's instruction set, so digests.json records
-both and the test compares only where they match.
+both with the digests, and each floating tensor's norm: on the recording platform the test compares the digests
+(exact), elsewhere the norms within NORM_RTOL, so the guard runs on every machine.
 """
 from __future__ import annotations
 
@@ -63,7 +64,17 @@ def platform_key() -> dict:
     return {"torch": torch.__version__.split("+")[0], "machine": platform.machine(), "isa": isa}
 
 
-def run_case(name: str, cache_dir: str, work: Path, launcher: list[str] | None = None, extra: tuple = ()) -> str:
+def state_norms(state: dict) -> dict[str, float]:
+    """Each floating tensor's L2 norm in float64: what the digest test compares, within NORM_RTOL, on a platform
+    whose bits differ from the recording one."""
+    return {k: float(v.detach().double().norm()) for k, v in sorted(state.items()) if v.is_floating_point()}
+
+
+NORM_RTOL = 1e-3  # another instruction set rounds differently; a change of numerics moves a norm by far more
+
+
+def run_case(name: str, cache_dir: str, work: Path, launcher: list[str] | None = None, extra: tuple = (),
+             norms: bool = False):
     out = work / name
     cmd = (launcher or [sys.executable, "pretrain.py"]) + BASE + CASES.get(name, []) + list(extra) + \
         [f"--data.cache_dir={cache_dir}", f"--run.out_dir={out}"]
@@ -77,7 +88,8 @@ def run_case(name: str, cache_dir: str, work: Path, launcher: list[str] | None =
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     if p.returncode != 0:
         sys.exit(f"{name} failed (exit {p.returncode}):\n{(p.stdout + p.stderr)[-3000:]}")
-    return state_digest(torch.load(out / "last.pt", weights_only=True)["model"])
+    state = torch.load(out / "last.pt", weights_only=True)["model"]
+    return (state_digest(state), state_norms(state)) if norms else state_digest(state)
 
 
 def main(argv=None) -> dict:
@@ -87,10 +99,10 @@ def main(argv=None) -> dict:
     p.add_argument("--engines", action="store_true")
     p.add_argument("--write", action="store_true", help="write tests/digests.json")
     args = p.parse_args(argv)
-    out = {"platform": platform_key(), "digests": {}}
+    out = {"platform": platform_key(), "digests": {}, "norms": {}}
     with tempfile.TemporaryDirectory() as d:
         for name in args.cases:
-            out["digests"][name] = run_case(name, args.cache_dir, Path(d))
+            out["digests"][name], out["norms"][name] = run_case(name, args.cache_dir, Path(d), norms=True)
             print(f"{name}: {out['digests'][name]}", flush=True)
         for eng, launcher in (ENGINES.items() if args.engines else []):
             out["digests"][f"fedavg@{eng}"] = run_case("fedavg", args.cache_dir, Path(d) / eng, launcher)
