@@ -46,7 +46,7 @@ def _load_vggsound(cfg: DataConfig, device, progress: bool = True) -> dict[str, 
         image, audio = readers.read_vggsound(root, cfg, bad)
         flat = {f"image_{k}": v for k, v in image.items() if k != "classes"}
         return flat | {f"audio_{k}": v for k, v in audio.items() if k != "classes"} | {"classes": image["classes"]}
-    both = readers._cached("paired", cfg.dataset, root, cfg, {**_audio_params(cfg), "size": cfg.image_size}, build)
+    both = readers.cached("paired", cfg.dataset, root, cfg, {**_audio_params(cfg), "size": cfg.image_size}, build)
     split = {m: {k[len(m) + 1:]: v for k, v in both.items() if k.startswith(m + "_")}
              | {"classes": both["classes"], "source": both["source"]} for m in ("image", "audio") if m in cfg.modalities}
     return convert(split, cfg, device)
@@ -150,8 +150,8 @@ def read_arrays(name: str, root: Path, cfg: DataConfig) -> dict:
             bad.finish(len(arrays["train_y"]) + len(arrays["test_y"]) + len(bad.bad))
         return arrays
     if spec.kind == "image":
-        return readers._cached("image", name, root, cfg, {"size": cfg.image_size}, build)
-    return readers._cached("audio", name, root, cfg, _audio_params(cfg), build)
+        return readers.cached("image", name, root, cfg, {"size": cfg.image_size}, build)
+    return readers.cached("audio", name, root, cfg, _audio_params(cfg), build)
 
 
 def load_named(cfg: DataConfig, device, progress: bool = True) -> dict[str, ModalityData]:

@@ -85,14 +85,14 @@ def _decode(m: str, files: list[Path], shape: tuple, cfg: DataConfig, bad) -> di
         def one(p):
             x = readers.read_image(p, shape[1], bad, mode)
             return None if x is None else (x,)
-        (x,), _ = readers.decode_into(one, files, [shape], [np.uint8])
+        (x,), _ = readers.decode_into(one, files, [shape], [np.uint8], spill=bad.spill)
     else:
         length = int(round(cfg.clip_seconds * cfg.sample_rate))
 
         def one(p):
             w = readers.read_audio(p, cfg.sample_rate, length, bad)
             return None if w is None else (w,)
-        (wav,), _ = readers.decode_into(one, files, [(length,)], [np.int16])
+        (wav,), _ = readers.decode_into(one, files, [(length,)], [np.int16], spill=bad.spill)
         x = waveforms_to_logmel(wav, cfg, "cpu", seed=cfg.build_seed, tier="host")[0].numpy() if len(wav) else wav
     bad.finish(len(files))
     if not len(x):
@@ -116,7 +116,7 @@ def load_node(root: Path, cfg: DataConfig, device) -> dict[str, ModalityData]:
             params.update(sr=cfg.sample_rate, clip=cfg.clip_seconds, mel=(cfg.n_mels, cfg.win_ms, cfg.hop_ms,
                                                                            cfg.dither_db), seed=cfg.build_seed)
         try:
-            arrays[m] = readers._cached("node", m, root / FOLDERS[m], cfg, params,
+            arrays[m] = readers.cached("node", m, root / FOLDERS[m], cfg, params,
                                         lambda bad, m=m: _decode(m, files[m], shapes[m], cfg, bad))
         except DataError as e:  # unreadable files (too many, or all of them): named with the node's folder
             raise NodeDataError(f"{DATA_ROOT} {root}: {FOLDERS[m]}/: {e}") from e

@@ -46,6 +46,7 @@ class BadFiles:
     max_frac: float
     bad: list[tuple[str, str]] = field(default_factory=list)
     notes: dict[str, int] = field(default_factory=dict)
+    spill: Optional[Path] = None  # the folder of the cache entry being built: large decoded arrays go to files there
 
     def skip(self, path, reason: str) -> None:
         self.bad.append((str(path), reason))
@@ -127,11 +128,13 @@ def decode_all(fn: Callable, items: list, workers: int = 0) -> list:
         return list(pool.map(fn, items))
 
 
-def decode_into(fn: Callable, items: list, shapes: list[tuple], dtypes: list, workers: int = 0):
+def decode_into(fn: Callable, items: list, shapes: list[tuple], dtypes: list, workers: int = 0,
+                spill: Optional[Path] = None):
     """Decode every item straight into preallocated arrays, one per output of fn(item) -> tuple of rows (or None
-    for a bad item): never a list of decoded samples and then a stacked copy (twice the data). Returns the arrays
-    holding the good items in order, compacted in place, and the keep mask."""
-    outs = [_allocate((len(items), *sh), np.dtype(dt)) for sh, dt in zip(shapes, dtypes)]
+    for a bad item): never a list of decoded samples and then a stacked copy (twice the data). A large array is a
+    file in `spill` (the cache entry being built; BadFiles.spill) when given. Returns the arrays holding the good
+    items in order, compacted in place, and the keep mask."""
+    outs = [_allocate((len(items), *sh), np.dtype(dt), spill) for sh, dt in zip(shapes, dtypes)]
     keep = np.zeros(len(items), dtype=bool)
 
     def one(i):
@@ -156,15 +159,14 @@ def decode_into(fn: Callable, items: list, shapes: list[tuple], dtypes: list, wo
 
 
 FILE_BACKED_BYTES = 64 << 20  # decoded arrays at least this large are files, not memory
-BUILD_DIR: Optional[Path] = None  # set by _cached while an entry is built: large decoded arrays go to files there
 
 
-def _allocate(shape: tuple, dtype: np.dtype) -> np.ndarray:
-    """Memory for decoded samples: a .npy file in the cache entry being built when it is large (the decoded data
-    then never has to fit in RAM), else plain memory."""
-    if BUILD_DIR is None or int(np.prod(shape)) * dtype.itemsize < FILE_BACKED_BYTES:
+def _allocate(shape: tuple, dtype: np.dtype, spill: Optional[Path]) -> np.ndarray:
+    """Memory for decoded samples: a .npy file in `spill` (the cache entry being built) when it is large (the decoded
+    data then never has to fit in RAM), else plain memory."""
+    if spill is None or int(np.prod(shape)) * dtype.itemsize < FILE_BACKED_BYTES:
         return np.empty(shape, dtype=dtype)
-    return np.lib.format.open_memmap(BUILD_DIR / f"decode-{os.urandom(6).hex()}.npy", mode="w+", dtype=dtype, shape=shape)
+    return np.lib.format.open_memmap(spill / f"decode-{os.urandom(6).hex()}.npy", mode="w+", dtype=dtype, shape=shape)
 
 
 # ----------------------------------------------------------------------------- image datasets
@@ -225,7 +227,7 @@ def _decode_images(paths: list[Path], size: int, bad: BadFiles) -> tuple[np.ndar
     def one(p):
         im = read_image(p, size, bad)
         return None if im is None else (im,)
-    (x,), keep = decode_into(one, paths, [(3, size, size)], [np.uint8])
+    (x,), keep = decode_into(one, paths, [(3, size, size)], [np.uint8], spill=bad.spill)
     return x, keep
 
 
@@ -370,7 +372,7 @@ def decode_audio(name: str, lister: Callable, root: Path, cfg: DataConfig, bad: 
         def one(it):
             w = read_audio(it[0], cfg.sample_rate, length, bad)
             return None if w is None else (w,)
-        (x,), keep = decode_into(one, its, [(length,)], [np.int16])
+        (x,), keep = decode_into(one, its, [(length,)], [np.int16], spill=bad.spill)
         kept = [it for it, k in zip(its, keep) if k]
         out[f"{split}_x"], out[f"{split}_y"] = x, np.array([it[1] for it in kept], dtype=np.int64)
         out[f"{split}_group"] = [str(it[2]) for it in kept]
@@ -408,7 +410,7 @@ def read_vggsound(root: Path, cfg: DataConfig, bad: BadFiles) -> tuple[dict, dic
     n = 0
     for split in ("train", "test"):  # each split decoded into its own arrays: no split copy
         its = [r for r in rows if (r[3].strip().lower() == "test") == (split == "test")]
-        (ims, wavs), keep = decode_into(one, its, [(3, size, size), (length,)], [np.uint8, np.int16])
+        (ims, wavs), keep = decode_into(one, its, [(3, size, size), (length,)], [np.uint8, np.int16], spill=bad.spill)
         y = np.array([index[r[2].strip()] for r in its], dtype=np.int64)[keep]
         image |= {f"{split}_x": ims, f"{split}_y": y}
         audio |= {f"{split}_x": wavs, f"{split}_y": y, f"{split}_group": np.arange(n, n + len(y))}
@@ -421,7 +423,7 @@ def read_vggsound(root: Path, cfg: DataConfig, bad: BadFiles) -> tuple[dict, dic
 
 # ----------------------------------------------------------------------------- cache and conversion
 
-def _cached(kind: str, name: str, root: Path, cfg: DataConfig, params: dict, build: Callable[[BadFiles], dict]) -> dict:
+def cached(kind: str, name: str, root: Path, cfg: DataConfig, params: dict, build: Callable[[BadFiles], dict]) -> dict:
     """Decode once: arrays are kept in a folder of .npy files under the cache root (memory-mapped when read, so a
     large entry is never loaded whole), keyed by dataset, the parameters that shape the arrays and the content they
     were built from (every file under root with its size and mtime), so an edited labels.csv or an added clip builds
@@ -430,16 +432,13 @@ def _cached(kind: str, name: str, root: Path, cfg: DataConfig, params: dict, bui
     path = cache_root(cfg) / f"{name}-{kind}-v{CACHE_VERSION}-{key}"
     out = read_array_dir(path)
     if out is None:
-        global BUILD_DIR
         cache_root(cfg).mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=cache_root(cfg)))
         try:
-            BUILD_DIR = work
-            arrays = build(BadFiles(name, cfg.max_bad_frac))
+            arrays = build(BadFiles(name, cfg.max_bad_frac, spill=work))
             write_array_dir(path, arrays)
             del arrays  # the decoded copy: what follows reads the memory-mapped files
         finally:
-            BUILD_DIR = None
             shutil.rmtree(work, ignore_errors=True)
         out = read_array_dir(path)
         if out is None:
