@@ -178,7 +178,16 @@ def load_data(cfg: DataConfig, device, progress: bool = True) -> dict[str, Modal
     except MissingData as e:
         raise DataError(f"{e}. Expected layout: {DATASETS[e.name].layout}. Point data.image_root / data.audio_root "
                         f"(or data.root) at the dataset.") from e
+    want = input_shapes(cfg)
     for m, md in data.items():
+        if m in want and tuple(md.shape) != tuple(want[m]):
+            name = cfg.dataset if cfg.dataset in DATASETS else cfg.dataset.split("+")[0 if m == "image" else 1]
+            spec = DATASETS[name]
+            raise DataError(f"{name}: its {m} inputs come out as {tuple(md.shape)}, but " + (
+                f"its DATASETS entry declares channels={spec.channels}, size={spec.size} (so {tuple(want[m])}): set the "
+                f"entry's channels and size to what its reader yields (a checkpoint is checked against them)"
+                if m == "image" else f"the audio options give {tuple(want[m])}: its reader must return clips of "
+                f"data.clip_seconds at data.sample_rate"))
         found = torch.unique(md.train_y).numel()
         if found < 2:
             raise DataError(f"{cfg.dataset}: the {m} training split has {found} class; contrastive pretraining and "

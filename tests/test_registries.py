@@ -98,8 +98,12 @@ def test_a_new_dataset_is_one_reader_and_one_entry(monkeypatch, tmp_path):
         y = (torch.arange(40) % 4).numpy()
         return {"train_x": x[:32], "train_y": y[:32], "test_x": x[32:], "test_y": y[32:], "classes": list("abcd")}
     monkeypatch.setitem(catalog.DATASETS, "toy", catalog.DatasetSpec("image", read, "nothing at all"))
-
     cfg = DataConfig(dataset="toy+esc50", modalities=("image",), image_root=str(tmp_path), cache_dir=str(tmp_path))
+    # an entry that leaves out what its images are is named as such, not later as an edited checkpoint
+    with pytest.raises(DataError, match=r"toy: its image inputs come out as \(3, 8, 8\), but its DATASETS entry declares "
+                                        r"channels=3, size=0 \(so \(3, 64, 64\)\): set the entry's channels and size"):
+        catalog.load_data(cfg, "cpu")
+    monkeypatch.setitem(catalog.DATASETS, "toy", catalog.DatasetSpec("image", read, "nothing at all", channels=3, size=8))
     assert catalog.load_data(cfg, "cpu")["image"].shape == (3, 8, 8)
     missing = dataclasses.replace(cfg, dataset="cifar10+esc50", image_root=str(tmp_path / "none"))
     with pytest.raises(DataError, match=r"Expected layout: cifar-10-batches-py"):
