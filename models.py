@@ -64,6 +64,10 @@ class ModelConfig:
             if kind not in fam.pools:
                 raise ConfigError(f"{key}={kind}: model.arch={self.arch} reads out {' or '.join(fam.pools)} only "
                                   f"(time and flat pool a convolutional feature map: use a resnet arch)")
+        if backbone_family(self.arch).norm != "batch" and self.bn_stats != "per_modality":
+            # (model.bn_momentum still acts: the projection head's BatchNorm)
+            raise ConfigError(f"model.bn_stats={self.bn_stats} acts on the trunk's BatchNorm, but model.arch={self.arch} "
+                              f"normalises with {backbone_family(self.arch).norm} norm: drop it")
         for k, hi in (("width", 8192), ("depth", 256), ("proj_hidden", 65536)):
             if getattr(self, k) is not None:
                 check_range(f"model.{k}", getattr(self, k), lo=1, hi=hi)

@@ -83,3 +83,14 @@ def test_cumulative_bn_statistics_reset_per_client():
     assert stem_bn.num_batches_tracked.item() == 0 and m.trunk.layers[0].bn1.num_batches_tracked_audio.item() == 0
     assert key_modality("stems.audio.0.weight") == "audio" and key_modality("trunk.layers.0.bn1.running_var_image") == "image"
     assert key_modality("trunk.layers.0.bn1.weight") is None and key_modality("heads.shared.0.weight") is None
+
+
+def test_batchnorm_settings_on_a_layernorm_backbone_are_refused():
+    import pytest
+    from models import ModelConfig
+    from settings import ConfigError
+    with pytest.raises(ConfigError, match=r"model.bn_stats=shared acts on the trunk's BatchNorm, but model.arch=vit_micro "
+                                          r"normalises with layer norm: drop it"):
+        ModelConfig(arch="vit_micro", bn_stats="shared")
+    ModelConfig(arch="vit_micro", bn_momentum=0.1)  # the projection head's BatchNorm reads it
+    ModelConfig(arch="resnet_tiny", bn_stats="shared", bn_momentum=0.1)  # where BatchNorm is, both apply
