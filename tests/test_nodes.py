@@ -4,6 +4,8 @@ refused, failed and lost nodes (a fake Grid stands for the SuperLink)."""
 import types
 
 import numpy as np
+import time
+
 import pytest
 import torch
 from PIL import Image
@@ -198,3 +200,21 @@ def test_enlist_refuses_nodes_that_cannot_train_and_sizes_the_federation_to_the_
     none = FakeGrid([10], {10: _ok({"config": {"refused": "no data"}})})
     with pytest.raises(FlowerError, match="none of the 1 SuperNodes can train"):
         enlist(none, ["configs/smoke.yaml"], 1, 0.0)
+
+
+def test_every_stop_signal_unwinds_deploy_through_its_clean_up():
+    import os
+    import signal
+    import deploy
+    assert set(deploy.STOP_SIGNALS) == {signal.SIGTERM, signal.SIGHUP, signal.SIGINT}
+    old = {s: signal.signal(s, deploy._stop) for s in deploy.STOP_SIGNALS}
+    try:
+        for s in deploy.STOP_SIGNALS:
+            with pytest.raises(deploy.Stopped) as e:
+                os.kill(os.getpid(), s)  # the handler runs (and raises) before the next line
+                time.sleep(5)
+            assert e.value.signum == s
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    assert deploy.process_tree([os.getpid()])[0] == os.getpid()
