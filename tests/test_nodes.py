@@ -1,11 +1,10 @@
 """Node-local data (nodes.py) and the Flower engine's side of a deployment that needs no servers: what a node
 decodes and refuses, what the server builds without data, the state's transport, and how the ServerApp reports
 refused, failed and lost nodes (a fake Grid stands for the SuperLink)."""
+import time
 import types
 
 import numpy as np
-import time
-
 import pytest
 import torch
 from PIL import Image
