@@ -104,7 +104,7 @@ def test_raw_input_rows_use_the_same_splits_and_probe_as_the_model_rows():
         got = next(r for r in rows if r["protocol"] == "linear" and r["label_frac"] == frac)
         assert got["acc"] == pytest.approx(round(want, 3)) and got["n_train"] == len(sub) and got["n_test"] == 60
     table = markdown_table(rows, "t", rows)
-    assert table.index("| image | image | linear |") < table.index("| image | image (raw input) | linear |")
+    assert table.index("| image | image | 36 | linear |") < table.index("| image | image (raw input) | 36 | linear |")
 
 
 def test_spearman_against_ranks_computed_by_numpy():

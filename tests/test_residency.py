@@ -195,7 +195,8 @@ def test_a_mapped_file_truncated_by_another_process_stops_the_run_with_its_name(
     md = _mapped_set(tmp_path)
     path = md.maps[0].path
     assert md.maps[0].fd in residency._LEASED  # a read lease: the kernel tells us before the truncation happens
-    child = subprocess.Popen(["truncate", "-s", "10", str(path)], stderr=subprocess.DEVNULL)
+    # the other process truncates a moment after it starts, so the announcement finds this test waiting for it
+    child = subprocess.Popen(["sh", "-c", f"sleep 0.5; truncate -s 10 '{path}'"], stderr=subprocess.DEVNULL)
     with pytest.raises(residency.MappedFileChanged, match=f"{path}, which data.residency=disk maps, is being truncated"):
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
