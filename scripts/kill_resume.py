@@ -42,6 +42,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from deploy import process_tree  # noqa: E402
 from settings import int_at_least, split_overrides  # noqa: E402
 
 KINDS = ("startup", "random", "early", "ckpt", "resumed_round")
@@ -122,28 +123,9 @@ def wait_for_kill_moment(proc, out_dir: Path, kind: str, rng: random.Random, tim
     return False
 
 
-def descendants(pid: int) -> list[int]:
-    """Every process below `pid` (torchrun starts its ranks in sessions of their own, so a process-group kill of
-    the launcher leaves them running: they are found by parent id)."""
-    children: dict[int, list[int]] = {}
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                ppid = int(open(f"/proc/{d}/stat").read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(d))
-    out, todo = [], [pid]
-    while todo:
-        for c in children.get(todo.pop(), []):
-            out.append(c)
-            todo.append(c)
-    return out
-
-
 def kill_all(proc) -> None:
     """SIGKILL the attempt: its process group and every process below it."""
-    for pid in descendants(proc.pid):
+    for pid in process_tree([proc.pid])[1:]:  # torchrun starts its ranks in sessions of their own
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:

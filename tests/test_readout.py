@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import finetune
-import paper_tables
 import pretrain
+import verdicts
 from engine import PretrainConfig
 from helpers import ROOT, log_rounds, one_line_error, smoke_args
 from local_update import stream_batches
@@ -145,14 +145,14 @@ def _results(accs: dict) -> dict:
 def test_the_claims_and_the_decomposition_are_computed_from_the_seeds():
     res = _results({"fssuavl": ([80, 81, 82], [90, 91, 89]), "raw_input": ([80, 80.5, 81.5], [85, 85.2, 84.8]),
                     "centralised": ([85, 86, 85.5], [92, 92.5, 91.5]), "iid": ([84, 85, 84.5], [91, 91.2, 90.8])})
-    rows = {r["claim"]: r for r in paper_tables.claims_table(res)}
+    rows = {r["claim"]: r for r in verdicts.claims_table(res)}
     assert rows["FSSUAVL beats the raw pixels, image, 100% labels"]["verdict"] == "no: a tie"
     assert rows["FSSUAVL beats the raw log-mel, audio, 100% labels"]["verdict"] == "**yes**"
     gap = rows["federated FSSUAVL beats its centralised bound ('below' is the federation's gap), image, 100% labels"]
     assert gap["verdict"] == "**no: below**" and gap["difference"] == -4.5
     from significance import welch
     assert gap["Welch p"] == float(f"{welch([80, 81, 82], [85, 86, 85.5])[2]:.3g}")
-    lines = paper_tables.decomposition(res)
+    lines = verdicts.decomposition(res)
     assert [ln.split(":")[0] for ln in lines[:3]] == ["Image, linear probe, 100% labels (recipe)",
                                                      "Image, linear probe, 100% labels (federation)",
                                                      "Image, linear probe, 100% labels (heterogeneity)"]
