@@ -1,6 +1,6 @@
 """Where a dataset lives while a run trains on it, `data.residency`:
 
-- device: every sample on the training device (fastest when it fits; the only tier before issue 19);
+- device: every sample on the training device (fastest when it fits);
 - host:   the samples in host memory (pinned on CUDA); before a client trains, its samples are gathered and
           copied to the device, and the next client's are gathered while this one trains;
 - disk:   the samples in uncompressed .npy files, memory-mapped; a client's samples are read when it trains and
