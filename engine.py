@@ -166,8 +166,10 @@ class Clients:
         self.settings = LocalSettings.of(cfg, STRATEGIES[cfg.fed.aggregation].client_hook(cfg.fed))
         # the centralised bound: each round's batch sizes, and where each modality's stream of epochs stands then
         self.budget = matched_budget(cfg, self.data) if cfg.fed.budget_of else None
-        self.stream_at = [{m: sum(sum(b[m]) for b in self.budget[:r]) for m in self.data} for r in
-                          range(len(self.budget))] if self.budget else None
+        self.stream_at, at = [], {m: 0 for m in self.data}  # the samples of each stream taken before each round
+        for sizes in self.budget or []:
+            self.stream_at.append(dict(at))
+            at = {m: at[m] + sum(sizes[m]) for m in at}
         self.resident = all(md.residency == "device" for md in self.data.values())
         self.upcoming: list[int] = []   # host/disk tiers: the clients this process trains next, in order
         self._prefetch = None           # (cid, future of its gathered samples)
