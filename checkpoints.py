@@ -8,8 +8,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -63,10 +63,12 @@ def tensor_digest(obj, primitives: bool = True) -> str:
     return h.hexdigest()
 
 
-def save_checkpoint(obj: dict, path: str | os.PathLike, keep_previous: bool = True) -> None:
+def save_checkpoint(obj: dict, path: str | os.PathLike, keep_previous: bool = True,
+                    before_replace: Callable[[], None] | None = None) -> None:
     """Write atomically: temp file in the same directory, flush + fsync, then rename (and fsync the
     directory). The checkpoint being replaced is kept as `<name>.prev`, so a file found truncated or
-    corrupted later has a fallback. The tensors' sha256 is stored inside for that check."""
+    corrupted later has a fallback. The tensors' sha256 is stored inside for that check. before_replace() runs
+    between the write and the rename (scripts/paused_saves.py widens that window for kill tests)."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     try:
@@ -76,8 +78,8 @@ def save_checkpoint(obj: dict, path: str | os.PathLike, keep_previous: bool = Tr
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
-        if os.environ.get("FSSUAVL_TEST_CKPT_DELAY"):  # scripts/kill_resume.py widens this window to kill inside it
-            time.sleep(float(os.environ["FSSUAVL_TEST_CKPT_DELAY"]))
+        if before_replace is not None:
+            before_replace()
         if keep_previous and path.exists():
             os.replace(path, path.with_name(path.name + ".prev"))
         os.replace(tmp, path)

@@ -13,8 +13,8 @@ Kill moments cycle through four kinds:
 - `random`: uniform over what is left of the run, estimated from the reference run's start-up time and
   per-round time;
 - `early`: inside the first round after the attempt's first log record;
-- `ckpt`: while a checkpoint is being written. The run pauses FSSUAVL_TEST_CKPT_DELAY seconds between writing
-  last.pt.tmp and renaming it, and is killed inside that window;
+- `ckpt`: while a checkpoint is being written. The run (started through scripts/paused_saves.py) pauses
+  CKPT_PAUSE_S seconds between writing last.pt.tmp and renaming it, and is killed inside that window;
 - `resumed_round`: an attempt that resumes, inside the first round it trains (its start-up time, estimated from the
   reference run, plus a uniform share of one round).
 
@@ -46,21 +46,23 @@ from deploy import process_tree  # noqa: E402
 from settings import int_at_least, split_overrides  # noqa: E402
 
 KINDS = ("startup", "random", "early", "ckpt", "resumed_round")
+CKPT_PAUSE_S = 0.3  # every checkpoint write pauses this long before its rename (scripts/paused_saves.py)
 STATE = ("model", "client_state", "server_state", "optimizer", "scaler")  # what a resumed run must end with, bit for bit
 
 
 def command(engine: str, config: str, out_dir: Path, rounds: int, extra: list[str]) -> list[str]:
     run = [config, "--resume", f"--run.out_dir={out_dir}", f"--fed.rounds={rounds}", "--run.deterministic=true",
            "--run.device=cpu", "--run.threads=2", "--run.progress=false", "--run.eval_every=0", *extra]
+    paused = [str(ROOT / "scripts" / "paused_saves.py"), str(CKPT_PAUSE_S)]  # the `ckpt` kills' window
     if engine == "inprocess":
-        return [sys.executable, str(ROOT / "pretrain.py"), *run]
+        return [sys.executable, *paused, "pretrain.py", *run]
     if engine == "torchrun":
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         return [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
-                "--master_addr=127.0.0.1", f"--master_port={port}", str(ROOT / "pretrain.py"), *run]
-    return [sys.executable, str(ROOT / "flower_app.py"), "--supernodes=2", *run]
+                "--master_addr=127.0.0.1", f"--master_port={port}", *paused, "pretrain.py", *run]
+    return [sys.executable, *paused, "flower_app.py", "--supernodes=2", *run]
 
 
 def final_state(out_dir: Path) -> dict:
@@ -141,7 +143,7 @@ def run_to_completion(cmd_fn, out_dir: Path, rng: random.Random, timing: dict, r
     """Start the command, SIGKILL its process group at a moment of the next kind, restart, until it exits by itself
     or the kill budget is spent (then it runs to the end). Returns the number of kills."""
     kills = 0
-    env = {**os.environ, "FSSUAVL_TEST_CKPT_DELAY": "0.3", "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
     err_path = out_dir.with_name(out_dir.name + ".stderr")  # a file, not a pipe: an orphan cannot hold it open
     while True:
         with open(err_path, "w") as err:

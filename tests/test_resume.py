@@ -56,10 +56,9 @@ def test_the_kill_harness_tells_any_end_state_apart():
 def test_sigterm_finishes_the_step_and_says_how_to_resume(tmp_path, cache_dir):
     ref, run = tmp_path / "ref", tmp_path / "run"
     pretrain.main(_args(ref, cache_dir, "--fed.rounds=6"))
-    cmd = [sys.executable, "pretrain.py", *_args(run, cache_dir, "--fed.rounds=6")]
     # each checkpoint write pauses 1 s, so the run is still going when the signal comes (it never finishes first)
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "FSSUAVL_TEST_CKPT_DELAY": "1.0"})
+    cmd = [sys.executable, "scripts/paused_saves.py", "1.0", "pretrain.py", *_args(run, cache_dir, "--fed.rounds=6")]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     log = run / "log.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and not (log.exists() and len(log.read_text().splitlines()) >= 2):
