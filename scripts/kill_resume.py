@@ -15,8 +15,8 @@ Kill moments cycle through four kinds:
 - `early`: inside the first round after the attempt's first log record;
 - `ckpt`: while a checkpoint is being written. The run (started through scripts/paused_saves.py) pauses
   CKPT_PAUSE_S seconds between writing last.pt.tmp and renaming it, and is killed inside that window;
-- `resumed_round`: an attempt that resumes, inside the first round it trains (its start-up time, estimated from the
-  reference run, plus a uniform share of one round).
+- `resumed_round`: an attempt that resumes, inside the first round it trains (once it has rewritten config.yaml,
+  which ends its start-up, plus a uniform share of one round).
 
 A kill is SIGKILL to the attempt's whole process group (every rank, Ray's workers). After every run it checks
 that log.jsonl holds exactly one record per round. Any --section.key=value argument is passed on. It prints the
@@ -110,12 +110,17 @@ def wait_for_kill_moment(proc, out_dir: Path, kind: str, rng: random.Random, tim
             if "t" not in seen and records(out_dir) > start_records:
                 seen["t"] = time.perf_counter()
             return "t" in seen and time.perf_counter() >= seen["t"] + extra
-    elif kind == "resumed_round":  # a resumed attempt, inside the first round it trains again (from its start-up)
-        if start_records == 0:  # nothing to resume yet: a start-up kill instead
-            deadline = t0 + rng.uniform(0.0, timing["startup"])
-        else:
-            deadline = t0 + timing["startup"] + rng.uniform(0.0, timing["round"])
+    elif kind == "resumed_round" and start_records == 0:  # nothing to resume yet: a start-up kill instead
+        deadline = t0 + rng.uniform(0.0, timing["startup"])
         cond = lambda: time.perf_counter() >= deadline  # noqa: E731
+    elif kind == "resumed_round":  # inside the first round a resumed attempt trains: it writes config.yaml when its
+        started, extra, seen = time.time(), rng.uniform(0.0, timing["round"]), {}  # start-up ends, then trains
+
+        def cond():
+            cfg = out_dir / "config.yaml"
+            if "t" not in seen and cfg.exists() and cfg.stat().st_mtime >= started:
+                seen["t"] = time.perf_counter()
+            return "t" in seen and time.perf_counter() >= seen["t"] + extra
     else:  # inside a checkpoint write
         cond = lambda: (out_dir / "last.pt.tmp").exists()  # noqa: E731
     while proc.poll() is None:

@@ -106,7 +106,8 @@ def test_finetune_end_to_end_and_backbone_unchanged(pretrained, tmp_path, monkey
     raw_kinds = {(r["task"], r["features"], r["protocol"]) for r in saved["raw_input_rows"]}
     assert raw_kinds == {k for k in kinds if k[2] != "finetune"}  # the bar beside every frozen-feature row
     md = (tmp_path / "results.md").read_text()
-    assert "| paired | fused | linear |" in md and "| paired | fused (raw input) | linear |" in md
+    # each row with the width of its features: two 64-d halves fused; the raw 784 pixels and 32 x 51 log-mel bins
+    assert "| paired | fused | 128 | linear |" in md and "| paired | fused (raw input) | 2416 | linear |" in md
     rnd = finetune.main(["--ckpt", str(pretrained), "--random-init", f"--run.out_dir={tmp_path}",
                          "--run.progress=false", "--eval.label_fractions=[1.0]", "--eval.tasks=[image]",
                          "--eval.max_train_images=300", "--eval.protocols=[knn]"])

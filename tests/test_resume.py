@@ -38,7 +38,11 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(tmp_path, cache_
                                              "--model.head=per_modality", "--fed.share_head=false",
                                              "--fed.aggregation=fedavgm"])
     assert survived == 5 and mismatches == 0
-    assert "kills by kind: startup 1, random 1, early 1, ckpt 1, resumed_round 1" in capsys.readouterr().out
+    # a kill whose moment the attempt outran (it finished first) moves the cycle of kinds on, so which kinds ran
+    # depends on the machine's speed: at least three of the five, all five kills counted
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("kills by kind: "))
+    counts = {k: int(n) for k, n in (part.rsplit(" ", 1) for part in line[len("kills by kind: "):].split(", "))}
+    assert sum(counts.values()) == 5 and sum(n > 0 for n in counts.values()) >= 3, line
     end = kill_resume.final_state(tmp_path / "reference")
     assert end["server_state"] and end["client_state"]  # both were there to compare
     assert kill_resume.same_state(end, kill_resume.final_state(tmp_path / "reference"))
