@@ -20,7 +20,7 @@ CKPT_FORMAT = 1
 
 def launcher() -> str:
     """The command that runs pretraining the way this process was started (for resume advice)."""
-    if os.environ.get("FSSUAVL_LAUNCHER"):  # set by an engine's own command line (flower_app.py)
+    if os.environ.get("FSSUAVL_LAUNCHER"):  # set by an engine's own command line (fedengines/flower_app.py)
         return os.environ["FSSUAVL_LAUNCHER"]
     return "torchrun --nproc_per_node=G pretrain.py" if "TORCHELASTIC_RUN_ID" in os.environ or (
         "RANK" in os.environ and "WORLD_SIZE" in os.environ) else "python pretrain.py"

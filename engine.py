@@ -1,7 +1,7 @@
 """The federation machinery every engine shares: the pretraining config, the client runtime (`Clients`: one
 process's data, partition, model and optimiser, and the client function `update`), the server's sampling and fold
 (`plan_round`, `server_round`), the engine interface (`Engine`) and the reference engine (`InProcess`). The
-torchrun engine (torchrun_engine.py) and the Flower engine (flower_app.py) implement the same interface around the
+torchrun engine (fedengines/torchrun.py) and the Flower engine (fedengines/flower_app.py) implement the same interface around the
 same two functions, so on the same seed every engine gives the same global weights.
 """
 from __future__ import annotations
@@ -306,7 +306,7 @@ class Engine(Protocol):
     """How a round's sampled clients get trained. `round` starts round r's training of `active` and returns
     fetch(cid) -> ClientUpdate, which the server calls in client order; `stop_requested(local)` says whether any
     process of the run was asked to stop; `main` is true in the one process that logs and writes the run
-    directory. Engines: InProcess (here), torchrun_engine.Torchrun, flower_app.FlowerEngine."""
+    directory. Engines: InProcess (here), fedengines.torchrun.Torchrun, fedengines.flower_app.FlowerEngine."""
     main: bool
 
     def round(self, r: int, active: list[int], global_state: dict, client_state: dict,

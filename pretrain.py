@@ -4,7 +4,7 @@
     python pretrain.py configs/smoke.yaml --fed.rounds=3 --run.out_dir=runs/x
     python pretrain.py --resume --run.out_dir=runs/x     # continue a stopped run from its last round
     torchrun --standalone --nproc_per_node=2 pretrain.py CONFIG   # the same run, clients spread over 2 ranks/GPUs
-    python flower_app.py CONFIG --supernodes 2           # the same run under Flower (see flower_app.py)
+    python -m fedengines.flower_app CONFIG --supernodes 2           # the same run under Flower (see fedengines/flower_app.py)
 
 Writes to run.out_dir: config.yaml (resolved), log.jsonl (one JSON object per round), last.pt (the
 checkpoint, rewritten atomically after every round; the one before it is kept as last.pt.prev).

@@ -15,7 +15,7 @@ import yaml
 from tqdm import tqdm
 
 import runtime
-import torchrun_engine
+from fedengines import torchrun
 from catalog import expected_input
 from checkpoints import CKPT_FORMAT, CheckpointError, JsonlLog, RunDir, RunDirError, TensorBoardLog, launcher, \
     load_checkpoint, load_latest_checkpoint, refuse_restart, save_checkpoint
@@ -221,8 +221,8 @@ def pretrain(config=None, overrides=(), resume=False, show_partition: bool = Fal
     if show_partition or cfg.run.dry_run:  # these write nothing: no run directory, no lock
         return Pretraining(cfg, make_engine, make_clients).inspect(show_partition)
     group = None
-    if make_engine is None and torchrun_engine.launched():  # under torchrun: one process per rank
-        group = torchrun_engine.Group(runtime.resolve_device(cfg.run.device).type)
+    if make_engine is None and torchrun.launched():  # under torchrun: one process per rank
+        group = torchrun.Group(runtime.resolve_device(cfg.run.device).type)
         make_engine = group.engine
     main_proc = group is None or group.rank == 0
     run_dir = RunDir(Path(cfg.run.out_dir))
@@ -280,9 +280,9 @@ class Pretraining:
         self.cfg, self.make_engine = cfg, make_engine
         self.stop = stop  # pretrain's, from start-up on; None: the loop makes its own
         self.out_dir = Path(rc.out_dir)
-        self.device = torchrun_engine.local_device(runtime.resolve_device(rc.device))  # under torchrun: this rank's GPU
+        self.device = torchrun.local_device(runtime.resolve_device(rc.device))  # under torchrun: this rank's GPU
         if rc.threads:  # under torchrun on CPU the ranks of a machine share the budget
-            torch.set_num_threads(torchrun_engine.threads_per_rank(rc.threads, self.device))
+            torch.set_num_threads(torchrun.threads_per_rank(rc.threads, self.device))
         runtime.seed_everything(rc.seed, rc.deterministic, self.device, rc.compile)
         self.progress = rc.progress and sys.stderr.isatty()
         self.clients = (make_clients or Clients)(cfg, self.device, progress=self.progress)

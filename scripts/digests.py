@@ -46,7 +46,7 @@ CASES = {
 }
 ENGINES = {"torchrun": [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
                         "--master_addr=127.0.0.1", "--master_port={port}", "pretrain.py"],
-           "flower_sim": [sys.executable, "flower_app.py", "--supernodes=2"]}
+           "flower_sim": [sys.executable, "-m", "fedengines.flower_app", "--supernodes=2"]}
 
 
 def state_digest(state: dict) -> str:

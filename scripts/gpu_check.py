@@ -6,7 +6,7 @@ cannot run.
     python scripts/gpu_check.py --smoke --out /tmp/gpu_check        # on CPU, in under a minute: the same plumbing
 
 Sections: (1) the environment; (2) the CUDA tests (tests/test_cuda.py; they need the AV-Fashion packages); (3)
-bench.py on ResNet-18 at 32 px (CIFAR-10 + ESC-50) and ViT-S (Tiny-ImageNet + SpeechCommands): ours vs a standard
+scripts/bench.py on ResNet-18 at 32 px (CIFAR-10 + ESC-50) and ViT-S (Tiny-ImageNet + SpeechCommands): ours vs a standard
 DataLoader pipeline, bf16, compile on/off, achieved TFLOP/s against the GPU's bf16 peak; (4) each paper config
 rehearsed (scripts/rehearse.py) for two rounds on stand-ins of its data (scripts/standins.py, at --scale of the
 official sizes): seconds per round, peak device memory, the tier auto chose. --smoke shrinks every section (tiny
@@ -138,7 +138,7 @@ def main(argv=None) -> dict:
                 js = tmp / f"bench_{cfg}.json"
                 extra = ["--steps", "1", "--repeats", "1", "--warmup", "0", "--workers", "0", "--skip-compile",
                          "--skip-scaling"] if a.smoke else ["--steps", "5", "--repeats", "2", "--skip-scaling"]
-                rep.run(f"bench {cfg}", [py, "bench.py", "--config", f"configs/{cfg}.yaml", f"--out={js}", *extra,
+                rep.run(f"bench {cfg}", [py, "scripts/bench.py", "--config", f"configs/{cfg}.yaml", f"--out={js}", *extra,
                                          *over, *shrink], 120, js)
             js = tmp / f"rehearse_{cfg}.json"
             steps = ["--steps", "1"] if a.smoke else ["--steps", "3"]

@@ -42,7 +42,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from deploy import process_tree  # noqa: E402
+from fedengines.localhost import process_tree  # noqa: E402
 from settings import int_at_least, split_overrides  # noqa: E402
 
 KINDS = ("startup", "random", "early", "ckpt", "resumed_round")
@@ -62,7 +62,7 @@ def command(engine: str, config: str, out_dir: Path, rounds: int, extra: list[st
             port = s.getsockname()[1]
         return [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
                 "--master_addr=127.0.0.1", f"--master_port={port}", *paused, "pretrain.py", *run]
-    return [sys.executable, *paused, "flower_app.py", "--supernodes=2", *run]
+    return [sys.executable, *paused, "-m", "fedengines.flower_app", "--supernodes=2", *run]
 
 
 def final_state(out_dir: Path) -> dict:

@@ -23,6 +23,14 @@ TINY_DATA = ["--data.n_voices=12", "--data.max_train_images=512", "--data.knn_ba
 SHAPES = {"image": (1, 16, 16), "audio": (1, 16, 20)}
 
 
+def script(name: str):
+    """A command line of scripts/ imported as a module (scripts/ is not a package: its files are run by path)."""
+    import importlib
+    if str(ROOT / "scripts") not in sys.path:
+        sys.path.insert(0, str(ROOT / "scripts"))
+    return importlib.import_module(name)
+
+
 def smoke_args(out, cache_dir, *extra) -> list[str]:
     """pretrain.py's argv for a tiny configs/smoke.yaml run into `out` on the session's private data cache."""
     return ["configs/smoke.yaml", f"--run.out_dir={out}", f"--data.cache_dir={cache_dir}", "--run.progress=false",

@@ -1,11 +1,12 @@
-"""bench.py runs end to end and reports every section; timings are not asserted (no timed unit tests)."""
+"""scripts/bench.py runs end to end and reports every section; timings are not asserted (no timed unit tests)."""
 import json
 
 import pytest
 import torch
 
-import bench
-from helpers import ROOT, TINY_DATA
+from helpers import ROOT, TINY_DATA, script
+
+bench = script("bench")
 
 
 @pytest.mark.slow

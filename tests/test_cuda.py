@@ -30,7 +30,8 @@ def test_augmentation_on_cuda_matches_generator_determinism(tiny_data):
 
 
 def test_bench_cuda_reports_tflops(tmp_path, cache_dir, monkeypatch):
-    import bench
+    from helpers import script
+    bench = script("bench")
     monkeypatch.chdir(ROOT)
     res = bench.main(["--config", "configs/smoke.yaml", "--steps", "2", "--repeats", "1", "--workers", "0",
                       f"--out={tmp_path / 'b.json'}", f"--data.cache_dir={cache_dir}", "--run.device=cuda",

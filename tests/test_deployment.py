@@ -1,8 +1,12 @@
-"""Flower deployments on localhost (deploy.LocalDeployment): a SuperLink and four SuperNodes, three with their own
-folder (images only, audio only, both) and one with an empty one; three run flower_exec.py's warm SuperExec, the
-empty one Flower's own. On it: a partitioned run (the same bits as in process), then a node-local run (the server
-holds no training data) in which a node is stopped mid-round. Every server listens on 127.0.0.1 and is killed (its whole
-process group) when the module's tests end, passed or failed."""
+"""Flower deployments on localhost (fedengines.localhost.LocalDeployment), secure as deployed: TLS with a CA made for
+the deployment and node authentication. A SuperLink and four enrolled SuperNodes, three with their own folder (images
+only, audio only, both) and one with an empty one; three run fedengines/flower_exec.py's warm SuperExec, the empty one
+Flower's own; and a fifth, a stranger with data and a key the SuperLink never registered. On it: a partitioned run
+(the same bits as in process), then a node-local run (the server holds no training data) in which a node is stopped
+mid-round; the stranger is refused and never trains; nodes with the wrong CA, in plaintext or without their key stop
+with one line. Every server listens on 127.0.0.1 and is killed (its whole process group) when the module's tests
+end, passed or failed."""
+import json
 import re
 import signal
 import time
@@ -12,9 +16,9 @@ import pytest
 import torch
 
 import finetune
-from deploy import LocalDeployment
+from fedengines.localhost import LocalDeployment
 from helpers import ENV, TINY_DATA, _args, _same
-from nodes import load_node_local_config, write_demo_node
+from fedengines.nodes import load_node_local_config, write_demo_node
 
 pytestmark = pytest.mark.slow
 
@@ -46,6 +50,7 @@ def deployment(tmp_path_factory, cache_dir):
     with LocalDeployment(tmp / "logs", env={**ENV}) as d:
         for i, root in enumerate(roots):
             d.add_node(root, warm=i < 3, heartbeat=10, wait=False)  # a stopped node is reported within 2 x 10 s
+        d.add_node(roots[2], warm=True, heartbeat=10, wait=False, enrolled=False)  # a stranger: a key, not enrolled
         d.roots, d.tmp = roots, tmp
         yield d
 
@@ -95,6 +100,44 @@ def test_supernodes_train_on_their_own_folders_and_one_stopped_mid_round_is_name
     assert {r["task"] for r in res["rows"]} == {"image", "audio"}
 
 
+def test_a_stranger_is_refused_and_nothing_of_it_is_folded(deployment):
+    """The unregistered node (index 4) holds images and clips like site_both: admitted, it would be a 4th client of
+    the node-local run. Runs after it (module order)."""
+    d = deployment
+    log4 = d.logs / "supernode4.log"
+    _wait_for(log4, r"Failed to activate SuperNode", d.logs, 60)
+    assert d.refused() == 1 and len(d.node_ids) == 4  # the 4 enrolled ones registered; the stranger refused once
+    node_local = (d.logs / "node_local.log").read_text()
+    seen = set(re.findall(r"SuperNode (\d+):", node_local))
+    assert seen and seen <= {str(i) for i in d.node_ids.values()}, (seen, d.node_ids)
+    assert "Receiving:" in (d.logs / "supernode0.log").read_text()  # how a node logs each message it gets...
+    assert "Receiving:" not in log4.read_text()  # ...and the stranger never got one
+    rounds = [json.loads(ln) for ln in (d.tmp / "node_local" / "log.jsonl").read_text().splitlines()]
+    assert rounds and {c for r in rounds for c in r.get("clients", [])} <= {0, 1, 2}  # 3 clients: the enrolled nodes
+
+
+@pytest.mark.parametrize("case", ["wrong CA", "plaintext", "missing key"])
+def test_a_node_that_disagrees_with_the_superlink_stops_with_one_line(deployment, tmp_path, case):
+    import subprocess
+    import sys
+    from fedengines.credentials import make_credentials
+    from helpers import ROOT
+    d = deployment
+    key = make_credentials(tmp_path / "mine", hosts=["127.0.0.1"], nodes=1)["nodes"]["site0"][0]
+    ca = d.creds / "ca.crt"
+    args = {"wrong CA": [f"--root-certificates={tmp_path / 'mine' / 'ca.crt'}", f"--auth-supernode-private-key={key}"],
+            "plaintext": ["--insecure"],
+            "missing key": [f"--root-certificates={ca}", f"--auth-supernode-private-key={tmp_path / 'nokey'}"]}[case]
+    want = {"wrong CA": rf"--root-certificates: {tmp_path / 'mine' / 'ca.crt'} did not sign the certificate of the "
+                        rf"SuperLink at 127\.0\.0\.1:{d.link}",
+            "plaintext": rf"--superlink 127\.0\.0\.1:{d.link} speaks TLS: give --root-certificates CA_FILE",
+            "missing key": rf"--auth-supernode-private-key: {tmp_path / 'nokey'} does not exist"}[case]
+    p = subprocess.run([sys.executable, "-m", "fedengines.flower_exec", *args, f"--superlink=127.0.0.1:{d.link}",
+                        "--port=1"], cwd=ROOT, env=d.env, capture_output=True, text=True, timeout=120)
+    lines = [ln for ln in p.stderr.splitlines() if not ln.startswith("WARNING --insecure")]
+    assert p.returncode == 1 and len(lines) == 1 and re.match(rf"flower_exec: {want}", lines[0]), p.stderr
+
+
 def _ours(home: Path) -> list[int]:
     """The live processes started for the deployment whose FLWR_HOME is `home` (every one inherits it)."""
     pids = []
@@ -109,7 +152,7 @@ def _ours(home: Path) -> list[int]:
 
 
 def test_a_stopped_deploy_stops_everything_it_started_and_says_how_to_resume(tmp_path, cache_dir):
-    """SIGTERM here; SIGHUP and SIGINT take the same path (deploy.STOP_SIGNALS, tested in test_nodes.py)."""
+    """SIGTERM here; SIGHUP and SIGINT take the same path (fedengines.localhost.STOP_SIGNALS, tested in test_nodes.py)."""
     sig = signal.SIGTERM
     import subprocess
     import sys

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from deploy import free_port
+from fedengines.localhost import free_port
 from helpers import _args, _procs, _run, _same, _weights
 
 
@@ -95,7 +95,7 @@ def test_torchrun_stop_on_one_rank_stops_all_and_resume_is_exact(tmp_path, cache
 
 def test_flower_simulation_equals_in_process(reference, tmp_path, cache_dir):
     out = tmp_path / "flower_sim"
-    _run([sys.executable, "flower_app.py", "--supernodes=2", *_args(out, cache_dir)], tmp_path / "sim.log")
+    _run([sys.executable, "-m", "fedengines.flower_app", "--supernodes=2", *_args(out, cache_dir)], tmp_path / "sim.log")
     _same(reference, out)
     text = (tmp_path / "sim.log").read_text()
     assert "engine FlowerEngine" in text
@@ -112,7 +112,7 @@ def test_flower_simulation_resumes_a_killed_run(reference, tmp_path):
     shutil.copy(reference / "last.pt.prev", cut / "last.pt")
     shutil.copy(reference / "log.jsonl", cut / "log.jsonl")
     assert _weights(cut)[0] == 1
-    _run([sys.executable, "flower_app.py", "--supernodes=2", "--resume", str(cut)], tmp_path / "resume.log")
+    _run([sys.executable, "-m", "fedengines.flower_app", "--supernodes=2", "--resume", str(cut)], tmp_path / "resume.log")
     assert "resuming" in (tmp_path / "resume.log").read_text()
     _same(reference, cut)
     assert [ln.count('"round"') for ln in (cut / "log.jsonl").read_text().splitlines()] == [1, 1, 1]
@@ -156,7 +156,7 @@ def test_a_signal_stops_the_flower_simulation_like_every_engine(tmp_path, cache_
     named with the Flower command that resumes it (Ray's own SIGTERM handler used to abort the process: exit 134)."""
     out = tmp_path / "run"
     with _procs() as start:
-        p = start([sys.executable, "flower_app.py", "--supernodes=2", *_args(out, cache_dir, rounds=8)], tmp_path / "f.log")
+        p = start([sys.executable, "-m", "fedengines.flower_app", "--supernodes=2", *_args(out, cache_dir, rounds=8)], tmp_path / "f.log")
         t0 = time.monotonic()
         while not ((out / "log.jsonl").exists() and (out / "log.jsonl").read_text().count("\n") >= 2):
             assert p.poll() is None and time.monotonic() - t0 < 180, (tmp_path / "f.log").read_text()[-3000:]
@@ -165,5 +165,5 @@ def test_a_signal_stops_the_flower_simulation_like_every_engine(tmp_path, cache_
         rc = p.wait(timeout=120)
     text = (tmp_path / "f.log").read_text()
     assert rc == 128 + sig, text[-3000:]
-    assert f"Resume with: python flower_app.py --supernodes 2 --resume {out}" in text and "Traceback" not in text
+    assert f"Resume with: python -m fedengines.flower_app --supernodes 2 --resume {out}" in text and "Traceback" not in text
     assert _weights(out)[0] >= 1

@@ -1,4 +1,4 @@
-"""Node-local data (nodes.py) and the Flower engine's side of a deployment that needs no servers: what a node
+"""Node-local data (fedengines/nodes.py) and the Flower engine's side of a deployment that needs no servers: what a node
 decodes and refuses, what the server builds without data, the state's transport, and how the ServerApp reports
 refused, failed and lost nodes (a fake Grid stands for the SuperLink)."""
 import time
@@ -9,14 +9,14 @@ import pytest
 import torch
 from PIL import Image
 
-import flower_app
-import nodes
+from fedengines import flower_app
+from fedengines import nodes
 import readers
 from data import DataConfig, DataError
 from engine import PretrainConfig
-from flower_app import FlowerEngine, FlowerError, enlist, pack, unpack
+from fedengines.flower_app import FlowerEngine, FlowerError, enlist, pack, unpack
 from models import build_model
-from nodes import NodeDataError, NodeFederation, input_shapes, load_node, node_clients, write_demo_node
+from fedengines.nodes import NodeDataError, NodeFederation, input_shapes, load_node, node_clients, write_demo_node
 
 CPU = torch.device("cpu")
 SMALL = DataConfig(n_mels=32, win_ms=40.0, hop_ms=20.0)
@@ -204,16 +204,16 @@ def test_enlist_refuses_nodes_that_cannot_train_and_sizes_the_federation_to_the_
 def test_every_stop_signal_unwinds_deploy_through_its_clean_up():
     import os
     import signal
-    import deploy
-    assert set(deploy.STOP_SIGNALS) == {signal.SIGTERM, signal.SIGHUP, signal.SIGINT}
-    old = {s: signal.signal(s, deploy._stop) for s in deploy.STOP_SIGNALS}
+    from fedengines import localhost
+    assert set(localhost.STOP_SIGNALS) == {signal.SIGTERM, signal.SIGHUP, signal.SIGINT}
+    old = {s: signal.signal(s, localhost.stop_handler) for s in localhost.STOP_SIGNALS}
     try:
-        for s in deploy.STOP_SIGNALS:
-            with pytest.raises(deploy.Stopped) as e:
+        for s in localhost.STOP_SIGNALS:
+            with pytest.raises(localhost.Stopped) as e:
                 os.kill(os.getpid(), s)  # the handler runs (and raises) before the next line
                 time.sleep(5)
             assert e.value.signum == s
     finally:
         for s, h in old.items():
             signal.signal(s, h)
-    assert deploy.process_tree([os.getpid()])[0] == os.getpid()
+    assert localhost.process_tree([os.getpid()])[0] == os.getpid()

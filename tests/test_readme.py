@@ -16,6 +16,9 @@ LINES = [ln.split("  #")[0].strip() for block in re.findall(r"```bash\n(.*?)```"
 
 def _script_and_args(line):
     words = shlex.split(line)
+    if "-m" in words:  # python -m package.module: the module's file
+        i = words.index("-m") + 1
+        return words[i].replace(".", "/") + ".py", words[i + 1:]
     i = next(k for k, w in enumerate(words) if w.endswith(".py"))
     return words[i], words[i + 1:]
 
@@ -43,14 +46,17 @@ def test_python_commands_parse(line, in_root):
     elif script == "paper_tables.py":
         import paper_tables
         load_config(PretrainConfig, paper_tables.parse_args(args).config)
-    elif script == "flower_app.py":
-        import flower_app
+    elif script == "fedengines/flower_app.py":
         import pretraining
+        from fedengines import flower_app
         parsed, overrides = pretraining.parse_args(flower_app.parse_args(args)[1])
         load_config(PretrainConfig, parsed.config, overrides)
     elif script == "deploy.py":
         import deploy
-        from nodes import load_node_local_config
+        from fedengines.nodes import load_node_local_config
+        if args[0] == "certs":
+            assert deploy.parse_certs_args(args[1:]).host
+            return
         parsed, overrides = deploy.parse_args(args)
         assert parsed.node_data
         load_node_local_config(parsed.config, overrides)

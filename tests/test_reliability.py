@@ -475,7 +475,7 @@ def test_the_likely_cause_names_the_setting_that_caused_it():
     ("scripts/rehearse.py", ["configs/smoke.yaml", "--tiers", "disk", "--repeats", "0"], "argument --repeats: 0 is out of range"),
     ("paper_tables.py", ["--seeds", "-1"], "argument --seeds: -1 is out of range: expected 0 to 9223372036854775807"),
     ("paper_tables.py", ["--seeds", "9223372036854775808"], "argument --seeds: 9223372036854775808 is out of range"),
-    ("bench_engines.py", ["--repeats", "0"], "argument --repeats: 0 is out of range"),
+    ("scripts/bench_engines.py", ["--repeats", "0"], "argument --repeats: 0 is out of range"),
     ("scripts/kill_resume.py", ["--kills", "0"], "argument --kills: 0 is out of range"),
 ])
 def test_a_count_that_cannot_be_is_refused_before_any_work(script, argv, message, tmp_path):

@@ -1,7 +1,7 @@
 """Local-training throughput of our pipeline against the standard one, on the current device, in one run.
 
-    python bench.py                                        # default config -> results/bench.json
-    python bench.py --config configs/cifar10_esc50_resnet18.yaml --steps 10 --out results/bench_r18.json
+    python scripts/bench.py                                        # default config -> results/bench.json
+    python scripts/bench.py --config configs/cifar10_esc50_resnet18.yaml --steps 10 --out results/bench_r18.json
 
 Measured side by side, each section warmed up, then timed `--repeats` times (min and median reported):
   (a) ours: the real local update (local_update.local_ssl_update): client data held on the device (uint8
@@ -34,16 +34,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import runtime
-from catalog import load_data
-from data import LogMel
-from engine import PretrainConfig
-from federation import ClientUpdate, run_round
-from local_update import LocalSettings, local_ssl_update, make_optimizer
-from losses import nt_xent
-from models import backbone_family, build_model
-from settings import int_at_least, load_config, split_overrides
-from strategies import WeightedAverage
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import runtime  # noqa: E402
+from catalog import load_data  # noqa: E402
+from data import LogMel  # noqa: E402
+from engine import PretrainConfig  # noqa: E402
+from federation import ClientUpdate, run_round  # noqa: E402
+from local_update import LocalSettings, local_ssl_update, make_optimizer  # noqa: E402
+from losses import nt_xent  # noqa: E402
+from models import backbone_family, build_model  # noqa: E402
+from settings import int_at_least, load_config, split_overrides  # noqa: E402
+from strategies import WeightedAverage  # noqa: E402
 
 BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "A6000": 155.0, "L40": 181.0, "4090": 165.0}
 

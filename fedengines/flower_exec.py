@@ -1,7 +1,8 @@
 """A warm SuperExec for a SuperNode: each ClientApp is forked from one process that has already imported torch,
 torchaudio and flwr, instead of a new `flwr-clientapp` process that imports them again for every message.
 
-    python flower_exec.py --insecure --superlink HOST:9092 --port 9094 --node-config 'data-root="/data/site1"'
+    python -m fedengines.flower_exec --root-certificates ca.crt --auth-supernode-private-key key \\
+        --superlink HOST:PORT --port 9094 --node-config 'data-root="/data/site1"'
 
 takes flower-supernode's options and starts that SuperNode (`--isolation process`, its polls at most --poll s apart)
 with this process as its SuperExec.
@@ -91,6 +92,43 @@ def run_supernode(argv: list[str], poll: float, heartbeat: float) -> None:
     flower_supernode()
 
 
+def option(argv: list[str], flag: str) -> str | None:
+    """The value of `flag` in flower-supernode's argv (--flag VALUE or --flag=VALUE), or None."""
+    for i, a in enumerate(argv):
+        if a == flag and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith(flag + "="):
+            return a[len(flag) + 1:]
+    return None
+
+
+INSECURE_WARNING = ("--insecure: this node sends its updates in plaintext and cannot tell the SuperLink from an "
+                    "impostor; use it only on a network you trust")
+
+
+def preflight(argv: list[str]) -> None:
+    """What Flower would report late or never, as one line before the node starts: a flag the installed Flower
+    lacks, a missing or unreadable key or CA, and a SuperLink that speaks other than this node (TLS vs plaintext, a
+    CA that did not sign its certificate, an expired certificate or one for another name)."""
+    from fedengines import credentials, flower_cli
+    try:
+        if os.environ.get(flower_cli.CHECKED) != flower_cli.flower_version():  # else a deployment checked it
+            flower_cli.check_flags({("flower-supernode",): flower_cli.USED[("flower-supernode",)]})
+        ca, key, link = option(argv, "--root-certificates"), option(argv, "--auth-supernode-private-key"), \
+            option(argv, "--superlink")
+        if "--insecure" in argv:
+            print(f"WARNING {INSECURE_WARNING}", file=sys.stderr)
+        elif ca is None:
+            raise credentials.CredentialError("give --root-certificates CA_FILE (the ca.crt of the SuperLink's "
+                                              "credentials), or --insecure to connect in plaintext")
+        if key is not None:
+            credentials.check_node_key(key)
+        if link is not None:
+            credentials.probe_superlink(link, None if "--insecure" in argv else ca)
+    except (credentials.CredentialError, flower_cli.FlowerVersionError) as e:
+        sys.exit(f"flower_exec: {e}")
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--port", type=int, default=9094, help="the SuperNode's Runtime API port (flower-supernode --port)")
@@ -102,6 +140,8 @@ def main(argv=None) -> None:
     args, rest = p.parse_known_args(sys.argv[1:] if argv is None else argv)
     if not 10 <= args.heartbeat <= 1800:  # the range a SuperLink accepts (flwr.common.constant)
         p.error(f"--heartbeat={args.heartbeat:g}: a SuperLink accepts 10 to 1800 s")
+    if not args.supernode_only:
+        preflight(rest)
     if args.supernode_only:
         return run_supernode([*rest, f"--port={args.port}", "--isolation=process"], args.poll, args.heartbeat)
     import subprocess
@@ -112,9 +152,11 @@ def main(argv=None) -> None:
         import flwr.supercore.superexec.run_superexec as superexec
         from flwr.supercore.constant import ExecutorType
         superexec.get_executor = lambda *a, **k: fork_executor()
-        certs = rest[rest.index("--root-certificates") + 1] if "--root-certificates" in rest else None
-        superexec.run_superexec(runtime_api_address=f"127.0.0.1:{args.port}", insecure="--insecure" in rest,
-                                root_certificates_path=certs, parent_pid=supernode.pid,
+        # the SuperExec talks to this node's own Runtime API (127.0.0.1, plaintext unless the node serves it with
+        # --ssl-certfile), not to the SuperLink: its TLS settings are the Runtime API's
+        runtime_ca = option(rest, "--ssl-ca-certfile") if option(rest, "--ssl-certfile") else None
+        superexec.run_superexec(runtime_api_address=f"127.0.0.1:{args.port}", insecure=runtime_ca is None,
+                                root_certificates_path=runtime_ca, parent_pid=supernode.pid,
                                 executor_type=ExecutorType.SUBPROCESS)
     finally:
         supernode.terminate()

@@ -1,6 +1,7 @@
 """Node-local data: a real federation, where each Flower SuperNode trains on its own files and the server holds none.
 
-    flower-supernode --insecure --superlink HOST:9092 --node-config 'data-root="/data/site1"'
+    python -m fedengines.flower_exec --root-certificates ca.crt --auth-supernode-private-key key \
+        --superlink HOST:PORT --node-config 'data-root="/data/site1"'      # docs/engines.md: credentials, enrolment
     flwr run . CONNECTION --run-config "config='configs/smoke.yaml' mode='node-local' ..."
 
 A node's data root holds `images/` (image files, in class folders or not), `audio/` (audio files, e.g. the
@@ -182,7 +183,7 @@ class NodeFederation:
 def write_demo_node(root: Path, cfg: DataConfig, images: int = 0, clips: int = 0, seed: int = 0) -> Path:
     """A node data root of seeded synthetic files in the node layout (PNG images of the config's side, in two class
     folders; one-second-style WAV tones of the config's clip length, with a labels.csv): for trying a deployment,
-    the tests and bench_engines.py. Real nodes hold real files in the same layout."""
+    the tests and scripts/bench_engines.py. Real nodes hold real files in the same layout."""
     import wave
     from PIL import Image
     rng = np.random.default_rng(seed)

@@ -1,12 +1,15 @@
 """What each engine costs: the same federated work in process, under Flower's Simulation Engine, under torchrun and
 in Flower deployments on 127.0.0.1, in one run, with wall time and the ratio to in-process.
 
-    python bench_engines.py                                   # configs/tables_cpu.yaml, 3 rounds -> results/bench_engines.json
-    python bench_engines.py --config configs/default.yaml --rounds 5 --nproc 2 --repeats 2
-    python bench_engines.py --config configs/smoke.yaml --rounds 5 --repeats 2 --engines inprocess flower_sim \
+    python scripts/bench_engines.py                                   # configs/tables_cpu.yaml, 3 rounds -> results/bench_engines.json
+    python scripts/bench_engines.py --config configs/default.yaml --rounds 5 --nproc 2 --repeats 2
+    python scripts/bench_engines.py --config configs/smoke.yaml --rounds 5 --repeats 2 --engines inprocess flower_sim \
         torchrun flower_deploy flower_deploy_cold flower_nodes       # deployed rounds (docs/performance.md)
+    python scripts/bench_engines.py --config configs/smoke.yaml --rounds 5 --repeats 3 \
+        --engines flower_deploy_insecure flower_deploy                # what TLS + node authentication cost
 
-Deployments: flower_deploy is partitioned over --nproc warm SuperNodes (flower_exec.py), flower_deploy_cold over
+Deployments (TLS and node authentication, as deployed): flower_deploy is partitioned over --nproc warm SuperNodes
+(fedengines/flower_exec.py), flower_deploy_insecure the same in plaintext with any node admitted, flower_deploy_cold over
 Flower's own, flower_nodes node-local with one warm SuperNode per client of the partition, holding that client's
 number of (synthetic) images and clips: the same work, other values, so other weights. For Flower engines the mean
 of what a ClientApp spent on its start, its data and its training is printed beside the times.
@@ -39,10 +42,12 @@ from pathlib import Path
 
 import torch
 
-from deploy import LocalDeployment, free_port
-from settings import int_at_least
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
-ROOT = Path(__file__).resolve().parent
+from fedengines.localhost import LocalDeployment, free_port  # noqa: E402
+from settings import int_at_least  # noqa: E402
+
 
 
 def commands(engine: str, base: list[str], out: Path, args) -> list[str]:
@@ -54,12 +59,12 @@ def commands(engine: str, base: list[str], out: Path, args) -> list[str]:
                 "--master_addr=127.0.0.1", f"--master_port={free_port()}", "pretrain.py", *base,
                 f"--run.threads={per}", f"--run.out_dir={out}"]
     if engine == "flower_sim":
-        return [sys.executable, "flower_app.py", f"--supernodes={args.nproc}", f"--client-cpus={per}",
+        return [sys.executable, "-m", "fedengines.flower_app", f"--supernodes={args.nproc}", f"--client-cpus={per}",
                 f"--client-gpus={args.client_gpus}", *base, f"--run.threads={per}", f"--run.out_dir={out}"]
     raise ValueError(engine)
 
 
-DEPLOYED = ("flower_deploy", "flower_deploy_cold", "flower_nodes")
+DEPLOYED = ("flower_deploy", "flower_deploy_insecure", "flower_deploy_cold", "flower_nodes")
 
 
 def node_folders(base: list[str], work: Path) -> list[Path]:
@@ -67,7 +72,7 @@ def node_folders(base: list[str], work: Path) -> list[Path]:
     clips as that client: the same samples per client, steps and batches as the other engines, other pixel values."""
     from catalog import load_data
     from engine import PretrainConfig, make_clients
-    from nodes import load_node_local_config, write_demo_node
+    from fedengines.nodes import load_node_local_config, write_demo_node
     from settings import load_config
     cfg = load_config(PretrainConfig, base[0], base[1:])
     parts = make_clients(cfg, load_data(cfg.data, "cpu", progress=False))
@@ -77,11 +82,12 @@ def node_folders(base: list[str], work: Path) -> list[Path]:
 
 
 def deployed(engine: str, base: list[str], out: Path, args, roots: list[Path]) -> subprocess.CompletedProcess:
-    """A localhost deployment (deploy.LocalDeployment): partitioned over --nproc SuperNodes (warm, or Flower's own
-    with _cold), or node-local with one SuperNode per client folder."""
+    """A localhost deployment (fedengines.localhost.LocalDeployment), TLS and node authentication unless _insecure:
+    partitioned over --nproc SuperNodes (warm, or Flower's own with _cold), or node-local with one SuperNode per
+    client folder."""
     per = max(1, args.threads // args.nproc)
     local = engine == "flower_nodes"
-    with LocalDeployment(out.parent / f"{engine}_logs") as d:
+    with LocalDeployment(out.parent / f"{engine}_logs", insecure=engine.endswith("_insecure")) as d:
         for i in range(len(roots) if local else args.nproc):
             d.add_node(roots[i] if local else None, warm=engine != "flower_deploy_cold")
         run = d.run(Path(base[0]).resolve(), [*base[1:], f"--run.threads={per}", f"--run.out_dir={out}"],
@@ -124,8 +130,9 @@ def main(argv=None):
     p.add_argument("--repeats", type=int_at_least(1), default=1)
     p.add_argument("--engines", nargs="+", default=["inprocess", "flower_sim", "torchrun"],
                    choices=["inprocess", "flower_sim", "torchrun", *DEPLOYED],
-                   help="deployments on 127.0.0.1: flower_deploy (partitioned, --nproc warm SuperNodes of "
-                        "flower_exec.py), flower_deploy_cold (Flower's own SuperNodes), flower_nodes (node-local: "
+                   help="deployments on 127.0.0.1, TLS + node authentication: flower_deploy (partitioned, --nproc warm "
+                        "SuperNodes of fedengines/flower_exec.py), flower_deploy_insecure (the same in plaintext, any "
+                        "node admitted), flower_deploy_cold (Flower's own SuperNodes), flower_nodes (node-local: "
                         "one warm SuperNode per client, holding that client's number of samples)")
     p.add_argument("--out", default="results/bench_engines.json")
     p.add_argument("overrides", nargs="*", help="more --key=value overrides for every engine (after --)")

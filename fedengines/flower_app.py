@@ -1,6 +1,6 @@
 """The Flower engine: our federation as a Flower App (a ServerApp and a ClientApp on flwr's Message API).
 
-    python flower_app.py CONFIG [--key=value ...] [--resume] [--supernodes 2]   # Flower's Simulation Engine
+    python -m fedengines.flower_app CONFIG [--key=value ...] [--resume] [--supernodes 2]   # Flower's Simulation Engine
     flwr run . CONNECTION --run-config "config='CONFIG' overrides='--key=value ...' [mode='node-local']"   # a SuperLink
 
 The ServerApp is `pretrain.py`'s run (pretraining.cli) with a Flower engine: it samples clients with our
@@ -12,9 +12,9 @@ finetune.py and paper_tables.py read a Flower run unchanged and --resume continu
 `engine.Clients.update`, the client function of every engine. Two modes (run config `mode`):
 - partitioned: every node holds the config's dataset and the server's partition; client i goes to the i % S-th of
   S SuperNodes (ids sorted); on the same config and seed the global weights equal the in-process run's;
-- node-local: each SuperNode trains on its own files (nodes.py; `--node-config 'data-root="..."'`); `enlist` asks
+- node-local: each SuperNode trains on its own files (fedengines/nodes.py; `--node-config 'data-root="..."'`); `enlist` asks
   the nodes what they hold before round 1, and client i is the i-th accepted node.
-docs/engines.md has the commands; flower_exec.py is a warm SuperNode, deploy.py a localhost deployment.
+docs/engines.md has the commands; fedengines/flower_exec.py is a warm SuperNode, deploy.py a localhost deployment.
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
-import nodes as nodes_mod
+from fedengines import nodes as nodes_mod
 import pretraining
 import runtime
 from engine import Clients, PretrainConfig
@@ -43,7 +43,7 @@ from local_update import lr_at
 from modality_specs import MODALITIES
 from settings import ConfigError, UserError, build_dataclass, to_dict
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]  # the app: pyproject.toml, configs/, the method's modules
 
 
 def pack(state: dict) -> ArrayRecord:
@@ -203,7 +203,7 @@ def enlist(grid: Grid, argv: list, min_nodes: int, timeout: float) -> tuple[list
 
 
 server_app = ServerApp()
-_SIM = {}  # python flower_app.py: the argv for the ServerApp, and what it raised (it runs in a thread)
+_SIM = {}  # python -m fedengines.flower_app: the argv for the ServerApp, and what it raised (it runs in a thread)
 
 
 @server_app.main()
@@ -301,7 +301,7 @@ def client_train(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"arrays": pack(shared), "metrics": MetricRecord(metrics)}), reply_to=msg)
 
 
-# ----------------------------------------------------------------------------- python flower_app.py: simulation
+# -------------------------------------------------------------------- python -m fedengines.flower_app: simulation
 
 def simulate(argv, supernodes: int = 2, client_cpus: float = 1.0, client_gpus: float = 0.0) -> None:
     """Run pretrain.py's federation (argv as for pretrain.py) under Flower's Simulation Engine with
@@ -311,7 +311,7 @@ def simulate(argv, supernodes: int = 2, client_cpus: float = 1.0, client_gpus: f
     _SIM.clear()
     _SIM["argv"] = list(argv)
     resources = {"num_cpus": client_cpus, "num_gpus": client_gpus}
-    os.environ["FSSUAVL_LAUNCHER"] = f"python flower_app.py --supernodes {supernodes}"  # the resume advice
+    os.environ["FSSUAVL_LAUNCHER"] = f"python -m fedengines.flower_app --supernodes {supernodes}"  # the resume advice
     # Ray as Flower's backend would start it, but here, so that our handlers are installed after Ray's: Ray hands
     # SIGTERM to abseil's failure handler, which aborts the process 3 s later (exit 134, no resume line)
     import ray
@@ -350,5 +350,5 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":  # through the module, so Ray's workers import the apps by name instead of unpickling copies
-    import flower_app
+    from fedengines import flower_app
     flower_app.main()
