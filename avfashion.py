@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import io
 import os
 import shutil
 import subprocess
@@ -16,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import soundfile
 import torch
 
 from data import (DataConfig, DataError, ModalityData, cache_root, expected_audio_shape, logmel_stats, pick_tier, read_npz,
@@ -82,23 +84,16 @@ def _run_espeak(args: list[str]) -> bytes:
 
 
 def wav_bytes_to_array(raw: bytes) -> tuple[np.ndarray, int]:
-    """16-bit PCM WAV bytes -> (int16 samples, rate). Tolerates espeak-ng's streamed header, whose
-    size fields are placeholders."""
-    if raw[:4] != b"RIFF" or raw[8:12] != b"WAVE":
-        raise DataError("not a RIFF/WAVE stream")
-    pos, rate, bits = 12, None, None
-    while pos + 8 <= len(raw):
-        cid, size = raw[pos:pos + 4], int.from_bytes(raw[pos + 4:pos + 8], "little")
-        if cid == b"fmt ":
-            rate = int.from_bytes(raw[pos + 12:pos + 16], "little")
-            bits = int.from_bytes(raw[pos + 22:pos + 24], "little")
-        if cid == b"data":
-            if bits != 16:
-                raise DataError(f"expected 16-bit PCM, got {bits} bits")
-            body = raw[pos + 8:]
-            return np.frombuffer(body[: len(body) // 2 * 2], dtype="<i2").astype(np.int16), rate
-        pos += 8 + size
-    raise DataError("WAV stream has no data chunk")
+    """16-bit PCM WAV bytes -> (int16 samples, rate), read by libsndfile (soundfile), which takes espeak-ng's
+    streamed header (its size fields are placeholders) as it is."""
+    try:
+        info = soundfile.info(io.BytesIO(raw))
+        if info.subtype != "PCM_16":
+            raise DataError(f"expected 16-bit PCM, got {info.subtype}")
+        wav, rate = soundfile.read(io.BytesIO(raw), dtype="int16")
+    except (RuntimeError, soundfile.LibsndfileError) as e:
+        raise DataError(f"not a readable WAV stream ({e})") from e
+    return wav, rate
 
 
 def synthesize(word: str, voice: tuple[str, str, int, int]) -> np.ndarray:

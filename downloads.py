@@ -125,11 +125,13 @@ def _download(url: str, part: Path, progress: bool, name: str) -> None:
 
 
 def _digest(path: Path, algo: str) -> str:
-    h = hashlib.new(algo)
     with open(path, "rb") as f:
+        if hasattr(hashlib, "file_digest"):  # Python 3.11+
+            return hashlib.file_digest(f, algo).hexdigest()
+        h = hashlib.new(algo)
         while chunk := f.read(1 << 22):
             h.update(chunk)
-    return h.hexdigest()
+        return h.hexdigest()
 
 
 def _extract(name: str, part: Path, root: Path, archive: Archive, work: Path) -> None:

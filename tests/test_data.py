@@ -53,6 +53,22 @@ def test_wav_bytes_with_streamed_header():
            + b"data" + struct.pack("<I", 0x7FFFF000) + pcm.tobytes())  # size fields are placeholders
     wav, rate = wav_bytes_to_array(raw)
     assert rate == 22050 and np.array_equal(wav, pcm)
+    with pytest.raises(DataError, match="expected 16-bit PCM, got PCM_U8"):
+        wav_bytes_to_array(raw.replace(fmt, struct.pack("<HHIIHH", 1, 1, 22050, 22050, 1, 8)))
+    with pytest.raises(DataError, match="not a readable WAV stream"):
+        wav_bytes_to_array(b"RIFX" + raw[4:])
+
+
+def test_soundfile_reads_espeak_ng_bit_for_bit_as_the_hand_parser_did():
+    """The parser it replaced: 16-bit samples from the data chunk on, whatever the size fields say."""
+    import shutil
+    if shutil.which("espeak-ng") is None:
+        pytest.skip("needs espeak-ng")
+    from avfashion import _run_espeak
+    raw = _run_espeak(["-v", "en-us+m3", "-s", "160", "-p", "50", "--stdout", "seven"])
+    body = raw[raw.index(b"data") + 8:]
+    wav, rate = wav_bytes_to_array(raw)
+    assert rate == int.from_bytes(raw[24:28], "little") and np.array_equal(wav, np.frombuffer(body, "<i2"))
 
 
 def test_trim_and_centre():
