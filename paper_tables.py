@@ -61,11 +61,12 @@ def variant_overrides(path: str | Path) -> list[str]:
     return list(flat({k: v for k, v in raw.items() if k not in ("base", "run")}))
 
 
-# the paper's plain recipe: plain FedAvg weighting, ordinary shared BN with EMA statistics
+# the paper's plain recipe: global average pooling, plain FedAvg weighting, ordinary shared BN with EMA statistics
 PAPER_PLAIN = variant_overrides(Path(__file__).parent / "configs" / "paper_plain.yaml")
 # Table 5: each of our additions toggled alone against the default (name, label, overrides)
 ABLATIONS = [
-    ("paper_plain", "paper's plain recipe (all three additions off)", PAPER_PLAIN),
+    ("paper_plain", "paper's plain recipe (all four additions off)", PAPER_PLAIN),
+    ("pool_avg", "global average pooling (not the time read-out)", ["--model.pool=avg"]),
     ("bn_shared", "shared BN running statistics (not per modality)", ["--model.bn_stats=shared"]),
     ("weighting_total", "plain FedAvg weighting (not per modality)", ["--fed.weighting=total"]),
     ("bn_ema", "EMA BN statistics, momentum 0.1 (not cumulative)", ["--model.bn_momentum=0.1"]),

@@ -142,7 +142,7 @@ def test_a_block_of_uncorrected_tests_says_how_many_would_pass_by_chance():
 def test_the_paper_plain_variant_is_read_from_its_config_file():
     """Table 5's paper-plain row runs exactly the lines configs/paper_plain.yaml adds to its base."""
     assert sorted(paper_tables.PAPER_PLAIN) == ["--fed.weighting=total", "--model.bn_momentum=0.1",
-                                                "--model.bn_stats=shared"]
+                                                "--model.bn_stats=shared", "--model.pool=avg"]
 
 
 def test_monitor_agreement_is_spearmans_rho_over_the_logged_rounds(tmp_path):
