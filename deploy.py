@@ -44,16 +44,26 @@ def parse_certs_args(argv):
     p.add_argument("--add-nodes", type=int_at_least(1), default=0, metavar="N",
                    help="N more sites under the CA already in OUT")
     p.add_argument("--days", type=int_at_least(1), default=365, help="validity of the CA and the SuperLink's certificate")
+    p.add_argument("--check", action="store_true",
+                   help="write nothing: check OUT's files (valid now, signed by its CA, naming every --host; each "
+                        "site's key private and of the right kind), as the SuperLink's and the sites' machines need")
     return p.parse_args(argv)
 
 
 def certs(argv) -> None:
     a = parse_certs_args(argv)
+    out = Path(a.out)
     try:
+        if a.check:
+            credentials.check_server_files(out / "ca.crt", out / "superlink" / "server.crt",
+                                           out / "superlink" / "server.key", a.host)
+            for name in credentials.node_names(out):
+                credentials.check_node_key(out / "supernodes" / name / "key")
+            print(f"{out}: the SuperLink's files and {len(credentials.node_names(out))} site key(s) check out")
+            return
         made = credentials.make_credentials(a.out, a.host, a.nodes + a.add_nodes, a.names, a.days)
     except credentials.CredentialError as e:
         sys.exit(f"deploy.py certs: {e}")
-    out = Path(a.out)
     if made["superlink"]:
         print(f"CA              {made['ca']} (public: every machine) and {out / 'ca.key'} (signs only: keep offline)")
         print(f"SuperLink       {made['superlink'][0].parent}/ (server.crt, server.key): the SuperLink's machine only")

@@ -2,6 +2,7 @@
 
     python deploy.py certs OUT --host superlink.example.org 10.0.0.5 --nodes 3     # a CA, the SuperLink's, 3 sites
     python deploy.py certs OUT --add-nodes 2                                       # 2 more sites, the same CA
+    python deploy.py certs OUT --check --host superlink.example.org                # check them before a start
 
 OUT/ca.crt            every machine (the SuperLink's certificate is checked against it; it is public)
 OUT/ca.key            nowhere: it only signs (keep it offline, 0600); `--add-nodes` and a re-issue need it
@@ -211,9 +212,9 @@ def check_server_files(ca, crt, key, hosts=()) -> None:
 
 def probe_superlink(address: str, ca=None, timeout: float = 10.0) -> None:
     """Before a SuperNode starts: does the SuperLink at HOST:PORT speak what this node will speak? ca=None: the
-    node would connect in plaintext (--insecure). A SuperLink not listening (yet) passes: Flower retries it.
-    Flower retries a plaintext node against a TLS SuperLink forever
-    and reports a wrong CA as a generic connection failure; this says which setting to fix."""
+    node would connect in plaintext (--insecure). Flower retries a plaintext node against a TLS SuperLink forever
+    and reports a wrong CA as a generic connection failure; this says which setting to fix. A SuperLink not
+    listening (yet) passes: Flower's own retries take it from there."""
     host, _, port = address.rpartition(":")
     host = host.strip("[]")
     try:

@@ -144,9 +144,9 @@ class LocalDeployment:
         if self.insecure:
             cmd.append("--insecure")
         else:
-            key = credentials.make_credentials(self.creds, names=[f"node{i}"])["nodes"][f"node{i}"][0]
+            key, pub = credentials.make_credentials(self.creds, names=[f"node{i}"])["nodes"][f"node{i}"]
             if enrolled:
-                self.node_ids[i] = self.register(key.with_name("key.pub"))
+                self.node_ids[i] = self.register(pub)
             cmd += [f"--root-certificates={self.creds / 'ca.crt'}", f"--auth-supernode-private-key={key}"]
         cmd += [f"--superlink=127.0.0.1:{self.link}", f"--port={port}"]
         cmd += ["--node-config", f'data-root="{Path(data_root).resolve()}"'] if data_root is not None else []

@@ -166,3 +166,11 @@ def test_deploy_certs_is_one_command(tmp_path):
     p = subprocess.run([sys.executable, "deploy.py", "certs", str(tmp_path / "c"), "--host", "x"], cwd=ROOT,
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 1 and p.stderr.count("\n") == 1 and "already holds a CA" in p.stderr
+    check = [sys.executable, "deploy.py", "certs", str(tmp_path / "c"), "--check", "--host", "127.0.0.1"]
+    p = subprocess.run(check, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and "2 site key(s) check out" in p.stdout, p.stderr
+    os.chmod(tmp_path / "c" / "supernodes" / "site1" / "key", 0o640)
+    p = subprocess.run(check[:-1] + ["10.0.0.9"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 1 and "does not name 10.0.0.9" in p.stderr  # the first thing wrong, named
+    p = subprocess.run(check, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 1 and "site1/key is readable by other users: chmod 600" in p.stderr
