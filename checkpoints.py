@@ -182,7 +182,7 @@ def refuse_restart(run_dir: str | os.PathLike) -> None:
                               f"{min(rounds)}-{max(rounds)}: starting over would rewrite them, so nothing was done. "
                               + (f"It holds {', '.join(sorted(aside))}: if you trust it, move it back to last.pt and "
                                  f"resume; " if aside else "Restore its last.pt and resume, ")
-                              + f"or start afresh with --run.overwrite=true (the old run is moved aside)")
+                              + "or start afresh with --run.overwrite=true (the old run is moved aside)")
 
 
 # ----------------------------------------------------------------------------- the run directory

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
 
 from models import key_modality
 from runtime import derive_seed
-from settings import ConfigError, check_choice, check_range
+from settings import ConfigError, check_choice, check_range, to_dict
 from strategies import STRATEGIES, Strategy, WeightedAverage
 
 
@@ -41,10 +41,9 @@ class FedConfig:
                                         # modality's local samples; total: every key by all local samples (plain FedAvg)
     aggregation: str = "fedavg"         # server strategy, a key of strategies.STRATEGIES: fedavg | fedprox | fedavgm | ldawa |
                                         # median | trimmed_mean (docs/strategies.md)
-    trim_frac: float = 0.1              # trimmed_mean: fraction cut from each end per coordinate
-    prox_mu: float = 0.0                # FedProx (fed.aggregation=fedprox, which needs mu > 0): mu/2 ||w - w_global||^2 in the local loss
-    server_momentum: float = 0.9        # FedAvgM: beta of the server momentum on the pseudo-gradient
-    server_lr: float = 1.0              # FedAvgM: server learning rate
+    strategy: dict[str, Any] = field(default_factory=dict)  # the strategy's own hyperparameters (its Params in
+                                        # strategies.py), e.g. {server_momentum: 0.9} for fedavgm; written out in full,
+                                        # defaults included, once checked
     budget_of: str = ""                 # the centralised bound: one client holding all the data trains, in each round,
                                         # exactly the batches (count and size per modality) that the federation of this
                                         # config (a path, or a name in configs/) trains in that round with this seed;
@@ -65,33 +64,44 @@ class FedConfig:
         check_choice("fed.federation", self.federation, ("joint", "single"))
         check_choice("fed.weighting", self.weighting, ("modality", "total"))
         check_choice("fed.aggregation", self.aggregation, tuple(STRATEGIES))
-        check_range("fed.prox_mu", self.prox_mu, lo=0.0, hi=1e4)
-        check_range("fed.server_momentum", self.server_momentum, lo=0.0, hi=0.999)
-        check_range("fed.server_lr", self.server_lr, lo=0.0, lo_open=True, hi=10.0)
-        check_range("fed.trim_frac", self.trim_frac, lo=0.0, hi=0.49)
+        strategy = STRATEGIES[self.aggregation]
+        params = strategy.params_of(self)
+        strategy.check(self, params)
+        self.strategy = to_dict(params)
         if not self.modality_fractions or min(self.modality_fractions) < 0 or sum(self.modality_fractions) <= 0:
             raise ConfigError(f"fed.modality_fractions={list(self.modality_fractions)}: expected non-negative fractions "
                               f"with a positive sum, one per holding kind (two modalities: image only, audio only, both)")
-        if self.aggregation == "fedprox" and self.prox_mu == 0:
-            raise ConfigError("fed.aggregation=fedprox with fed.prox_mu=0 is plain FedAvg: give fed.prox_mu > 0 "
-                              "(e.g. 0.01), or set fed.aggregation=fedavg")
-        if self.prox_mu > 0 and self.aggregation != "fedprox":
-            raise ConfigError(f"fed.prox_mu={self.prox_mu} acts only under FedProx, but fed.aggregation="
-                              f"{self.aggregation}: set fed.aggregation=fedprox, or drop fed.prox_mu")
-        if self.aggregation == "trimmed_mean" and int(self.trim_frac * self.clients_per_round) < 1:
-            need = 1 / self.clients_per_round  # the smallest trim_frac that cuts one client per end
-            raise ConfigError(f"fed.aggregation=trimmed_mean with fed.trim_frac={self.trim_frac} and fed.clients_per_round="
-                              f"{self.clients_per_round} trims nothing (it cuts int(trim_frac x K) = 0 clients per end, "
-                              f"the plain mean): "
-                              + (f"raise fed.trim_frac to at least {need:.3g}, " if need <= 0.49 else "")
-                              + (f"raise fed.clients_per_round to at least {math.ceil(1 / self.trim_frac):d}, "
-                                 if self.trim_frac > 0 else "")
-                              + "or use fed.aggregation=median")
         if self.budget_of and (self.clients != 1 or self.order != "alternate"):
             raise ConfigError(f"fed.budget_of={self.budget_of} trains one client that holds all the data, one modality a "
                               f"step: it needs fed.clients=1 and fed.order=alternate (got {self.clients} and {self.order})")
         if self.cross_modal_negatives and self.order != "sum":
             raise ConfigError("fed.cross_modal_negatives=true needs fed.order=sum (both modalities in one step)")
+
+    @staticmethod
+    def upgrade(data: dict) -> dict:
+        """A `fed` section written before the strategies' hyperparameters moved under `fed.strategy` (checkpoints,
+        run directories, older YAML): fed.prox_mu, fed.server_momentum, fed.server_lr and fed.trim_frac move there
+        when the strategy reads them; every old config wrote all four, so one the strategy does not read is dropped
+        at its old default and refused otherwise."""
+        old = {k: data.pop(k) for k in _MOVED_TO_STRATEGY if k in data}
+        if not old:
+            return data
+        agg = data.get("aggregation", "fedavg")
+        reads = STRATEGIES[agg].Params.__dataclass_fields__ if agg in STRATEGIES else {}
+        strategy = dict(data.get("strategy") or {})
+        for k, v in old.items():
+            if k in reads:
+                strategy.setdefault(k, v)
+            elif v != _MOVED_TO_STRATEGY[k]:
+                owner = next(n for n, c in STRATEGIES.items() if k in c.Params.__dataclass_fields__)
+                raise ConfigError(f"fed.{k}={v} acts only under fed.aggregation={owner} (now fed.strategy.{k}), but "
+                                  f"fed.aggregation={agg}: set fed.aggregation={owner}, or drop fed.{k}")
+        data["strategy"] = strategy
+        return data
+
+
+# keys of FedConfig before they moved to fed.strategy, with their old defaults (FedConfig.upgrade)
+_MOVED_TO_STRATEGY = {"prox_mu": 0.0, "server_momentum": 0.9, "server_lr": 1.0, "trim_frac": 0.1}
 
 
 def sample_clients(eligible: list[int], k: int, seed: int, round_idx: int) -> list[int]:

@@ -81,8 +81,8 @@ ABLATIONS = [
 ABLATION_EVAL = ["--eval.protocols=[linear]", "--eval.label_fractions=[1.0]", "--eval.tasks=[image, audio]"]
 # --strategies: FSSUAVL under each server strategy against FedAvg (the default runs), same clients and budget
 STRATEGY_RUNS = [
-    ("fedprox", "FedProx (mu = 0.01)", ["--fed.aggregation=fedprox", "--fed.prox_mu=0.01"]),
-    ("fedavgm", "FedAvgM (server momentum 0.9, server lr 1)", ["--fed.aggregation=fedavgm", "--fed.server_momentum=0.9"]),
+    ("fedprox", "FedProx (mu = 0.01)", ["--fed.aggregation=fedprox", "--fed.strategy.prox_mu=0.01"]),
+    ("fedavgm", "FedAvgM (server momentum 0.9, server lr 1)", ["--fed.aggregation=fedavgm", "--fed.strategy.server_momentum=0.9"]),
     ("ldawa", "L-DAWA", ["--fed.aggregation=ldawa"]),
     ("median", "coordinate-wise median", ["--fed.aggregation=median"]),
 ]

@@ -28,7 +28,7 @@ from residency import MappedFileChanged
 from partition import describe_partition
 from settings import ConfigError, UserError, apply_overrides, build_dataclass, dict_diff, expand_path, load_config, \
     parse_with_overrides, to_dict
-from strategies import make_strategy
+from strategies import STRATEGIES, make_strategy
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.yaml"
 # keys a resumed run may change; everything else must match the checkpoint's config
@@ -55,12 +55,10 @@ def weight_norm(state: dict, keys) -> float:
 
 def likely_cause(cfg: PretrainConfig) -> str:
     """The setting most likely behind a run that blew up or diverged, named for the user to change."""
-    fed = cfg.fed
-    if fed.aggregation == "fedavgm" and (fed.server_lr > 1 or fed.server_momentum > 0.95):
-        return (f"the server step: lower fed.server_lr ({fed.server_lr:g}) or fed.server_momentum "
-                f"({fed.server_momentum:g})")
-    if fed.aggregation == "fedprox" and fed.prox_mu * cfg.optim.peak_lr >= 1:
-        return f"FedProx's term: lower fed.prox_mu ({fed.prox_mu:g}; mu x lr >= 1 overshoots the global weights)"
+    strategy = STRATEGIES[cfg.fed.aggregation]
+    cause = strategy.likely_cause(strategy.params_of(cfg.fed), cfg.optim.peak_lr)
+    if cause:
+        return cause
     if cfg.loss.name == "nt_xent" and cfg.loss.tau < 0.05:
         return f"the temperature: raise loss.tau ({cfg.loss.tau:g}; SimCLR uses 0.1-0.5)"
     return (f"the learning rate: lower optim.lr (effective {cfg.optim.peak_lr:g}), or set optim.grad_clip"

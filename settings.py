@@ -166,6 +166,8 @@ def build_dataclass(cls, data: dict | None, prefix: str = ""):
     data = {} if data is None else data
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    if hasattr(cls, "upgrade"):  # a section that renamed or moved keys reads its older spelling
+        data = cls.upgrade(dict(data))
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(data) - set(names))

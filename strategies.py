@@ -2,13 +2,19 @@
 global model (FedAvg, FedProx, FedAvgM, L-DAWA, coordinate-wise median and trimmed mean), each one small class
 behind one STRATEGIES key, with the state it keeps across rounds (saved in last.pt, so resume stays exact) and,
 where the method has one, the client-side hook it adds to local training (FedProx's proximal term).
-A new strategy is one subclass and one STRATEGIES entry.
+A strategy's own hyperparameters live with it, as its `Params` dataclass, set under `fed.strategy` in a config
+(`--fed.strategy.server_momentum=0.9`); a key the chosen strategy does not read is refused, naming the ones it does.
+A new strategy is one subclass (with its Params, if it has any) and one STRATEGIES entry, in this file.
 """
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
+
+from settings import ConfigError, build_dataclass, check_range
 
 class WeightedAverage:
     """Streaming FedAvg: fold each client's state dict in as it arrives (sum of w_k * theta_k in fp64
@@ -133,10 +139,38 @@ class Strategy:
     """A server strategy, in the spirit of Flower's aggregate.py: each round `accumulator` returns the object
     that folds client states in as they arrive (so clients can stream), and `step` turns it and the previous
     global state into the new global tensors. State kept across rounds lives in `state_dict` and is saved in
-    last.pt, so --resume stays bit-identical. A new strategy is one subclass and one STRATEGIES entry."""
+    last.pt, so --resume stays bit-identical. Its hyperparameters are its `Params` dataclass (none here), built
+    from the config's `fed.strategy` mapping by `params_of`. A new strategy is one subclass and one STRATEGIES
+    entry."""
+
+    @dataclass
+    class Params:
+        pass
 
     def __init__(self, fed, param_keys=()):
         self.fed, self.param_keys = fed, set(param_keys)
+        self.params = self.params_of(fed)
+
+    @classmethod
+    def params_of(cls, fed) -> "Strategy.Params":
+        """This strategy's hyperparameters from `fed.strategy`, checked: an unknown key names the known ones."""
+        known = [f for f in cls.Params.__dataclass_fields__]
+        unknown = sorted(set(fed.strategy) - set(known))
+        if unknown:
+            owner = next((n for n, c in STRATEGIES.items() if unknown[0] in c.Params.__dataclass_fields__), None)
+            raise ConfigError(f"fed.strategy.{unknown[0]} is not a hyperparameter of fed.aggregation={fed.aggregation} "
+                              + (f"(it takes {', '.join(known)})" if known else "(it takes none)")
+                              + (f"; it belongs to fed.aggregation={owner}" if owner else ""))
+        return build_dataclass(cls.Params, dict(fed.strategy), "fed.strategy.")
+
+    @classmethod
+    def check(cls, fed, params) -> None:
+        """Checks that need the rest of the federation's config (the number of clients a round, ...)."""
+
+    @classmethod
+    def likely_cause(cls, params, peak_lr: float) -> Optional[str]:
+        """The hyperparameter of this strategy most likely behind a run that blew up, or None."""
+        return None
 
     def accumulator(self, global_state: dict[str, torch.Tensor]):
         return WeightedAverage()
@@ -177,11 +211,26 @@ class FedAvg(Strategy):
 
 
 class FedProx(FedAvg):
-    """Li et al. 2020: FedAvg on the server; the clients add mu/2 ||w - w_global||^2 (fed.prox_mu) to their loss."""
+    """Li et al. 2020: FedAvg on the server; the clients add mu/2 ||w - w_global||^2 (fed.strategy.prox_mu) to
+    their loss."""
+
+    @dataclass
+    class Params:
+        prox_mu: float = 0.01           # mu of the proximal term (0 would be plain FedAvg: refused)
+
+        def __post_init__(self):
+            check_range("fed.strategy.prox_mu", self.prox_mu, lo=0.0, lo_open=True, hi=1e4)
 
     @classmethod
     def client_hook(cls, fed) -> "ProximalTerm":
-        return ProximalTerm(fed.prox_mu)
+        return ProximalTerm(cls.params_of(fed).prox_mu)
+
+    @classmethod
+    def likely_cause(cls, params, peak_lr):
+        if params.prox_mu * peak_lr >= 1:
+            return (f"FedProx's term: lower fed.strategy.prox_mu ({params.prox_mu:g}; mu x lr >= 1 overshoots the "
+                    f"global weights)")
+        return None
 
 
 class FedAvgM(Strategy):
@@ -190,10 +239,26 @@ class FedAvgM(Strategy):
     plain average, as they are statistics, not weights being optimised. With beta = 0 and server_lr = 1 the
     average is returned as it is, so it equals FedAvg bit for bit (w - (w - a) would round)."""
 
+    @dataclass
+    class Params:
+        server_momentum: float = 0.9    # beta of the server momentum on the pseudo-gradient
+        server_lr: float = 1.0          # the server's learning rate (its effective step is server_lr / (1 - beta))
+
+        def __post_init__(self):
+            check_range("fed.strategy.server_momentum", self.server_momentum, lo=0.0, hi=0.999)
+            check_range("fed.strategy.server_lr", self.server_lr, lo=0.0, lo_open=True, hi=10.0)
+
     def __init__(self, fed, param_keys=()):
         super().__init__(fed, param_keys)
-        self.beta, self.lr = fed.server_momentum, fed.server_lr
+        self.beta, self.lr = self.params.server_momentum, self.params.server_lr
         self.v: dict[str, torch.Tensor] = {}
+
+    @classmethod
+    def likely_cause(cls, params, peak_lr):
+        if params.server_lr > 1 or params.server_momentum > 0.95:
+            return (f"the server step: lower fed.strategy.server_lr ({params.server_lr:g}) or "
+                    f"fed.strategy.server_momentum ({params.server_momentum:g})")
+        return None
 
     def step(self, global_state, acc):
         avg = acc.result(global_state)
@@ -233,10 +298,29 @@ class Median(Strategy):
 
 
 class TrimmedMean(Strategy):
-    """Coordinate-wise trimmed mean, cutting fed.trim_frac at each end (Yin et al. 2018)."""
+    """Coordinate-wise trimmed mean, cutting fed.strategy.trim_frac at each end (Yin et al. 2018)."""
+
+    @dataclass
+    class Params:
+        trim_frac: float = 0.1          # fraction cut from each end per coordinate
+
+        def __post_init__(self):
+            check_range("fed.strategy.trim_frac", self.trim_frac, lo=0.0, hi=0.49)
+
+    @classmethod
+    def check(cls, fed, params):
+        frac, k = params.trim_frac, fed.clients_per_round
+        if int(frac * k) < 1:
+            need = 1 / k  # the smallest trim_frac that cuts one client per end
+            raise ConfigError(f"fed.aggregation=trimmed_mean with fed.strategy.trim_frac={frac} and "
+                              f"fed.clients_per_round={k} trims nothing (it cuts int(trim_frac x K) = 0 clients per "
+                              f"end, the plain mean): "
+                              + (f"raise fed.strategy.trim_frac to at least {need:.3g}, " if need <= 0.49 else "")
+                              + (f"raise fed.clients_per_round to at least {math.ceil(1 / frac):d}, " if frac > 0 else "")
+                              + "or use fed.aggregation=median")
 
     def accumulator(self, global_state):
-        return CoordinateRobust("trimmed_mean", self.fed.trim_frac)
+        return CoordinateRobust("trimmed_mean", self.params.trim_frac)
 
 
 STRATEGIES = {"fedavg": FedAvg, "fedprox": FedProx, "fedavgm": FedAvgM, "ldawa": LDAWA, "median": Median,

@@ -34,11 +34,11 @@ BASE = ["configs/smoke.yaml", "--fed.clients=4", "--fed.clients_per_round=3", "-
         "--run.progress=false", "--run.final_probe=false", "--run.eval_every=0", "--run.device=cpu", *TINY]
 CASES = {
     "fedavg": [],
-    "fedprox": ["--fed.aggregation=fedprox", "--fed.prox_mu=0.01"],
-    "fedavgm": ["--fed.aggregation=fedavgm", "--fed.server_momentum=0.9"],
+    "fedprox": ["--fed.aggregation=fedprox", "--fed.strategy.prox_mu=0.01"],
+    "fedavgm": ["--fed.aggregation=fedavgm", "--fed.strategy.server_momentum=0.9"],
     "ldawa": ["--fed.aggregation=ldawa"],
     "median": ["--fed.aggregation=median"],
-    "trimmed_mean": ["--fed.aggregation=trimmed_mean", "--fed.trim_frac=0.34"],
+    "trimmed_mean": ["--fed.aggregation=trimmed_mean", "--fed.strategy.trim_frac=0.34"],
     "sum_cross_modal": ["--fed.order=sum", "--fed.cross_modal_negatives=true"],
     "private_heads": ["--model.head=per_modality", "--fed.share_head=false"],
     "paper_plain": ["--fed.weighting=total", "--model.bn_stats=shared", "--model.bn_momentum=0.1"],

@@ -7,7 +7,6 @@ mid-round; the stranger is refused and never trains; nodes with the wrong CA, in
 with one line. Every server listens on 127.0.0.1 and is killed (its whole process group) when the module's tests
 end, passed or failed."""
 import contextlib
-import json
 import os
 import re
 import signal

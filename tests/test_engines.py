@@ -55,7 +55,7 @@ def test_server_state_strategy_on_torchrun_equals_in_process(tmp_path, cache_dir
     """FedAvgM keeps server momentum: every rank steps its own copy with the same folded updates; with
     fed.share_head=false each client's own head, trained on whichever rank, reaches every rank's client_state.
     All reach the same bits as in process. (FedProx's client-side term equals in process through the digests.)"""
-    extra = ["--fed.aggregation=fedavgm", "--fed.server_momentum=0.9", "--fed.share_head=false"]
+    extra = ["--fed.aggregation=fedavgm", "--fed.strategy.server_momentum=0.9", "--fed.share_head=false"]
     a, b = tmp_path / "inprocess", tmp_path / "torchrun"
     _run([sys.executable, "pretrain.py", *_args(a, cache_dir), *extra], tmp_path / "a.log")
     _run(_torchrun(*_args(b, cache_dir), *extra), tmp_path / "b.log")
@@ -120,10 +120,11 @@ def test_flower_simulation_resumes_a_killed_run(reference, tmp_path):
 
 def test_under_torchrun_a_config_error_is_printed_once(tmp_path, cache_dir):
     with _procs() as start:
-        p = start(_torchrun(*_args(tmp_path / "run", cache_dir), "--fed.aggregation=fedprox"), tmp_path / "t.log")
+        p = start(_torchrun(*_args(tmp_path / "run", cache_dir), "--fed.aggregation=fedprox",
+                             "--fed.strategy.prox_mu=0"), tmp_path / "t.log")
         assert p.wait(timeout=120) != 0
     text = (tmp_path / "t.log").read_text()
-    assert text.count("error: fed.aggregation=fedprox with fed.prox_mu=0 is plain FedAvg") == 1, text[-3000:]
+    assert text.count("error: fed.strategy.prox_mu=0.0: must be > 0") == 1, text[-3000:]
 
 
 def test_a_lost_torchrun_rank_is_one_line_naming_the_round_and_the_resume_command(tmp_path, cache_dir):

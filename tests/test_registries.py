@@ -75,20 +75,34 @@ def test_a_new_backbone_family_is_one_builder_and_one_entry(monkeypatch):
 
 
 def test_a_new_strategy_is_one_subclass_and_one_entry(monkeypatch):
-    class Last(strategies.Strategy):
-        """Keeps the last client's state (a toy)."""
-        def accumulator(self, g):
-            return self
+    """With a hyperparameter too: its Params live in the subclass, the config reads them under fed.strategy, and
+    the checks (range, keys of another strategy) come with it; nothing outside the class names them."""
+    @dataclasses.dataclass
+    class Params:
+        step: float = 0.5                # how far toward the average
 
-        def add(self, state, weight):
-            self.state = {k: v.clone() for k, v in state.items()}
+        def __post_init__(self):
+            from settings import check_range
+            check_range("fed.strategy.step", self.step, lo=0.0, lo_open=True, hi=1.0)
 
+    class HalfStep(strategies.Strategy):
+        """A step toward the clients' average (a toy)."""
         def step(self, g, acc):
-            return acc.state
-    monkeypatch.setitem(strategies.STRATEGIES, "last", Last)
-    s = strategies.make_strategy(FedConfig(aggregation="last"))
+            avg = acc.result(g)
+            return {k: g[k] + self.params.step * (avg[k] - g[k]) for k in avg}
+    HalfStep.Params = Params
+    monkeypatch.setitem(strategies.STRATEGIES, "halfstep", HalfStep)
     ups = {i: ClientUpdate(i, {"w": torch.tensor([float(i)])}, {"image": 1}, {"steps": 1}) for i in range(3)}
-    assert run_round({"w": torch.zeros(1)}, [0, 1, 2], ups.__getitem__, strategy=s)[0]["w"].item() == 2.0
+    for fed, want in ((FedConfig(aggregation="halfstep"), 0.5), (FedConfig(aggregation="halfstep", strategy={"step": 0.25}), 0.25)):
+        s = strategies.make_strategy(fed)
+        assert run_round({"w": torch.zeros(1)}, [0, 1, 2], ups.__getitem__, strategy=s)[0]["w"].item() == want * 1.0
+    cfg = PretrainConfig(fed=FedConfig(aggregation="halfstep", strategy={"step": 0.25}))
+    assert cfg.fed.strategy == {"step": 0.25}
+    with pytest.raises(ConfigError, match=r"^fed.strategy.step=2.0: must be <= 1.0"):
+        FedConfig(aggregation="halfstep", strategy={"step": 2.0})
+    with pytest.raises(ConfigError, match=r"fed.strategy.server_lr is not a hyperparameter of fed.aggregation=halfstep "
+                                          r"\(it takes step\); it belongs to fed.aggregation=fedavgm"):
+        FedConfig(aggregation="halfstep", strategy={"server_lr": 1.0})
 
 
 def test_a_new_dataset_is_one_reader_and_one_entry(monkeypatch, tmp_path):

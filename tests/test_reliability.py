@@ -45,7 +45,9 @@ def test_a_diverged_round_ends_the_run_non_zero_and_saves_nothing_as_trained(tmp
     ("--optim.lr=1e999", "optim.lr=inf: expected a finite number"),
     ("--optim.lr=1e6", "optim.lr=1000000.0: must be <= 10.0"),
     ("--loss.tau=0.0001", "loss.tau=0.0001: must be >= 0.01"),
-    ("--fed.server_lr=100", "fed.server_lr=100.0: must be <= 10.0"),
+    ("--fed.aggregation=fedavgm --fed.strategy.server_lr=100", "fed.strategy.server_lr=100.0: must be <= 10.0"),
+    ("--fed.strategy.server_lr=0.5", "fed.strategy.server_lr is not a hyperparameter of fed.aggregation=fedavg (it takes "
+                                      "none); it belongs to fed.aggregation=fedavgm"),
     ("--optim.warmup_rounds=1000000000", "optim.warmup_rounds=1000000000 must be below fed.rounds=1"),
     ("--optim.momentum=1.5", "optim.momentum=1.5: must be <= 0.9999"),
     ("--fed.clients=1000000000", "fed.clients=1000000000: must be <= 1000000"),
@@ -362,10 +364,10 @@ def test_a_config_beside_resume_run_dir_is_refused(tmp_path):
 def test_a_trimmed_mean_that_trims_nothing_is_refused():
     from federation import FedConfig
     from settings import ConfigError
-    with pytest.raises(ConfigError, match=r"trims nothing .*raise fed.trim_frac to at least 0.2, raise fed.clients_per_round "
-                                          r"to at least 10, or use fed.aggregation=median"):
-        FedConfig(aggregation="trimmed_mean", clients_per_round=5, trim_frac=0.1, clients=10)
-    FedConfig(aggregation="trimmed_mean", clients_per_round=5, trim_frac=0.2, clients=10)  # cuts one each end
+    with pytest.raises(ConfigError, match=r"trims nothing .*raise fed.strategy.trim_frac to at least 0.2, raise "
+                                          r"fed.clients_per_round to at least 10, or use fed.aggregation=median"):
+        FedConfig(aggregation="trimmed_mean", clients_per_round=5, strategy={"trim_frac": 0.1}, clients=10)
+    FedConfig(aggregation="trimmed_mean", clients_per_round=5, strategy={"trim_frac": 0.2}, clients=10)  # cuts one each end
 
 
 def test_a_checkpoint_without_its_digest_is_refused_unless_accepted_knowingly(tmp_path, monkeypatch, capsys):
@@ -461,9 +463,9 @@ def test_the_likely_cause_names_the_setting_that_caused_it():
     from federation import FedConfig
     from losses import LossConfig
     from pretraining import likely_cause
-    assert "fed.server_lr" in likely_cause(PretrainConfig(fed=FedConfig(aggregation="fedavgm", server_lr=5.0)))
-    prox = PretrainConfig(fed=FedConfig(aggregation="fedprox", prox_mu=1e4))
-    assert "lower fed.prox_mu" in likely_cause(prox) and "optim.lr" not in likely_cause(prox)
+    assert "fed.strategy.server_lr" in likely_cause(PretrainConfig(fed=FedConfig(aggregation="fedavgm", strategy={"server_lr": 5.0})))
+    prox = PretrainConfig(fed=FedConfig(aggregation="fedprox", strategy={"prox_mu": 1e4}))
+    assert "lower fed.strategy.prox_mu" in likely_cause(prox) and "optim.lr" not in likely_cause(prox)
     assert "raise loss.tau" in likely_cause(PretrainConfig(loss=LossConfig(tau=0.02)))
     assert "lower optim.lr" in likely_cause(PretrainConfig())
 
@@ -489,6 +491,6 @@ def test_a_trimmed_mean_refusal_gives_only_advice_that_can_be_followed():
     from federation import FedConfig
     from settings import ConfigError
     with pytest.raises(ConfigError) as e:
-        FedConfig(aggregation="trimmed_mean", clients_per_round=2, trim_frac=0.49, clients=4)
+        FedConfig(aggregation="trimmed_mean", clients_per_round=2, strategy={"trim_frac": 0.49}, clients=4)
     assert str(e.value).endswith("the plain mean): raise fed.clients_per_round to at least 3, or use fed.aggregation=median")
-    FedConfig(aggregation="trimmed_mean", clients_per_round=3, trim_frac=0.49, clients=4)  # that advice, followed
+    FedConfig(aggregation="trimmed_mean", clients_per_round=3, strategy={"trim_frac": 0.49}, clients=4)  # that advice, followed

@@ -29,13 +29,13 @@ def test_every_registered_strategy_runs_a_round():
     g = {"w": torch.tensor([1.0, 2.0]), "bn.running_mean": torch.tensor([0.5]), "bn.num_batches_tracked": torch.tensor(3)}
     clients = [{k: v + i if v.is_floating_point() else v for k, v in g.items()} for i in range(3)]
     for name in STRATEGIES:
-        fed = FedConfig(aggregation=name, prox_mu=0.01 if name == "fedprox" else 0.0)
+        fed = FedConfig(aggregation=name)  # each strategy at its own defaults
         out = _round(make_strategy(fed, {"w"}), g, clients)
         assert out.keys() == g.keys() and out["bn.num_batches_tracked"].item() == 3, name
 
 
 def test_fedavgm_by_hand_over_two_rounds():
-    fed = FedConfig(aggregation="fedavgm", server_momentum=0.9, server_lr=1.0)
+    fed = FedConfig(aggregation="fedavgm", strategy={"server_momentum": 0.9, "server_lr": 1.0})
     s = make_strategy(fed, param_keys={"w"})
     g = {"w": torch.tensor([1.0]), "bn.running_mean": torch.tensor([1.0])}
     # round 1: average 0.5, pseudo-gradient d = 0.5, v = 0.5, w = 1 - 0.5 = 0.5; the buffer takes the plain average
@@ -54,7 +54,7 @@ def test_fedavgm_without_momentum_and_fedprox_server_equal_fedavg_bit_for_bit():
     clients = [{k: v + 0.1 * torch.randn(v.shape, generator=gen) for k, v in g.items()} for _ in range(4)]
     samples = [{"image": n} for n in (3, 7, 1, 5)]
     ref = _round(make_strategy(FedConfig()), g, clients, samples)
-    for fed in (FedConfig(aggregation="fedavgm", server_momentum=0.0, server_lr=1.0), FedConfig(aggregation="fedprox", prox_mu=0.01)):
+    for fed in (FedConfig(aggregation="fedavgm", strategy={"server_momentum": 0.0, "server_lr": 1.0}), FedConfig(aggregation="fedprox", strategy={"prox_mu": 0.01})):
         out = _round(make_strategy(fed, {"a", "b"}), g, clients, samples)
         assert all(torch.equal(out[k], ref[k]) for k in g)
 
@@ -84,12 +84,12 @@ def test_median_and_trimmed_mean_through_the_interface():
     cols = [(1.0, -7.0), (2.0, 0.0), (100.0, 1.0), (4.0, 5.0), (10.0, 30.0)]  # sorted: 1 2 4 10 100 | -7 0 1 5 30
     clients = [{"w": torch.tensor(c)} for c in cols]
     med = _round(make_strategy(FedConfig(aggregation="median")), g, clients)["w"]
-    tm = _round(make_strategy(FedConfig(aggregation="trimmed_mean", trim_frac=0.2)), g, clients)["w"]  # cuts 1 per end
+    tm = _round(make_strategy(FedConfig(aggregation="trimmed_mean", strategy={"trim_frac": 0.2})), g, clients)["w"]  # cuts 1 per end
     assert med.tolist() == [4.0, 1.0]
     assert tm.tolist() == pytest.approx([(2 + 4 + 10) / 3, (0 + 1 + 5) / 3])
     mean = torch.tensor(cols).mean(0)
     assert (tm - med).abs().min() > 0.5 and (tm - mean).abs().min() > 0.5
-    tm40 = _round(make_strategy(FedConfig(aggregation="trimmed_mean", trim_frac=0.4)), g, clients)["w"]  # cuts 2
+    tm40 = _round(make_strategy(FedConfig(aggregation="trimmed_mean", strategy={"trim_frac": 0.4})), g, clients)["w"]  # cuts 2
     assert tm40.tolist() == [4.0, 1.0]  # with two cut per end of five, only the middle one is left
 
 
@@ -103,12 +103,31 @@ def _args(out, cache_dir, *extra):
 def test_fedprox_is_switched_by_its_strategy_and_a_term_that_does_nothing_is_refused():
     """fed.aggregation=fedprox turns the proximal term on; FedProx with mu = 0 (plain FedAvg) and mu under another
     strategy (FedProx logged as that strategy) are errors that name the fix."""
-    assert isinstance(STRATEGIES["fedprox"].client_hook(FedConfig(aggregation="fedprox", prox_mu=0.5)), ProximalTerm)
+    assert STRATEGIES["fedprox"].client_hook(FedConfig(aggregation="fedprox", strategy={"prox_mu": 0.5})).mu == 0.5
+    assert STRATEGIES["fedprox"].client_hook(FedConfig(aggregation="fedprox")).mu == 0.01  # its Params' default
     assert all(STRATEGIES[n].client_hook(FedConfig(aggregation=n)) is None for n in STRATEGIES if n != "fedprox")
-    with pytest.raises(ConfigError, match=r"fedprox with fed.prox_mu=0 is plain FedAvg: give fed.prox_mu > 0"):
-        FedConfig(aggregation="fedprox")
-    with pytest.raises(ConfigError, match=r"fed.prox_mu=0.01 acts only under FedProx.*set fed.aggregation=fedprox"):
-        FedConfig(aggregation="fedavgm", prox_mu=0.01)
+    with pytest.raises(ConfigError, match=r"^fed.strategy.prox_mu=0.0: must be > 0"):
+        FedConfig(aggregation="fedprox", strategy={"prox_mu": 0})
+    with pytest.raises(ConfigError, match=r"^fed.strategy.prox_mu is not a hyperparameter of fed.aggregation=fedavgm "
+                                          r"\(it takes server_momentum, server_lr\); it belongs to fed.aggregation=fedprox"):
+        FedConfig(aggregation="fedavgm", strategy={"prox_mu": 0.01})
+
+
+def test_a_strategy_writes_out_its_hyperparameters_and_reads_their_older_spelling():
+    """fed.strategy is written out in full (defaults included) once checked; a config or checkpoint of the older
+    spelling (fed.prox_mu, ... beside fed.aggregation: every old config wrote all four) reads the same."""
+    from settings import build_dataclass, to_dict
+    assert FedConfig(aggregation="fedavgm", strategy={"server_lr": 0.5}).strategy == {"server_momentum": 0.9,
+                                                                                       "server_lr": 0.5}
+    assert FedConfig().strategy == {}
+    old = {"aggregation": "fedprox", "prox_mu": 0.05, "server_momentum": 0.9, "server_lr": 1.0, "trim_frac": 0.1}
+    assert to_dict(build_dataclass(FedConfig, old, "fed.")) == to_dict(FedConfig(aggregation="fedprox",
+                                                                                  strategy={"prox_mu": 0.05}))
+    old_default = {"aggregation": "fedavg", "prox_mu": 0.0, "server_momentum": 0.9, "server_lr": 1.0, "trim_frac": 0.1}
+    assert build_dataclass(FedConfig, old_default, "fed.") == FedConfig()
+    with pytest.raises(ConfigError, match=r"fed.server_momentum=0.5 acts only under fed.aggregation=fedavgm \(now "
+                                          r"fed.strategy.server_momentum\), but fed.aggregation=fedavg"):
+        build_dataclass(FedConfig, {**old_default, "server_momentum": 0.5}, "fed.")
 
 
 def test_fedprox_term_keeps_a_client_near_the_global_weights():
@@ -130,7 +149,7 @@ def test_fedprox_term_keeps_a_client_near_the_global_weights():
 
 @pytest.mark.slow
 def test_fedavgm_kill_and_resume_is_bit_identical(tmp_path, cache_dir):
-    common = ["--fed.rounds=3", "--fed.aggregation=fedavgm", "--fed.server_momentum=0.9"]
+    common = ["--fed.rounds=3", "--fed.aggregation=fedavgm", "--fed.strategy.server_momentum=0.9"]
     pretrain.main(_args(tmp_path / "full", cache_dir, *common))
     cut = tmp_path / "cut"
     cut.mkdir()
