@@ -22,7 +22,7 @@ import fluidr3
 import readers
 from avfashion import load_avfashion
 from data import (DataConfig, DataError, MissingData, ModalityData, audio_modality, expected_audio_shape, image_modality,
-                  modality_bytes, pick_tier)
+                  logmel_bytes, pick_tier, stored_bytes)
 from settings import ConfigError
 
 
@@ -52,12 +52,31 @@ def _load_vggsound(cfg: DataConfig, device, progress: bool = True) -> dict[str, 
     return convert(split, cfg, device)
 
 
+@dataclass(frozen=True)
+class ModalityBuilder:
+    """How a modality's decoded arrays become its ModalityData: `build(arrays, cfg, device, tier, source)` places the
+    samples in the residency tier it is given (data.residency), `nbytes(arrays, cfg)` says what they will take, so
+    the tier is chosen for all modalities together before any is built."""
+    build: Callable
+    nbytes: Callable
+
+
+BUILDERS = {
+    "image": ModalityBuilder(image_modality, stored_bytes),
+    "audio": ModalityBuilder(audio_modality, logmel_bytes),
+}
+
+
 def convert(arrays: dict, cfg: DataConfig, device) -> dict[str, ModalityData]:
     """Decoded arrays {modality: arrays, with the "source" cache entry they came from} -> {modality: ModalityData}
-    in the residency tier chosen for all of them together (data.residency; auto says which and why)."""
-    tier = pick_tier(cfg, device, sum(modality_bytes(a, m, cfg) for m, a in arrays.items()))
-    make = {"image": image_modality, "audio": audio_modality}
-    return {m: make[m](a, cfg, device, tier, a["source"]) for m, a in arrays.items()}
+    in the residency tier chosen for all of them together (data.residency; auto says which and why). Every dataset's
+    arrays come through here, so every modality with a BUILDERS entry honours data.residency."""
+    missing = sorted(set(arrays) - set(BUILDERS))
+    if missing:
+        raise DataError(f"modality {missing[0]!r} has no catalog.BUILDERS entry: add one (how its arrays become samples "
+                        f"in a residency tier; image_modality serves any uint8 (C, H, W) samples)")
+    tier = pick_tier(cfg, device, sum(BUILDERS[m].nbytes(a, cfg) for m, a in arrays.items()))
+    return {m: BUILDERS[m].build(a, cfg, device, tier, a["source"]) for m, a in arrays.items()}
 
 
 DATASETS = {

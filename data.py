@@ -407,16 +407,18 @@ def image_stats(x, device) -> tuple[torch.Tensor, torch.Tensor]:
     return mean.float(), std.float().clamp_min(1e-3)
 
 
-def image_modality(arrays: dict, cfg: DataConfig, device, tier: str = "device", source: str = "") -> ModalityData:
-    """Images in `tier`; `source` names the cache entry they came from (the disk tier's files are keyed by it)."""
+def image_modality(arrays: dict, cfg: DataConfig, device, tier: str = "device", source: str = "",
+                   modality: str = "image") -> ModalityData:
+    """Images in `tier`; `source` names the cache entry they came from (the disk tier's files are keyed by it and by
+    `modality`: any modality whose samples are uint8 (C, H, W) arrays is built here under its own name)."""
     ty = np.asarray(arrays["train_y"])
     keep = stratified_subset(ty, cfg.max_train_images, cfg.build_seed)
     tx = arrays["train_x"] if len(keep) == len(ty) else arrays["train_x"][keep]
     if len(tx) == 0 or len(arrays["test_x"]) == 0:
-        raise DataError("the image dataset has an empty train or test split")
+        raise DataError(f"the {modality} dataset has an empty train or test split")
     mean, std = image_stats(tx, device)
-    train_x, m1 = place(tx, tier, device, spill_path(cfg, source, "image", "train"))
-    test_x, m2 = place(arrays["test_x"], tier, device, spill_path(cfg, source, "image", "test"))
+    train_x, m1 = place(tx, tier, device, spill_path(cfg, source, modality, "train"))
+    test_x, m2 = place(arrays["test_x"], tier, device, spill_path(cfg, source, modality, "test"))
     t = lambda a: torch.from_numpy(np.array(a)).to(device)  # noqa: E731 - labels: small, always on the device
     return ModalityData(train_x, t(ty[keep]), test_x, t(arrays["test_y"]), list(arrays["classes"]), mean, std,
                         residency=tier, maps=tuple(m for m in (m1, m2) if m))
@@ -437,9 +439,15 @@ def audio_modality(arrays: dict, cfg: DataConfig, device, tier: str = "device", 
                         g("train_group"), g("test_group"), residency=tier, maps=tuple(m for m in (m1, m2) if m))
 
 
-def modality_bytes(arrays: dict, modality: str, cfg: DataConfig) -> int:
-    """Bytes the samples of one modality's arrays take once converted (images as they are; audio as fp16 log-mels)."""
+def stored_bytes(arrays: dict, cfg: DataConfig) -> int:
+    """Bytes a modality's samples take when kept as they are decoded (images)."""
     n = len(arrays["train_x"]) + len(arrays["test_x"])
-    if modality == "audio":
-        return n * int(np.prod(expected_audio_shape(cfg, arrays["train_x"].shape[1]))) * 2
     return n * int(np.prod(arrays["train_x"].shape[1:])) * arrays["train_x"].dtype.itemsize
+
+
+def logmel_bytes(arrays: dict, cfg: DataConfig) -> int:
+    """Bytes a modality's waveforms take once converted to fp16 log-mels (audio)."""
+    n = len(arrays["train_x"]) + len(arrays["test_x"])
+    return n * int(np.prod(expected_audio_shape(cfg, arrays["train_x"].shape[1]))) * 2
+
+

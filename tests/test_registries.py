@@ -122,3 +122,29 @@ def test_a_new_dataset_is_one_reader_and_one_entry(monkeypatch, tmp_path):
     missing = dataclasses.replace(cfg, dataset="cifar10+esc50", image_root=str(tmp_path / "none"))
     with pytest.raises(DataError, match=r"Expected layout: cifar-10-batches-py"):
         catalog.load_data(missing, "cpu")
+
+
+@pytest.mark.parametrize("tier", ["device", "disk"])
+def test_a_new_modality_is_built_in_the_residency_tier_the_run_asks_for(monkeypatch, tmp_path, tier):
+    """A third modality's arrays (Sobel-like uint8 maps here) go through catalog.convert like image and audio: one
+    BUILDERS entry, and data.residency places its samples (disk: memory-mapped files named for that modality)."""
+    import functools
+    import numpy as np
+    from data import image_modality, stored_bytes
+    g = np.random.default_rng(0)
+    arrays = {"train_x": g.integers(0, 256, (24, 1, 8, 8), dtype=np.uint8), "train_y": np.arange(24) % 3,
+              "test_x": g.integers(0, 256, (6, 1, 8, 8), dtype=np.uint8), "test_y": np.arange(6) % 3,
+              "classes": ["a", "b", "c"], "source": "toy-edges"}
+    cfg = DataConfig(residency=tier, cache_dir=str(tmp_path))
+    with pytest.raises(DataError, match=r"modality 'edges' has no catalog.BUILDERS entry: add one"):
+        catalog.convert({"edges": arrays}, cfg, "cpu")
+    monkeypatch.setitem(catalog.BUILDERS, "edges", catalog.ModalityBuilder(
+        functools.partial(image_modality, modality="edges"), stored_bytes))
+    md = catalog.convert({"edges": arrays}, cfg, "cpu")["edges"]
+    assert md.residency == tier and torch.equal(md.train_x, torch.from_numpy(arrays["train_x"]))
+    assert (len(md.maps) == 2) == (tier == "disk")
+    if tier == "disk":  # its own files, apart from an image modality built from the same source
+        files = sorted((tmp_path / "resident").glob("*.npy"))
+        assert len(files) == 2
+        catalog.convert({"image": arrays}, cfg, "cpu")
+        assert len(sorted((tmp_path / "resident").glob("*.npy"))) == 4
