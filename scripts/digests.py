@@ -1,16 +1,20 @@
 """Digests of the final global weights of deterministic pretraining runs: the proof that a refactor changed no bits.
 
     python scripts/digests.py                    # every case, printed as JSON
-    python scripts/digests.py --write            # ... and written to tests/digests.json (after a deliberate change)
+    python scripts/digests.py --write            # ... and this platform's record in tests/digests.json (after a
+                                                 # deliberate change of numerics: then re-record every platform)
     python scripts/digests.py --engines          # also torchrun (2 gloo ranks) and the Flower simulation
 
 Each case is a tiny configs/smoke.yaml federation (4 clients, 3 a round, 2 rounds, deterministic, one thread,
 fp32) run through the `pretrain.py` command line in a fresh process, one per server strategy, loss composition,
 head placement and backbone family. The digest is the sha256 of the final global tensors of last.pt (key order,
 dtype, shape, bytes). tests/test_digests.py holds the in-process cases; the engine cases equal the in-process one
-by tests/test_engines.py. Bits depend on the torch build and the CPU's instruction set, so digests.json records
-both with the digests, and each floating tensor's norm: on the recording platform the test compares the digests
-(exact), elsewhere the norms within NORM_RTOL, so the guard runs on every machine.
+by tests/test_engines.py. Bits depend on the torch build and the CPU's instruction set (an AMX machine's oneDNN
+kernels round otherwise than an AVX-512-only one's), so digests.json holds one record per platform class, each with
+its digests and each floating tensor's norm. Where the running platform has a record the test compares the
+digests (exact); elsewhere the parameters' norms against the first record, within NORM_RTOL of max(norm,
+NORM_FLOOR) (coarse), so the guard runs on every machine. `--write` adds or replaces the running platform's record: record a new platform from
+a commit whose bits a recorded platform has checked, so every record holds the same code.
 """
 from __future__ import annotations
 
@@ -70,7 +74,27 @@ def state_norms(state: dict) -> dict[str, float]:
     return {k: float(v.detach().double().norm()) for k, v in sorted(state.items()) if v.is_floating_point()}
 
 
-NORM_RTOL = 1e-3  # another instruction set rounds differently; a change of numerics moves a norm by far more
+NORM_RTOL = 5e-3   # of max(norm, NORM_FLOOR): the parameters of the two recorded platforms (AMX and AVX-512 only) are
+NORM_FLOOR = 1.0   # at most 2.7e-3 apart on this scale after 2 rounds (stems.audio.0.weight, fedavgm); a small tensor
+                   # (a bias of norm 0.01) moves by far more than 5e-3 of itself from rounding alone, so its slack is
+                   # absolute. BatchNorm's running statistics (up to 9% apart across those platforms) are left out:
+                   # the fallback is coarse, the exact digest of a recorded platform is the guard.
+
+
+def norms_off(norms: dict, want: dict) -> dict:
+    """The parameters whose norms moved past the tolerance: {name: (got, recorded)}."""
+    return {k: (norms.get(k), want[k]) for k in want if "running_" not in k
+            and (k not in norms or abs(norms[k] - want[k]) > NORM_RTOL * max(want[k], NORM_FLOOR))}
+
+
+def read_records(path: Path = ROOT / "tests" / "digests.json") -> list[dict]:
+    """digests.json's records, one per platform class: [{platform, digests, norms}, ...]."""
+    return json.loads(path.read_text())["records"]
+
+
+def own_record(records: list[dict]) -> dict | None:
+    """The record of the running platform, or None."""
+    return next((r for r in records if r["platform"] == platform_key()), None)
 
 
 def run_case(name: str, cache_dir: str, work: Path, launcher: list[str] | None = None, extra: tuple = (),
@@ -109,7 +133,9 @@ def main(argv=None) -> dict:
             print(f"fedavg@{eng}: {out['digests'][f'fedavg@{eng}']}", flush=True)
     print(json.dumps(out, indent=1))
     if args.write:
-        (ROOT / "tests" / "digests.json").write_text(json.dumps(out, indent=1) + "\n")
+        path = ROOT / "tests" / "digests.json"
+        records = [r for r in read_records(path) if r["platform"] != out["platform"]] if path.exists() else []
+        path.write_text(json.dumps({"records": records + [out]}, indent=1) + "\n")
     return out
 
 
