@@ -21,7 +21,7 @@ import soundfile
 import torch
 
 from data import (DataConfig, DataError, ModalityData, cache_root, expected_audio_shape, logmel_stats, pick_tier, read_npz,
-                  source_fingerprint, spill_path, stratified_subset, waveforms_to_logmel, write_npz)
+                  source_fingerprint, spill_path, stratified_subset, test_subset, waveforms_to_logmel, write_npz)
 from residency import place, reuse
 
 FASHION_CLASSES = ["T-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot"]
@@ -214,8 +214,9 @@ def load_avfashion(cfg: DataConfig, device, progress: bool = True) -> dict[str, 
         tx, ty = tx[keep], ty[keep]
         mean = tx.float().mean() / 255
         std = tx.float().std() / 255
-        parts["image"] = (tx, ty.to(device), torch.from_numpy(z["image_test_x"]).unsqueeze(1),
-                          torch.from_numpy(z["image_test_y"]).to(device), list(FASHION_CLASSES),
+        keep_te = torch.from_numpy(test_subset(z["image_test_y"], cfg))
+        parts["image"] = (tx, ty.to(device), torch.from_numpy(z["image_test_x"]).unsqueeze(1)[keep_te],
+                          torch.from_numpy(z["image_test_y"])[keep_te].to(device), list(FASHION_CLASSES),
                           mean.view(1).to(device), std.view(1).to(device))
     if "audio" in cfg.modalities:
         test = torch.from_numpy(z["test_voice"][z["audio_speaker"]])

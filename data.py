@@ -51,6 +51,7 @@ class DataConfig:
     test_fold: int = 1                # ESC-50 (1-5) / UrbanSound8K (1-10): the official fold held out for testing
     max_bad_frac: float = 0.01        # stop when more than this fraction of files is unreadable or corrupt
     max_train_images: int = 0         # a seeded, class-stratified subset of N training images (0 = all); for short CPU runs
+    max_test_images: int = 0          # the same for the test images the monitor scores (0 = all); quick checks and tests
     # AV-Fashion build (the recipe: changing any of these builds a new cache entry)
     n_voices: int = 120
     test_voice_frac: float = 0.2
@@ -87,6 +88,7 @@ class DataConfig:
         for k in ("root", "image_root", "audio_root", "cache_dir"):
             setattr(self, k, expand_path(getattr(self, k), f"data.{k}"))
         check_range("data.max_train_images", self.max_train_images, lo=0)
+        check_range("data.max_test_images", self.max_test_images, lo=0)
         for k in ("knn_bank", "knn_queries", "knn_k"):
             check_range(f"data.{k}", getattr(self, k), lo=0)
         if self.hop_ms <= 0 or self.win_ms < self.hop_ms or self.win_ms > 1000:
@@ -101,7 +103,7 @@ def spill_path(cfg: DataConfig, *keys) -> Path:
     """The disk tier's file for one array, named by everything that shapes it (`keys`: its source cache entry,
     modality and split, and the data options), so a second run maps it instead of computing it again."""
     recipe = (keys, cfg.max_train_images, cfg.build_seed, cfg.sample_rate, cfg.clip_seconds, cfg.n_mels, cfg.win_ms,
-              cfg.hop_ms, cfg.dither_db)
+              cfg.hop_ms, cfg.dither_db) + ((cfg.max_test_images,) if cfg.max_test_images else ())
     return cache_root(cfg) / "resident" / f"{hashlib.sha1(repr(recipe).encode()).hexdigest()[:16]}.npy"
 
 
@@ -113,6 +115,11 @@ def pick_tier(cfg: DataConfig, device, need: int) -> str:
 
 
 # ----------------------------------------------------------------------------- subsets
+
+def test_subset(y, cfg: "DataConfig") -> np.ndarray:
+    """The test images kept under data.max_test_images (all by default): stratified, with a seed of its own."""
+    return stratified_subset(y, cfg.max_test_images, cfg.build_seed + 1)
+
 
 def stratified_subset(y, n: int, seed: int) -> np.ndarray:
     """Sorted indices of a seeded, class-stratified subset of n of the labels `y` (numpy or tensor): each
@@ -417,10 +424,13 @@ def image_modality(arrays: dict, cfg: DataConfig, device, tier: str = "device", 
     if len(tx) == 0 or len(arrays["test_x"]) == 0:
         raise DataError(f"the {modality} dataset has an empty train or test split")
     mean, std = image_stats(tx, device)
+    ey = np.asarray(arrays["test_y"])
+    keep_te = test_subset(ey, cfg)
+    ex = arrays["test_x"] if len(keep_te) == len(ey) else arrays["test_x"][keep_te]
     train_x, m1 = place(tx, tier, device, spill_path(cfg, source, modality, "train"))
-    test_x, m2 = place(arrays["test_x"], tier, device, spill_path(cfg, source, modality, "test"))
+    test_x, m2 = place(ex, tier, device, spill_path(cfg, source, modality, "test"))
     t = lambda a: torch.from_numpy(np.array(a)).to(device)  # noqa: E731 - labels: small, always on the device
-    return ModalityData(train_x, t(ty[keep]), test_x, t(arrays["test_y"]), list(arrays["classes"]), mean, std,
+    return ModalityData(train_x, t(ty[keep]), test_x, t(ey[keep_te]), list(arrays["classes"]), mean, std,
                         residency=tier, maps=tuple(m for m in (m1, m2) if m))
 
 

@@ -38,6 +38,7 @@ class EvalConfig:
     protocols: tuple[str, ...] = ("linear", "knn")
     label_fractions: tuple[float, ...] = (0.01, 0.1, 1.0)  # labelled fraction of the downstream training set
     max_train_images: int = 0        # downstream image training set size (0 = all, whatever pretraining used)
+    max_test_images: int = 0         # downstream image test set size (0 = all, whatever pretraining used): quick checks
     knn_k: int = 0                   # 0 = suited to the bank (half the smallest class's labelled count, 5..200)
     knn_t: float = 0.1               # kNN vote temperature
     val_frac: float = 0.1            # held out of the labelled set to choose the probe's weight decay
@@ -61,6 +62,7 @@ class EvalConfig:
         check_range("eval.batch_size", self.batch_size, lo=2, hi=1 << 20)
         check_range("eval.knn_t", self.knn_t, lo=0.0, lo_open=True, hi=100.0)
         check_range("eval.max_train_images", self.max_train_images, lo=0)
+        check_range("eval.max_test_images", self.max_test_images, lo=0)
         for wd in self.wd_grid:
             check_range("eval.wd_grid", wd, lo=0.0, hi=10.0)
         for t in self.tasks:
@@ -244,7 +246,7 @@ def evaluate_checkpoint(ckpt, config=None, overrides=(), random_init: bool = Fal
         torch.set_num_threads(cfg.run.threads)
     device = runtime.resolve_device(cfg.run.device)
     runtime.seed_everything(cfg.run.seed, cfg.run.deterministic, device)
-    cfg.data.max_train_images = cfg.eval.max_train_images
+    cfg.data.max_train_images, cfg.data.max_test_images = cfg.eval.max_train_images, cfg.eval.max_test_images
     model, _ = load_backbone(ckpt_path, random_init, cfg.run.seed, device)
     if cfg.eval.pool is not None:
         set_readout(model, cfg.eval.pool, ck["config"]["model"]["arch"])

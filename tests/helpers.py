@@ -18,8 +18,8 @@ if str(ROOT) not in sys.path:
 
 from data import ModalityData  # noqa: E402
 
-TINY_DATA = ["--data.n_voices=12", "--data.max_train_images=512", "--data.knn_bank=256", "--data.knn_queries=128",
-             "--data.n_mels=32", "--data.win_ms=40.0", "--data.hop_ms=20.0"]
+TINY_DATA = ["--data.n_voices=12", "--data.max_train_images=512", "--data.max_test_images=400", "--data.knn_bank=256",
+             "--data.knn_queries=128", "--data.n_mels=32", "--data.win_ms=40.0", "--data.hop_ms=20.0"]
 SHAPES = {"image": (1, 16, 16), "audio": (1, 16, 20)}
 
 

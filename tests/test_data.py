@@ -263,3 +263,22 @@ def test_knn_bank_and_queries_are_stratified(tiny_data):
     _, y = extract_features(model, sorted_md, "train", "audio", limit=100)
     assert len(y) == 100 and len(torch.unique(y)) == len(md.classes)  # all 20 words, 5 each
     assert torch.bincount(y).tolist() == [5] * 20
+
+
+def test_max_test_images_keeps_a_stratified_subset_of_the_test_images(tiny_data):
+    """data.max_test_images (the tests' quick monitor) takes each class's share of the test images, on AV-Fashion's
+    own loader and on the generic image builder alike, and leaves the training split alone."""
+    from dataclasses import replace
+    import catalog
+    from data import image_modality
+    cfg, full = tiny_data
+    small = catalog.load_data(replace(cfg, max_test_images=200), "cpu", progress=False)["image"]
+    assert len(small.test_x) == 200 and torch.equal(small.train_x, full["image"].train_x)
+    assert torch.bincount(small.test_y).tolist() == [20] * 10  # Fashion-MNIST's test split is balanced
+    # the kept images are the full split's at the kept indices, labels with them
+    rows = {x.numpy().tobytes(): int(y) for x, y in zip(full["image"].test_x, full["image"].test_y)}
+    assert all(rows[x.numpy().tobytes()] == int(y) for x, y in zip(small.test_x, small.test_y))
+    arrays = {"train_x": full["image"].train_x.numpy(), "train_y": full["image"].train_y.numpy(),
+              "test_x": full["image"].test_x.numpy(), "test_y": full["image"].test_y.numpy(), "classes": list("0123456789")}
+    md = image_modality(arrays, replace(cfg, max_test_images=200), "cpu")
+    assert torch.equal(md.test_y, small.test_y) and torch.equal(md.test_x, small.test_x)

@@ -99,7 +99,7 @@ def test_supernodes_train_on_their_own_folders_and_one_stopped_mid_round_is_name
     # one epoch of whole batches of 32 on each node: images 64 + 32 (of 40), clips 32 (of 48) + 32 (of 40)
     assert '"samples_image": 96,' in rec and '"samples_audio": 64,' in rec
     res = finetune.main(["--ckpt", str(out), f"--run.out_dir={d.tmp / 'ft'}", "--run.progress=false",
-                         "--eval.label_fractions=[1.0]", "--eval.protocols=[knn]", "--eval.max_train_images=300",
+                         "--eval.label_fractions=[1.0]", "--eval.protocols=[knn]", "--eval.max_train_images=300", "--eval.max_test_images=400",
                          "--eval.tasks=[image, audio]", "--eval.raw_input=false"])
     assert {r["task"] for r in res["rows"]} == {"image", "audio"}
 

@@ -91,7 +91,7 @@ def test_finetune_end_to_end_and_backbone_unchanged(pretrained, tmp_path, monkey
     monkeypatch.setattr(downstream, "evaluate_tasks", spy)
     res = finetune.main(["--ckpt", str(pretrained.parent), f"--run.out_dir={tmp_path}", "--run.progress=false",
                          "--eval.label_fractions=[0.1, 1.0]", "--eval.protocols=[linear, knn, finetune]",
-                         "--eval.finetune_epochs=1", "--eval.max_train_images=300", "--eval.wd_grid=[1e-4, 1e-2]"])
+                         "--eval.finetune_epochs=1", "--eval.max_train_images=300", "--eval.max_test_images=400", "--eval.wd_grid=[1e-4, 1e-2]"])
     # the frozen-feature protocols (and fine-tuning, which works on a copy) leave the backbone unchanged
     assert all(torch.equal(before[k], captured["after"][k]) for k in before)
     rows = res["rows"]
@@ -110,7 +110,7 @@ def test_finetune_end_to_end_and_backbone_unchanged(pretrained, tmp_path, monkey
     assert "| paired | fused | 128 | linear |" in md and "| paired | fused (raw input) | 2416 | linear |" in md
     rnd = finetune.main(["--ckpt", str(pretrained), "--random-init", f"--run.out_dir={tmp_path}",
                          "--run.progress=false", "--eval.label_fractions=[1.0]", "--eval.tasks=[image]",
-                         "--eval.max_train_images=300", "--eval.protocols=[knn]"])
+                         "--eval.max_train_images=300", "--eval.max_test_images=400", "--eval.protocols=[knn]"])
     assert (tmp_path / "results_random_init.json").exists() and len(rnd["rows"]) == 1
 
 
@@ -138,5 +138,5 @@ def test_results_go_beside_the_checkpoint_when_no_out_dir_is_given(pretrained, m
     """A run section without out_dir (here from --run.progress=false) must not send the results to runs/default."""
     monkeypatch.chdir(tmp_path)
     finetune.main(["--ckpt", str(pretrained), "--run.progress=false", "--eval.tasks=[image]", "--eval.protocols=[knn]",
-                   "--eval.label_fractions=[1.0]"])
+                   "--eval.label_fractions=[1.0]", "--eval.max_test_images=400"])
     assert (pretrained.parent / "results.json").is_file() and not (tmp_path / "runs").exists()

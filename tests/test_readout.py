@@ -131,7 +131,8 @@ def test_time_pooling_runs_end_to_end_through_finetune(tmp_path, cache_dir):
 
 
 def downstream_rows(run, out, overrides) -> list[dict]:
-    finetune.main(["--ckpt", str(run), f"--run.out_dir={out}", "--eval.raw_input=false", *overrides])
+    finetune.main(["--ckpt", str(run), f"--run.out_dir={out}", "--eval.raw_input=false", "--eval.max_test_images=400",
+                   *overrides])
     return json.loads((out / "results.json").read_text())["rows"]
 
 

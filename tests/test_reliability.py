@@ -454,7 +454,7 @@ def test_a_run_whose_weights_blow_up_ends_non_zero_with_last_pt_marked(tmp_path,
     assert ck["round"] == 1 and ck["runaway"]["round"] == 1 and ck["runaway"]["weight_norm_ratio"] > 2
     assert json.loads((out / "log.jsonl").read_text().splitlines()[-1])["runaway"] is True
     res = finetune.main(["--ckpt", str(out), "--run.progress=false", "--eval.tasks=[image]", "--eval.protocols=[knn]",
-                         "--eval.label_fractions=[1.0]"])
+                         "--eval.label_fractions=[1.0]", "--eval.max_test_images=400"])
     assert res["runaway"] is True and "is marked as a runaway run" in capsys.readouterr().out
 
 

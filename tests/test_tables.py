@@ -39,7 +39,7 @@ def test_tables_end_to_end_tiny(tmp_path, cache_dir, monkeypatch):
     monkeypatch.chdir(ROOT)
     out = tmp_path / "tables"
     args = ["--config", "configs/smoke.yaml", "--seeds", "0", "1", "--out", str(out), f"--data.cache_dir={cache_dir}",
-            "--run.progress=false", *TINY_DATA, "--eval.max_train_images=300", "--eval.wd_grid=[1e-3]", "--no-bounds"]
+            "--run.progress=false", *TINY_DATA, "--eval.max_train_images=300", "--eval.max_test_images=400", "--eval.wd_grid=[1e-3]", "--no-bounds"]
     res = paper_tables.main(args)
     t = {name: rows for name, (title, rows) in res["tables"].items()}
     assert [r["model"] for r in t["table1_image"][0:8:2]] == ["FSSUAVL (one model)", "image-only model",
