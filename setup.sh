@@ -59,7 +59,8 @@ case "$job" in
     "$PYBIN" pretrain.py "$@"
     ;;
   test)
-    exec "$PYBIN" -m pytest -q --durations=12 "$@"   # the slowest tests, to keep the suite under its 10 minutes
+    # one worker per core, a test file per worker at a time (its module fixtures are built once); the 12 slowest
+    exec "$PYBIN" -m pytest -q -n auto --dist loadfile --durations=12 "$@"
     ;;
   python)
     exec "$PYBIN" "$@"

@@ -1,6 +1,14 @@
 """Shared fixtures: the working directory at the repository root, and a private AV-Fashion cache (12 voices) built
-once per session."""
+once per session (per worker: `bash setup.sh test` runs pytest-xdist with one worker per core).
+
+Every test process and the processes it starts run one CPU thread (OMP_NUM_THREADS=1, set before torch is imported;
+configs/smoke.yaml leaves run.threads at torch's default). Two workers of two OpenMP threads each on two cores, or
+one on a core another job is using, wait at every parallel region for a thread that is not running: a smoke run
+measured 7 s alone took 30-150 s that way."""
 import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 import pytest
 
