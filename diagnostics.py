@@ -75,7 +75,7 @@ def modality_separability(ha: torch.Tensor, hb: torch.Tensor, seed: int = 0) -> 
     x_tr, x_te = torch.cat([ha[:half], hb[:half]]), torch.cat([ha[half:], hb[half:]])
     y_tr = torch.cat([torch.zeros(half), torch.ones(half)]).long().to(ha.device)
     y_te = torch.cat([torch.zeros(n - half), torch.ones(n - half)]).long().to(ha.device)
-    return linear_probe(x_tr.float(), y_tr, x_te.float(), y_te, 2, seed, wd_grid=(1e-3,), iters=50)["acc"]
+    return linear_probe(x_tr.float(), y_tr, x_te.float(), y_te, 2, seed=seed, wd_grid=(1e-3,), iters=50)["acc"]
 
 
 @torch.no_grad()

@@ -148,16 +148,18 @@ def evaluate_tasks(model, data: dict[str, ModalityData], cfg: FinetuneConfig, de
             sub = label_subset(ytr, frac, seed)
             for proto in ec.protocols:
                 if proto == "linear":
-                    acc = linear_probe(tr[sub], ytr[sub], te, yte, n_cls, seed, ec.val_frac, ec.wd_grid, ec.probe_iters)["acc"]
+                    acc = linear_probe(tr[sub], ytr[sub], te, yte, n_cls, seed=seed, val_frac=ec.val_frac,
+                                       wd_grid=ec.wd_grid, iters=ec.probe_iters)["acc"]
                 elif proto == "knn":
                     bank, queries = standardize(tr[sub], te)
-                    pred = knn_predict(bank, ytr[sub], queries, n_cls, suited_k(ytr[sub], ec.knn_k), ec.knn_t)
+                    pred = knn_predict(bank, ytr[sub], queries, n_cls, k=suited_k(ytr[sub], ec.knn_k), t=ec.knn_t)
                     acc = 100.0 * (pred == yte).float().mean().item()
                 else:
                     if task == "paired" or isinstance(model, RawInput):
                         continue  # fine-tuning is defined for the single-modality tasks, and for a network
                     md_m = "audio" if feat_kind == "fluidr3" else feat_kind
-                    acc = finetune_model(model, data[feat_kind], md_m, sub, cfg.data, ec, seed, cfg.run.amp)
+                    acc = finetune_model(model, data[feat_kind], md_m, sub, data_cfg=cfg.data, cfg=ec, seed=seed,
+                                         amp=cfg.run.amp)
                 rows.append({"task": task, "features": "audio" if feat_kind == "fluidr3" else feat_kind,
                              "protocol": proto, "label_frac": frac, "acc": round(acc, 3), "dim": tr.shape[1],
                              "n_train": len(sub), "n_test": len(yte)})

@@ -24,7 +24,7 @@ IGNORED_PREFIXES = ("heads.",)             # present in a checkpoint, not used d
 
 
 @torch.no_grad()
-def extract_features(model, md: ModalityData, split: str, modality: str, limit: int = 0, batch_size: int = 512,
+def extract_features(model, md: ModalityData, split: str, modality: str, *, limit: int = 0, batch_size: int = 512,
                      amp: str = "fp32", normalize: bool = True, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Backbone features h (before the projection head) of a split, fp32, L2-normalised unless
     normalize=False. limit > 0 takes a seeded, class-stratified subset of that many samples (the same one
@@ -58,7 +58,7 @@ def suited_k(bank_y: torch.Tensor, k: int = 0) -> int:
 
 
 @torch.no_grad()
-def knn_predict(bank: torch.Tensor, bank_y: torch.Tensor, queries: torch.Tensor, num_classes: int,
+def knn_predict(bank: torch.Tensor, bank_y: torch.Tensor, queries: torch.Tensor, num_classes: int, *,
                 k: int = 200, t: float = 0.1, chunk: int = 1024) -> torch.Tensor:
     """Temperature-weighted kNN (Wu et al. 2018, InstDisc): each of the k nearest bank features by
     cosine similarity votes for its label with weight exp(sim / t). Inputs L2-normalised."""
@@ -81,26 +81,26 @@ def standardize(bank: torch.Tensor, *others: torch.Tensor) -> list[torch.Tensor]
     return [F.normalize((t - mu) / sd, dim=1) for t in (bank, *others)]
 
 
-def knn_accuracy(model, md: ModalityData, modality: str, bank_size: int = 0, queries: int = 0, k: int = 0,
+def knn_accuracy(model, md: ModalityData, modality: str, *, bank_size: int = 0, queries: int = 0, k: int = 0,
                  t: float = 0.1, amp: str = "fp32", seed: int = 0) -> float:
     """kNN top-1 accuracy (%) on the test split with a bank of training features, standardised by the bank's
     statistics (the pretraining monitor). Bank and queries are stratified subsets (0 = all); k=0 suits k to the
     bank (`suited_k`)."""
-    bank, bank_y = extract_features(model, md, "train", modality, bank_size, amp=amp, normalize=False, seed=seed)
-    q, q_y = extract_features(model, md, "test", modality, queries, amp=amp, normalize=False, seed=seed)
+    bank, bank_y = extract_features(model, md, "train", modality, limit=bank_size, amp=amp, normalize=False, seed=seed)
+    q, q_y = extract_features(model, md, "test", modality, limit=queries, amp=amp, normalize=False, seed=seed)
     bank, q = standardize(bank, q)
-    pred = knn_predict(bank, bank_y, q, len(md.classes), suited_k(bank_y, k), t)
+    pred = knn_predict(bank, bank_y, q, len(md.classes), k=suited_k(bank_y, k), t=t)
     return 100.0 * (pred == q_y).float().mean().item()
 
 
-def probe_accuracy(model, md: ModalityData, modality: str, amp: str = "fp32", max_train: int = 0, seed: int = 0) -> float:
+def probe_accuracy(model, md: ModalityData, modality: str, *, amp: str = "fp32", max_train: int = 0, seed: int = 0) -> float:
     """The fast linear probe that ends a pretraining run: frozen features of (a stratified `max_train` of) the
     training split, every label, L-BFGS logistic regression with weight decay chosen on a validation split;
     top-1 (%) on the test split."""
-    tr, ytr = extract_features(model, md, "train", modality, max_train, amp=amp, normalize=False, seed=seed)
+    tr, ytr = extract_features(model, md, "train", modality, limit=max_train, amp=amp, normalize=False, seed=seed)
     te, yte = extract_features(model, md, "test", modality, amp=amp, normalize=False)
     n_cls = int(max(ytr.max(), yte.max())) + 1
-    return linear_probe(tr, ytr, te, yte, n_cls, seed, wd_grid=(1e-4, 1e-3, 1e-2))["acc"]
+    return linear_probe(tr, ytr, te, yte, n_cls, seed=seed, wd_grid=(1e-4, 1e-3, 1e-2))["acc"]
 
 
 def label_subset(y: torch.Tensor, frac: float, seed: int) -> torch.Tensor:
@@ -133,7 +133,7 @@ def fit_linear(x: torch.Tensor, y: torch.Tensor, num_classes: int, wd: float, it
     return clf
 
 
-def linear_probe(train_f, train_y, test_f, test_y, num_classes: int, seed: int, val_frac: float = 0.1,
+def linear_probe(train_f, train_y, test_f, test_y, num_classes: int, *, seed: int, val_frac: float = 0.1,
                  wd_grid=(1e-5, 1e-4, 1e-3, 1e-2), iters: int = 100) -> dict:
     """The standard frozen-feature protocol: standardise features with training statistics, choose the
     weight decay on a held-out split of the labelled set, refit on all of it, report test accuracy (%)."""
@@ -156,7 +156,7 @@ def linear_probe(train_f, train_y, test_f, test_y, num_classes: int, seed: int, 
     return {"acc": acc, "wd": best_wd}
 
 
-def finetune_model(model, md: ModalityData, modality: str, idx: torch.Tensor, data_cfg,
+def finetune_model(model, md: ModalityData, modality: str, idx: torch.Tensor, *, data_cfg,
                    cfg, seed: int, amp: str = "fp32") -> float:
     """Full fine-tuning of a copy of the backbone plus a linear head on the labelled subset (one SimCLR
     view per sample as augmentation); returns test accuracy (%). The given model is not modified."""

@@ -177,7 +177,7 @@ def evaluate(model, data, cfg: PretrainConfig, probe: bool = False, raw_input: b
     out = {}
     for prefix, net in models:
         for m, md in data.items():
-            out[f"{prefix}knn_{m}"] = knn_accuracy(net, md, m, cfg.data.knn_bank, cfg.data.knn_queries, k=cfg.data.knn_k,
+            out[f"{prefix}knn_{m}"] = knn_accuracy(net, md, m, bank_size=cfg.data.knn_bank, queries=cfg.data.knn_queries, k=cfg.data.knn_k,
                                                    amp=amp, seed=seed)
             if probe:
                 out[f"{prefix}probe_{m}"] = probe_accuracy(net, md, m, amp=amp, seed=seed)

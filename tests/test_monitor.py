@@ -82,7 +82,7 @@ def test_knn_monitor_standardises_features_with_the_banks_statistics():
     bank = ((md.train_x.float() / 255 - 0.4) / 0.3).flatten(1)  # the input, normalised as in pretraining
     q = ((md.test_x.float() / 255 - 0.4) / 0.3).flatten(1)
     mu, sd = bank.mean(0), bank.std(0).clamp_min(1e-6)
-    pred = knn_predict(F.normalize((bank - mu) / sd, dim=1), md.train_y, F.normalize((q - mu) / sd, dim=1), 3, 5, 0.1)
+    pred = knn_predict(F.normalize((bank - mu) / sd, dim=1), md.train_y, F.normalize((q - mu) / sd, dim=1), 3, k=5, t=0.1)
     assert got == pytest.approx(100.0 * (pred == md.test_y).float().mean().item())
     b2, q2 = standardize(bank, q)
     assert torch.allclose(b2.norm(dim=1), torch.ones(len(b2))) and torch.allclose(b2.mean(0) * 0, torch.zeros(36))
@@ -100,7 +100,7 @@ def test_raw_input_rows_use_the_same_splits_and_probe_as_the_model_rows():
     assert tr.shape == (120, 36)  # the input itself, flattened
     for frac in (0.5, 1.0):
         sub = label_subset(ytr, frac, 7)  # the labelled subset the model rows of this seed get
-        want = linear_probe(tr[sub], ytr[sub], te, yte, 3, 7, 0.1, (1e-3, 1e-2), 100)["acc"]
+        want = linear_probe(tr[sub], ytr[sub], te, yte, 3, seed=7, val_frac=0.1, wd_grid=(1e-3, 1e-2), iters=100)["acc"]
         got = next(r for r in rows if r["protocol"] == "linear" and r["label_frac"] == frac)
         assert got["acc"] == pytest.approx(round(want, 3)) and got["n_train"] == len(sub) and got["n_test"] == 60
     table = markdown_table(rows, "t", rows)
