@@ -80,8 +80,8 @@ class PretrainConfig:
 def make_clients(cfg: PretrainConfig, data) -> list[dict]:
     """The run's partition: client k's {modality: training indices}, a pure function of the config."""
     return partition(data, cfg.fed.clients, cfg.fed.partition, cfg.fed.alpha, cfg.fed.modality_fractions,
-                     runtime.derive_seed(cfg.run.seed, "partition"), cfg.fed.min_client_size, cfg.fed.classes_per_client,
-                     cfg.federation_modalities)
+                     seed=runtime.derive_seed(cfg.run.seed, "partition"), min_size=cfg.fed.min_client_size,
+                     classes_per_client=cfg.fed.classes_per_client, federation=cfg.federation_modalities)
 
 
 def check_clients(cfg: PretrainConfig, clients: list[dict]) -> None:
@@ -288,8 +288,8 @@ def server_round(r: int, cfg: PretrainConfig, global_state, client_state, strate
         if local:
             client_state[upd.client] = local
 
-    new_state, per_client, rejected = run_round(global_state, active, fetch, share, keep_local, cfg.fed.weighting,
-                                                strategy=strategy)
+    new_state, per_client, rejected = run_round(global_state, active, fetch, share=share, on_client=keep_local,
+                                                weighting=cfg.fed.weighting, strategy=strategy)
     out = round_record(r, cfg, sampled, active, per_client, modalities, flops)
     if rejected:
         out["rejected"] = rejected

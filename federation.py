@@ -147,7 +147,7 @@ def nbytes(state: dict[str, torch.Tensor], keys=None) -> int:
 
 
 def run_round(global_state: dict[str, torch.Tensor], clients: list[int],
-              local_update: Callable[[int], ClientUpdate], share: Callable[[str], bool] = is_shared,
+              local_update: Callable[[int], ClientUpdate], *, share: Callable[[str], bool] = is_shared,
               on_client: Optional[Callable[[ClientUpdate], None]] = None, weighting: str = "total",
               strategy: Optional[Strategy] = None):
     """One round. Each client's update is consumed before the next client trains, so `local_update`

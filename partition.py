@@ -23,7 +23,7 @@ def iid_partition(n: int, n_clients: int, rng: np.random.Generator) -> list[np.n
     return [np.sort(p) for p in np.array_split(rng.permutation(n), n_clients)]
 
 
-def dirichlet_partition(labels: np.ndarray, n_clients: int, alpha: float, rng: np.random.Generator,
+def dirichlet_partition(labels: np.ndarray, n_clients: int, alpha: float, rng: np.random.Generator, *,
                         min_size: int = 2, max_tries: int = 1000) -> list[np.ndarray]:
     """Label skew: for each class, split its samples over clients in proportions ~ Dir(alpha), redrawn
     until every client holds at least `min_size` samples (the NIID-Bench recipe)."""
@@ -94,7 +94,7 @@ def assign_modalities(n_clients: int, modalities: tuple[str, ...], fractions: tu
 
 
 def partition(data: dict, n_clients: int, scheme: str, alpha: float,
-              fractions: tuple[float, ...], seed: int, min_size: int = 2,
+              fractions: tuple[float, ...], *, seed: int, min_size: int = 2,
               classes_per_client: int = 2, federation: tuple[str, ...] | None = None) -> list[dict[str, np.ndarray]]:
     """Client k's data: {modality: indices into data[modality].train_x}. Each modality is split only
     over the clients that hold it; unpaired by construction (image and audio indices are independent).
@@ -124,7 +124,7 @@ def partition(data: dict, n_clients: int, scheme: str, alpha: float,
         elif scheme == "pathological":
             parts = pathological_partition(labels, len(owners), classes_per_client, rng)
         else:
-            parts = dirichlet_partition(labels, len(owners), alpha, rng, min_size)
+            parts = dirichlet_partition(labels, len(owners), alpha, rng, min_size=min_size)
         for k, idx in zip(owners, parts):
             clients[k][m] = idx
     return clients
