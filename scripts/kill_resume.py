@@ -52,7 +52,7 @@ STATE = ("model", "client_state", "server_state", "optimizer", "scaler")  # what
 
 def command(engine: str, config: str, out_dir: Path, rounds: int, extra: list[str]) -> list[str]:
     run = [config, "--resume", f"--run.out_dir={out_dir}", f"--fed.rounds={rounds}", "--run.deterministic=true",
-           "--run.device=cpu", "--run.threads=2", "--run.progress=false", "--run.eval_every=0", *extra]
+           "--run.device=cpu", "--run.threads=1", "--run.progress=false", "--run.eval_every=0", *extra]
     paused = [str(ROOT / "scripts" / "paused_saves.py"), str(CKPT_PAUSE_S)]  # the `ckpt` kills' window
     if engine == "inprocess":
         return [sys.executable, *paused, "pretrain.py", *run]
