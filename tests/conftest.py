@@ -4,7 +4,7 @@ once per session (per worker: `bash setup.sh test` runs pytest-xdist with one wo
 Every test process and the processes it starts run one CPU thread (OMP_NUM_THREADS=1, set before torch is imported;
 configs/smoke.yaml leaves run.threads at torch's default). Two workers of two OpenMP threads each on two cores, or
 one on a core another job is using, wait at every parallel region for a thread that is not running: a smoke run
-measured 7 s alone took 30-150 s that way."""
+took 7.4 s with one thread beside one other job and 28-87 s with two threads beside two (docs/tests.md)."""
 import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
